@@ -1,0 +1,182 @@
+"""The state directory: where every project, scan, run and setting lives on disk.
+
+Layout (see DESIGN.md)::
+
+    settings.json                      server settings, active model and LoRA choice, credentials (0600)
+    projects/<project>/sources/<id>/   cloned repos, unpacked archives, uploads; source.json
+    projects/<project>/scan/           accepted.jsonl, rejected.jsonl, stats.json, loss cache
+    runs/<run_id>/                     settings.json, status.json, metrics.jsonl, log.txt, checkpoints/
+
+Every JSON file is written atomically (temp file in the same folder, fsync, rename) so a crash or a
+concurrent reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+ENV_VAR = "REFACT_LAB_HOME"
+DEFAULT_PROJECT = "default"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def default_home_path() -> Path:
+    return Path(os.environ.get(ENV_VAR) or Path.home() / ".refact_lab").expanduser()
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Project, source and run names become folder names, so they must not contain path tricks."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in (".", ".."):
+        raise ValueError(
+            f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def atomic_write_json(path: Path, obj: Any, mode: int | None = None) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", mode)
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """Read a JSON file; a missing file gives `default`. A corrupt file raises ValueError naming it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return default
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one line; a single write() of a line under PIPE_BUF-ish size is atomic enough for readers
+    that skip a trailing partial line (see read_jsonl)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+        f.flush()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Read a JSONL file, skipping a trailing line that a writer has not finished yet."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An advisory lock (flock) across processes: the server, a notebook kernel and a training run."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class Home:
+    """Paths inside one state directory. Creating the object touches nothing; `ensure()` creates it."""
+
+    root: Path
+
+    @classmethod
+    def resolve(cls, path: str | os.PathLike | None = None) -> "Home":
+        return cls(Path(path).expanduser().resolve() if path else default_home_path().resolve())
+
+    def ensure(self) -> "Home":
+        for d in (self.root, self.projects_dir, self.runs_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        if not self.settings_file.exists():
+            atomic_write_json(self.settings_file, {}, mode=0o600)
+        return self
+
+    @property
+    def settings_file(self) -> Path:
+        return self.root / "settings.json"
+
+    @property
+    def projects_dir(self) -> Path:
+        return self.root / "projects"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    def project_dir(self, project: str = DEFAULT_PROJECT) -> Path:
+        return self.projects_dir / check_name(project, "project name")
+
+    def sources_dir(self, project: str = DEFAULT_PROJECT) -> Path:
+        return self.project_dir(project) / "sources"
+
+    def scan_dir(self, project: str = DEFAULT_PROJECT) -> Path:
+        return self.project_dir(project) / "scan"
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs_dir / check_name(run_id, "run id")
+
+    def projects(self) -> list[str]:
+        if not self.projects_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.projects_dir.iterdir() if p.is_dir())
+
+    # settings.json holds credentials too, so it is always written 0600.
+    def load_settings(self) -> dict:
+        return read_json(self.settings_file, {}) or {}
+
+    def update_settings(self, **changes: Any) -> dict:
+        with file_lock(self.root / ".settings.lock"):
+            settings = self.load_settings()
+            for key, value in changes.items():
+                if value is None:
+                    settings.pop(key, None)
+                else:
+                    settings[key] = value
+            atomic_write_json(self.settings_file, settings, mode=0o600)
+            return settings

@@ -1,0 +1,157 @@
+"""The registry of known base models: FIM tokens and their order, context length, LoRA targets, memory.
+
+Training, the server and the IDE clients must agree on one FIM format per model, so it lives here only.
+A model is named by a registry name ("default", "qwen2.5-coder-1.5b"), a hub id, or a local folder; `resolve`
+turns any of those into a ModelSpec.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+DEFAULT_MODEL = "default"
+EMBEDDED_DIR = Path(__file__).parent / "default"
+
+
+@dataclass(frozen=True)
+class FimFormat:
+    """Fill-in-the-middle tokens and order. PSM = prefix, suffix, middle (what Qwen/StarCoder clients send)."""
+
+    prefix: str
+    suffix: str
+    middle: str
+    eot: str
+    order: str = "psm"
+    extra_stops: tuple[str, ...] = ()
+
+    def prompt(self, prefix: str, suffix: str) -> str:
+        if self.order == "spm":
+            return f"{self.suffix}{suffix}{self.prefix}{prefix}{self.middle}"
+        return f"{self.prefix}{prefix}{self.suffix}{suffix}{self.middle}"
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        return (self.prefix, self.suffix, self.middle, self.eot, *self.extra_stops)
+
+    @property
+    def stop_tokens(self) -> tuple[str, ...]:
+        """Text that always ends a code completion."""
+        return tuple(dict.fromkeys(self.special_tokens))
+
+
+QWEN_FIM = FimFormat("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|endoftext|>",
+                     extra_stops=("<|fim_pad|>", "<|file_sep|>", "<|repo_name|>", "<|im_end|>"))
+STARCODER_FIM = FimFormat("<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<|endoftext|>",
+                          extra_stops=("<fim_pad>", "<file_sep>"))
+DEEPSEEK_FIM = FimFormat("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>", "<｜end▁of▁sentence｜>")
+CODELLAMA_FIM = FimFormat("<PRE> ", " <SUF>", " <MID>", "</s>", extra_stops=(" <EOT>", "<EOT>"))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str                 # what the API and UI call it
+    source: str               # hub id or local folder path
+    fim: FimFormat
+    n_ctx: int = 4096
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    memory_gb: float = 0.0    # rough bf16 weights size, for the hosting panel
+    description: str = ""
+    is_local: bool = False
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.name == DEFAULT_MODEL
+
+
+KNOWN_MODELS: dict[str, ModelSpec] = {
+    spec.name: spec for spec in [
+        ModelSpec(DEFAULT_MODEL, str(EMBEDDED_DIR), QWEN_FIM, n_ctx=2048, memory_gb=0.05, is_local=True,
+                  description="Small demo model shipped inside the package; works offline. Use a hub model for real work."),
+        ModelSpec("qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B", QWEN_FIM, n_ctx=32768, memory_gb=1.0,
+                  description="Qwen2.5-Coder 0.5B base"),
+        ModelSpec("qwen2.5-coder-1.5b", "Qwen/Qwen2.5-Coder-1.5B", QWEN_FIM, n_ctx=32768, memory_gb=3.1,
+                  description="Qwen2.5-Coder 1.5B base"),
+        ModelSpec("qwen2.5-coder-7b", "Qwen/Qwen2.5-Coder-7B", QWEN_FIM, n_ctx=32768, memory_gb=15.2,
+                  description="Qwen2.5-Coder 7B base"),
+        ModelSpec("starcoder2-3b", "bigcode/starcoder2-3b", STARCODER_FIM, n_ctx=16384, memory_gb=6.1,
+                  lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"),
+                  description="StarCoder2 3B"),
+        ModelSpec("starcoder2-7b", "bigcode/starcoder2-7b", STARCODER_FIM, n_ctx=16384, memory_gb=14.4,
+                  lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"),
+                  description="StarCoder2 7B"),
+        ModelSpec("deepseek-coder-1.3b", "deepseek-ai/deepseek-coder-1.3b-base", DEEPSEEK_FIM, n_ctx=16384,
+                  memory_gb=2.7, description="DeepSeek-Coder 1.3B base"),
+        ModelSpec("codellama-7b", "codellama/CodeLlama-7b-hf", CODELLAMA_FIM, n_ctx=16384, memory_gb=13.5,
+                  description="CodeLlama 7B"),
+    ]
+}
+
+_FAMILY_BY_HUB_PREFIX = [
+    ("qwen/", QWEN_FIM), ("bigcode/", STARCODER_FIM), ("deepseek-ai/", DEEPSEEK_FIM),
+    ("codellama/", CODELLAMA_FIM), ("meta-llama/codellama", CODELLAMA_FIM),
+]
+
+
+def fim_from_vocabulary(tokens: set[str]) -> FimFormat | None:
+    """Recognise a FIM format from the special tokens a tokenizer knows."""
+    for fmt in (QWEN_FIM, STARCODER_FIM, DEEPSEEK_FIM):
+        if {fmt.prefix, fmt.suffix, fmt.middle} <= tokens:
+            eot = fmt.eot if fmt.eot in tokens else next((t for t in ("<|endoftext|>", "</s>", "<eos>") if t in tokens), fmt.eot)
+            return replace(fmt, eot=eot, extra_stops=tuple(t for t in fmt.extra_stops if t in tokens))
+    if {"▁<PRE>", "▁<SUF>", "▁<MID>"} <= tokens or {"<PRE>", "<SUF>", "<MID>"} <= tokens:
+        return CODELLAMA_FIM
+    return None
+
+
+def _local_vocabulary(folder: Path) -> set[str]:
+    tokens: set[str] = set()
+    tj = folder / "tokenizer.json"
+    if tj.is_file():
+        data = json.loads(tj.read_text(encoding="utf-8"))
+        tokens |= {t["content"] for t in data.get("added_tokens", [])}
+    tc = folder / "tokenizer_config.json"
+    if tc.is_file():
+        data = json.loads(tc.read_text(encoding="utf-8"))
+        tokens |= {v["content"] for v in (data.get("added_tokens_decoder") or {}).values() if isinstance(v, dict)}
+        tokens |= {t for t in data.get("additional_special_tokens") or [] if isinstance(t, str)}
+    return tokens
+
+
+def _local_n_ctx(folder: Path, fallback: int) -> int:
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+        for key in ("max_position_embeddings", "n_positions", "seq_length"):
+            if isinstance(data.get(key), int):
+                return min(data[key], 32768)
+    return fallback
+
+
+def resolve(name_or_path: str | None) -> ModelSpec:
+    """A registry name, a hub id or a local folder → ModelSpec. Raises ValueError with a clear message."""
+    name = (name_or_path or DEFAULT_MODEL).strip()
+    if name in KNOWN_MODELS:
+        return KNOWN_MODELS[name]
+    for spec in KNOWN_MODELS.values():
+        if spec.source.lower() == name.lower():
+            return spec
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} has no config.json: not a transformers model folder")
+        fim = fim_from_vocabulary(_local_vocabulary(path))
+        if fim is None:
+            raise ValueError(
+                f"{path}: its tokenizer has no FIM tokens (<|fim_prefix|>, <fim_prefix>, ...); "
+                "a code-completion model needs them")
+        return ModelSpec(path.resolve().name, str(path.resolve()), fim, n_ctx=_local_n_ctx(path, 4096),
+                         is_local=True, description=f"local folder {path.resolve()}")
+    if "/" in name and not name.startswith((".", "/", "~")):
+        for prefix, fmt in _FAMILY_BY_HUB_PREFIX:
+            if name.lower().startswith(prefix):
+                return ModelSpec(name, name, fmt, description=f"hub model {name}")
+        raise ValueError(f"{name}: unknown model family; its FIM tokens are not known. "
+                         "Download it to a folder and pass the folder instead.")
+    raise ValueError(f"unknown model {name!r}: use one of {', '.join(KNOWN_MODELS)}, a hub id or a local folder")

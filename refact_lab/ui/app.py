@@ -1,0 +1,91 @@
+"""The Workbench: one ipywidgets object with a tab per step of the journey.
+
+The same object displays in a JupyterLab notebook and, through Voilà, as the web app at `/`.
+Tabs are built lazily from panel factories so one broken panel shows its error instead of a blank app.
+"""
+
+from __future__ import annotations
+
+import html
+import traceback
+
+import ipywidgets as w
+
+from refact_lab.home import Home
+from refact_lab.ui.placeholder import PlaceholderPanel
+
+
+def _hosting(home: Home):
+    return PlaceholderPanel("Model hosting", "Pick the base model and where it runs.", [
+        "the embedded default model (offline), a hub model (Qwen2.5-Coder, StarCoder2...) or a local folder",
+        "device: CPU, one GPU, sharded over several GPUs, or sharing a GPU",
+        "state and memory use of the loaded model"])
+
+
+def _sources(home: Home):
+    return PlaceholderPanel("Sources", "Add the code the model should learn from.", [
+        "git repositories (https, ssh with a deploy key, token; branch; shallow)",
+        "archives (.zip .tar .tar.gz .tgz .tar.bz2 .tar.xz), uploaded files and local folders",
+        "mark a source or a file as test (held out)"])
+
+
+def _scan(home: Home):
+    return PlaceholderPanel("Scan", "Filter every file and see why it was kept or dropped.", [
+        "counts per reason as a chart; accepted and rejected lists",
+        "per-file loss under the base model", "force-include / force-exclude and re-run"])
+
+
+def _finetune(home: Home):
+    return PlaceholderPanel("Fine-tune", "Train a LoRA adapter and watch it learn.", [
+        "hyperparameters with 'auto' defaults", "live train and test loss, ETA, stop and resume",
+        "runs and checkpoints with the best one marked"])
+
+
+def _deploy(home: Home):
+    return PlaceholderPanel("Deploy", "Serve the fine-tuned model to your IDE.", [
+        "choose best / latest / a specific checkpoint, or switch the LoRA off",
+        "a playground comparing base and fine-tuned completions",
+        "the inference URL and settings for the Refact plugin, Continue and Tabby"])
+
+
+def _settings(home: Home):
+    return PlaceholderPanel("Settings", "Server and credentials.", [
+        f"state directory: {home.root}", "SSH deploy key for private repositories", "OpenAI API key"])
+
+
+TABS = [
+    ("Model hosting", _hosting),
+    ("Sources", _sources),
+    ("Scan", _scan),
+    ("Fine-tune", _finetune),
+    ("Deploy", _deploy),
+    ("Settings", _settings),
+]
+
+
+def _error_panel(title: str, exc: BaseException) -> w.Widget:
+    detail = html.escape("".join(traceback.format_exception(exc))[-4000:])
+    return w.HTML(f"<b>The {html.escape(title)} panel failed to load:</b><pre>{detail}</pre>")
+
+
+class Workbench:
+    """The app: `Workbench()` as the last line of a notebook cell displays it."""
+
+    def __init__(self, home: Home | str | None = None):
+        self.home = home if isinstance(home, Home) else Home.resolve(home).ensure()
+        self.panels: dict[str, object] = {}
+        children = []
+        for title, factory in TABS:
+            try:
+                panel = factory(self.home)
+                self.panels[title] = panel
+                children.append(panel.widget)
+            except Exception as exc:  # one broken panel must not take the whole app down
+                children.append(_error_panel(title, exc))
+        header = w.HTML("<h2 style='margin:4px 0'>refact_lab</h2>")
+        self.tabs = w.Tab(children=children, titles=[t for t, _ in TABS])
+        self.tabs.add_class("refact-lab-tabs")
+        self.widget = w.VBox([header, self.tabs])
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
