@@ -1,0 +1,107 @@
+"""Start one jupyter_server that carries the Voilà app at `/`, JupyterLab at `/lab` and our API at `/v1`.
+
+Standalone `voila` does not load server extensions, so we start a jupyter_server with the voila, jupyterlab
+and refact_lab extensions and point its default URL at the rendered workbench notebook.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+
+from refact_lab import __version__
+from refact_lab.config import ServeSettings
+from refact_lab.home import Home
+
+APP_NOTEBOOK = "workbench.ipynb"
+
+
+def notebooks_dir() -> Path:
+    """The notebooks folder: the repository's in a source checkout, the copy inside the wheel otherwise."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package.parent / "notebooks", package / "_notebooks"):
+        if (candidate / APP_NOTEBOOK).is_file():
+            return candidate
+    raise FileNotFoundError(f"cannot find {APP_NOTEBOOK} next to the refact_lab package")
+
+
+def server_argv(settings: ServeSettings, home: Home, token: str) -> list[str]:
+    """The jupyter_server command line for these settings (traitlets flags)."""
+    extensions = {"voila": True, "jupyterlab": True, "refact_lab": True}
+    argv = [
+        f"--ServerApp.ip={settings.host}",
+        f"--ServerApp.port={settings.port}",
+        "--ServerApp.port_retries=0",
+        "--ServerApp.open_browser=False",
+        f"--ServerApp.root_dir={notebooks_dir()}",
+        f"--ServerApp.default_url=/voila/render/{APP_NOTEBOOK}",
+        f"--ServerApp.jpserver_extensions={extensions!r}",
+        f"--ServerApp.max_body_size={settings.max_body_mb * 1024 * 1024}",
+        f"--IdentityProvider.token={token}",
+        f"--RefactLabExtension.home={home.root}",
+        f"--RefactLabExtension.max_body_mb={settings.max_body_mb}",
+        "--VoilaConfiguration.show_tracebacks=True",
+    ]
+    if settings.model:
+        argv.append(f"--RefactLabExtension.model={settings.model}")
+    if settings.no_auth:
+        # Without a token, POSTs from API clients carry no XSRF cookie; the host is loopback-only (checked).
+        argv.append("--ServerApp.disable_check_xsrf=True")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        argv.append("--ServerApp.allow_root=True")
+    return argv
+
+
+def _make_server_app():
+    from jupyter_server.serverapp import ServerApp
+
+    class RefactLabServerApp(ServerApp):
+        """Ctrl-C stops at once and cleanly (no interactive 'Shut down?' prompt)."""
+
+        name = "refact-lab"
+
+        def init_signal(self):
+            super().init_signal()
+            # jupyter_server only handles SIGINT on a tty, and then asks for confirmation; we always stop.
+            signal.signal(signal.SIGINT, self._signal_stop)
+
+        def _handle_sigint(self, sig, frame):
+            self._signal_stop(sig, frame)
+
+    return RefactLabServerApp
+
+
+def run_server(settings: ServeSettings) -> int:
+    home = Home.resolve(settings.home).ensure()
+    token = "" if settings.no_auth else (settings.token or secrets.token_urlsafe(24))
+    if settings.model:
+        from refact_lab.models.registry import resolve
+
+        resolve(settings.model)  # fail fast with a clear message on an unknown model
+        home.update_settings(model=settings.model)
+    # Kernels (the Voilà app, notebooks) inherit these, so panels find the same state and can show the URL.
+    base = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
+    os.environ["REFACT_LAB_HOME"] = str(home.root)
+    os.environ["REFACT_LAB_URL"] = base
+    os.environ["REFACT_LAB_TOKEN"] = token
+
+    app_cls = _make_server_app()
+    app = app_cls.instance()
+    app.initialize(argv=server_argv(settings, home, token))
+    query = f"?token={token}" if token else ""
+    print(f"\nrefact_lab {__version__} on {base}\n"
+          f"  App:        {base}/{query}\n"
+          f"  JupyterLab: {base}/lab{query}\n"
+          f"  API:        {base}/v1  (Authorization: Bearer {token or '<none: --no-auth>'})\n"
+          f"  Token:      {token or '(auth disabled)'}\n"
+          f"  State:      {home.root}\n"
+          "Press Ctrl-C to stop.\n", flush=True)
+    try:
+        app.start()
+    except KeyboardInterrupt:
+        pass
+    print("refact_lab stopped.", file=sys.stderr, flush=True)
+    return 0
