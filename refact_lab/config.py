@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,12 +157,160 @@ class ServeSettings:
     no_auth: bool = setting(False, help="Disable the token (only allowed on a loopback address)")
     model: str | None = setting(None, help="Base model to serve: a registry name, a hub id or a local folder")
     max_body_mb: int = setting(16, help="Largest request body accepted by the API, in MiB", min=1, max=1024)
+    device: str = setting("auto", help="Where the model runs: auto (a GPU if there is one, else the CPU), cpu, "
+                                       "cuda or cuda:N (one GPU), shard (split over every GPU)")
+    dtype: str = setting("auto", help="Weights precision: auto (bf16 on a GPU that supports it, else fp32)",
+                         choices=("auto", "bf16", "fp16", "fp32"))
+    gpu_memory_fraction: float = setting(
+        1.0, help="Share one GPU: the fraction of its memory this server may use (the rest stays free for "
+                  "another model or process)", min=0.05, max=1.0)
+    max_batch: int = setting(16, help="Requests decoded together in one batch on the model", min=1, max=256)
 
     def __post_init__(self):
         validate(self)
+        if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|shard", self.device):
+            raise SettingsError(f"device: {self.device!r} is not auto, cpu, cuda, cuda:N or shard")
         if self.no_auth and not is_loopback(self.host):
             raise SettingsError(
                 f"--no-auth is refused on {self.host}: anyone on the network could use the server. "
                 "Use a token, or listen on 127.0.0.1.")
         if self.no_auth and self.token:
             raise SettingsError("--token and --no-auth cannot be used together")
+
+
+@dataclass
+class FinetuneSettings:
+    """Hyperparameters of one LoRA fine-tuning run: the panel's form, `--set key=value` and the trainer read this.
+
+    Fields marked auto (None) are derived from the dataset size by `refact_lab.finetune.schedule.resolve`,
+    which also explains the numbers it chose.
+    """
+
+    # LoRA
+    lora_r: int = setting(16, help="LoRA rank: size of the low-rank update; larger learns more, costs more memory",
+                          min=1, max=512)
+    lora_alpha: float = setting(32.0, help="LoRA alpha: the update is scaled by alpha / r", min=0.01, max=4096)
+    lora_init_scale: float = setting(
+        1.0, help="Multiplies the random initial LoRA A matrix (B starts at zero, so the model starts unchanged); "
+                  "smaller values make the first steps gentler", min=1e-6, max=100)
+    lora_dropout: float = setting(0.05, help="Dropout on the LoRA input during training", min=0.0, max=0.9)
+    # optimisation
+    learning_rate: float = setting(3e-4, help="Peak learning rate of AdamW (reached after warmup)", min=1e-7, max=1.0)
+    batch_size: int = setting(8, help="Packed sequences per optimizer step, over all processes", min=1, max=8192)
+    micro_batch_size: int | None = setting(
+        None, auto=True, help="Sequences per forward pass in each process; gradients are accumulated up to "
+                              "batch_size (auto: the whole per-process batch at once)", min=1, max=8192)
+    warmup_steps: int | None = setting(
+        None, auto=True, help="Steps of linear learning-rate warmup (auto: 5% of train steps, at most 100)",
+        min=0, max=1_000_000)
+    weight_decay: float = setting(0.01, help="AdamW weight decay on the LoRA matrices", min=0.0, max=1.0)
+    train_steps: int | None = setting(
+        None, auto=True, help="Optimizer steps in the run (auto: `epochs` passes over the training tokens)",
+        min=1, max=10_000_000)
+    lr_decay_steps: int | None = setting(
+        None, auto=True, help="Steps over which the learning rate decays (cosine) to 10% of its peak "
+                              "(auto: equal to train steps)", min=1, max=10_000_000)
+    epochs: float = setting(2.0, help="Passes over the training data that 'auto' train steps cover",
+                            min=0.01, max=1000)
+    low_gpu_mem_mode: bool = setting(
+        False, help="Gradient checkpointing: recompute activations in the backward pass (less memory, ~30% slower). "
+                    "Turned on automatically if the GPU runs out of memory")
+    precision: str = setting("auto", help="auto: bf16 autocast where the hardware supports it, else fp32",
+                             choices=("auto", "bf16", "fp32"))
+    # data
+    seq_len: int = setting(1024, help="Tokens per packed training sequence (at most the model's context)",
+                           min=32, max=131072)
+    fim_rate: float = setting(0.9, help="Share of examples in fill-in-the-middle form; the rest are plain text",
+                              min=0.0, max=1.0)
+    max_test_rows: int = setting(64, help="At most this many packed test sequences are evaluated (keeps "
+                                          "evaluation quick)", min=1, max=100_000)
+    # bookkeeping
+    eval_every: int = setting(50, help="Measure the test loss every N steps", min=1, max=10_000_000)
+    checkpoint_every: int = setting(100, help="Save a checkpoint every N steps (also whenever the test loss "
+                                              "improves, on stop and at the end)", min=1, max=10_000_000)
+    early_stop_patience: int = setting(
+        5, help="Stop after this many evaluations without a lower test loss (0: never stop early)",
+        min=0, max=100_000)
+    seed: int = setting(42, help="Random seed for LoRA init, data order and FIM splits", min=0, max=2**31 - 1)
+
+    def __post_init__(self):
+        validate(self)
+        if self.micro_batch_size is not None:
+            if self.micro_batch_size > self.batch_size:
+                raise SettingsError(f"micro_batch_size: {self.micro_batch_size} is larger than batch_size "
+                                    f"{self.batch_size}")
+            if self.batch_size % self.micro_batch_size:
+                raise SettingsError(f"batch_size: {self.batch_size} is not a multiple of micro_batch_size "
+                                    f"{self.micro_batch_size}")
+        if self.train_steps is not None and self.warmup_steps is not None and self.warmup_steps >= self.train_steps:
+            raise SettingsError(f"warmup_steps: {self.warmup_steps} must be smaller than train_steps "
+                                f"{self.train_steps}")
+
+
+@dataclass
+class ScanSettings:
+    """How sources are filtered into a dataset: the Scan panel's form, `refact-lab scan` and the pipeline read this.
+
+    Stage 1 applies rules (no model); stage 2 computes a per-file loss with the base model; then the split.
+    """
+
+    # stage 1: rules
+    max_file_kib: int = setting(512, help="Files larger than this (KiB) are rejected as too_large",
+                                min=1, max=1_048_576)
+    digit_share: float = setting(0.3, help="Files whose share of digits among non-space characters is above this "
+                                           "are rejected as lots_of_digits (data tables, hex dumps)",
+                                 min=0.0, max=1.0)
+    include: list[str] = setting(default_factory=list,
+                                 help="Gitignore-style patterns a file must match to be kept (empty: every file)")
+    exclude: list[str] = setting(default_factory=list,
+                                 help="Gitignore-style patterns of files to reject as excluded_by_mask "
+                                      "(e.g. tests/, *.sql, !keep.sql)")
+    file_types: list[str] | None = setting(
+        None, auto=True, help="Languages to keep, e.g. Python, TypeScript (auto: the most common programming "
+                              "language found in the sources)")
+    near_dup: bool = setting(False, help="Also reject near-duplicates (MinHash similarity), not only exact copies")
+    near_dup_threshold: float = setting(0.85, help="Estimated Jaccard similarity above which a file is a "
+                                                   "near-duplicate of one kept before it", min=0.5, max=1.0)
+    # stage 2: language model
+    lm_filter: bool = setting(True, help="Stage 2: compute each file's loss under the base model and reject "
+                                         "files above the threshold")
+    model: str | None = setting(None, help="Base model for the loss filter: a registry name, hub id or local "
+                                           "folder (default: the active or embedded model)")
+    loss_threshold: float = setting(3.0, help="Files whose mean per-token loss is above this are rejected as "
+                                              "loss_too_high", min=0.0, max=100.0)
+    lm_batch_size: int = setting(8, help="Files per forward pass in the loss filter", min=1, max=1024)
+    lm_max_tokens: int = setting(1024, help="Tokens of each file (from its start) that the loss is measured on",
+                                 min=16, max=131072)
+    # split
+    test_share: float = setting(0.05, help="Share of accepted files held out as the automatic test set when no "
+                                           "source or file is marked test", min=0.0, max=0.5)
+    max_test_files: int = setting(20, help="At most this many files in the automatic test set", min=1,
+                                  max=100_000)
+    seed: int = setting(42, help="Seed of the automatic train/test split (same seed, same split)",
+                        min=0, max=2**31 - 1)
+    # speed
+    workers: int | None = setting(None, auto=True, help="Processes reading files in stage 1 (auto: up to 2 for "
+                                                        "large scans, else 1)", min=1, max=64)
+
+    def __post_init__(self):
+        # The CLI and text fields give comma-separated strings; the pipeline wants lists.
+        for name in ("include", "exclude", "file_types"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [p.strip() for p in value.split(",") if p.strip()])
+            elif isinstance(value, tuple):
+                setattr(self, name, list(value))
+        validate(self)
+        for name in ("include", "exclude", "file_types"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise SettingsError(f"{name}: expected a list of text, got {value!r}")
+        if self.file_types == []:
+            self.file_types = None
+        import pathspec  # here, not at module level: config is imported by every command
+
+        for name in ("include", "exclude"):
+            try:
+                pathspec.GitIgnoreSpec.from_lines(getattr(self, name))
+            except Exception as e:  # pathspec raises several types for a malformed pattern
+                raise SettingsError(f"{name}: invalid pattern ({e})") from None

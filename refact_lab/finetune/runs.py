@@ -1,0 +1,491 @@
+"""Runs: every fine-tuning run is a process of its own, with its whole state in `runs/<run_id>/`.
+
+    settings.json        what to train (model, project, FinetuneSettings, how many processes)
+    status.json          state (queued, running, finished, failed, stopped), step, total, ETA, error, best
+    metrics.jsonl        one line per step ("train": loss, lr, tokens/s) and per evaluation ("test": test_loss),
+                         starting with the test loss at step 0, before training
+    log.txt              everything the run printed, tracebacks included
+    checkpoints/step-NNNNNN/   adapter + settings.json + metrics.json (+ optimizer state in the latest)
+    stop                 a flag file: the trainer checks it at every step boundary, saves and stops
+
+A run is started detached (its own session, so it outlives the notebook kernel or the server that started it)
+and its launcher pid recorded. Reading a status checks that pid: a run that claims to be running but whose
+process is gone is marked failed, its log kept, and can be resumed from its last checkpoint.
+
+Panels and the CLI use `RunService`; the trainer never sees this module's files except through the sinks
+defined here (STYLE.md points 4 and 6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+from refact_lab.config import FinetuneSettings, SettingsError, from_dict
+from refact_lab.home import (Home, append_jsonl, atomic_write_json, atomic_write_text, file_lock, read_json,
+                             read_jsonl)
+
+STATES = ("queued", "running", "finished", "failed", "stopped")
+ACTIVE = ("queued", "running")
+STOP_FLAG = "stop"
+STATUS_WRITE_INTERVAL_S = 1.0
+
+
+# --- small helpers ---------------------------------------------------------------------------------------------
+
+def _now() -> float:
+    return time.time()
+
+
+def _stamp() -> str:
+    return _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def new_run_id(model_name: str = "") -> str:
+    base = "".join(c if c.isalnum() or c in "._-" else "-" for c in model_name.lower())[:24].strip("-._")
+    when = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{base + '-' if base else ''}{when}-{secrets.token_hex(2)}"
+
+
+def _proc_start_ticks(pid: int) -> int | None:
+    """The process start time from /proc (guards against a recycled pid); None where /proc is unavailable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def pid_alive(pid: int | None, start_ticks: int | None = None) -> bool:
+    if not pid:
+        return False
+    with contextlib.suppress(ChildProcessError, OSError):
+        # reap it if it is our own finished child, so it does not linger as a zombie
+        os.waitpid(pid, os.WNOHANG)
+    proc = Path(f"/proc/{pid}")
+    if Path("/proc/self").exists():
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            return False
+        state = stat[stat.rindex(")") + 2:].split()[0]
+        if state in ("Z", "X"):
+            return False
+        if start_ticks is not None and _proc_start_ticks(pid) != start_ticks:
+            return False
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- the run folder ----------------------------------------------------------------------------------------------
+
+def run_dir(home: Home, run_id: str) -> Path:
+    path = home.run_dir(run_id)
+    if not (path / "settings.json").is_file():
+        raise FileNotFoundError(f"no run {run_id!r} in {home.runs_dir}")
+    return path
+
+
+def update_status(path: Path, **changes) -> dict:
+    """Read-modify-write status.json under a lock (the run process and readers may both write)."""
+    with file_lock(path / ".status.lock"):
+        status = read_json(path / "status.json", {}) or {}
+        status.update(changes)
+        status["updated_at"] = _now()
+        atomic_write_json(path / "status.json", status)
+        return status
+
+
+def _log_to_file(path: Path, message: str) -> None:
+    with open(path / "log.txt", "a", encoding="utf-8") as f:
+        f.write(f"[{_stamp()}] {message}\n")
+
+
+def create_run(home: Home, project: str, model: str, settings: FinetuneSettings, *, num_processes: int = 1,
+               cpu: bool = False, run_id: str | None = None) -> str:
+    """Check the inputs and write a queued run folder; nothing starts yet."""
+    from refact_lab.finetune.dataset import accepted_path
+    from refact_lab.models.registry import resolve
+
+    if not isinstance(settings, FinetuneSettings):
+        raise TypeError("settings must be a FinetuneSettings")
+    spec = resolve(model)   # ValueError with a clear message for an unknown model
+    if not accepted_path(home, project).is_file():
+        raise FileNotFoundError(f"project {project!r} has no scanned dataset: run a scan first")
+    if num_processes < 1:
+        raise SettingsError("num_processes must be at least 1")
+    home.ensure()
+    run_id = run_id or new_run_id(spec.name)
+    path = home.run_dir(run_id)
+    if path.exists():
+        raise FileExistsError(f"run {run_id!r} already exists")
+    path.mkdir(parents=True)
+    atomic_write_json(path / "settings.json", {
+        "run_id": run_id, "project": project, "model": model, "model_name": spec.name,
+        "finetune": asdict(settings), "launch": {"num_processes": num_processes, "cpu": cpu},
+        "created_at": _now()})
+    atomic_write_json(path / "status.json", {
+        "run_id": run_id, "state": "queued", "step": 0, "total": settings.train_steps, "eta_s": None,
+        "error": None, "best": None, "last_checkpoint": None, "pid": None, "created_at": _now(),
+        "updated_at": _now(), "model": spec.name, "project": project})
+    (path / "log.txt").touch()
+    return run_id
+
+
+def _launch_command(path: Path, num_processes: int, cpu: bool) -> tuple[list[str], dict]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    worker = ["-m", "refact_lab.finetune.worker", str(path)]
+    if num_processes <= 1:
+        return [sys.executable, *worker], env
+    import socket
+
+    with socket.socket() as s:   # a free rendezvous port, so runs (and tests) never collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if cpu:
+        # accelerate's --cpu launcher needs MPI for several processes; torchrun-style launching with this
+        # variable gives the same gloo-backed multi-CPU setup
+        env["ACCELERATE_USE_CPU"] = "true"
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+            str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port), *worker], env
+
+
+def start_run(home: Home, run_id: str) -> subprocess.Popen:
+    """Start the run's process, detached; record its pid. Returns the Popen (callers may keep it to reap it)."""
+    path = run_dir(home, run_id)
+    doc = read_json(path / "settings.json", {})
+    launch = doc.get("launch") or {}
+    cmd, env = _launch_command(path, int(launch.get("num_processes", 1)), bool(launch.get("cpu")))
+    with file_lock(path / ".start.lock"):
+        status = read_status(home, run_id)
+        if status["state"] in ACTIVE and pid_alive(status.get("pid"), status.get("pid_started")):
+            raise RuntimeError(f"run {run_id} is already {status['state']} (pid {status['pid']})")
+        with open(path / "log.txt", "a", encoding="utf-8") as log:
+            log.write(f"[{_stamp()}] starting: {' '.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=str(path), env=env, start_new_session=True, close_fds=True)
+        update_status(path, state="queued", pid=proc.pid, pid_started=_proc_start_ticks(proc.pid), error=None,
+                      finished_at=None)
+    return proc
+
+
+def stop_run(home: Home, run_id: str) -> dict:
+    """Ask a run to stop: it saves a checkpoint at the next step boundary and ends as "stopped"."""
+    path = run_dir(home, run_id)
+    status = read_status(home, run_id)
+    if status["state"] not in ACTIVE:
+        raise RuntimeError(f"run {run_id} is {status['state']}, not running")
+    atomic_write_text(path / STOP_FLAG, f"{_now()}\n")
+    return status
+
+
+def resume_run(home: Home, run_id: str) -> subprocess.Popen:
+    """Continue a stopped or failed run from its latest checkpoint (from the start if it has none)."""
+    from refact_lab.finetune.trainer import latest_resumable
+
+    path = run_dir(home, run_id)
+    status = read_status(home, run_id)
+    if status["state"] not in ("stopped", "failed"):
+        raise RuntimeError(f"run {run_id} is {status['state']}: only a stopped or failed run can be resumed")
+    with contextlib.suppress(FileNotFoundError):
+        (path / STOP_FLAG).unlink()
+    ckpt = latest_resumable(path)
+    _log_to_file(path, f"resume requested: continuing from {ckpt.name if ckpt else 'the start (no checkpoint)'}")
+    return start_run(home, run_id)
+
+
+def read_status(home: Home, run_id: str) -> dict:
+    """status.json, after checking that an active run's process still exists (else it is marked failed)."""
+    path = run_dir(home, run_id)
+    status = read_json(path / "status.json", {}) or {}
+    status.setdefault("run_id", run_id)
+    status.setdefault("state", "queued")
+    if status["state"] in ACTIVE and status.get("pid") and not pid_alive(status["pid"], status.get("pid_started")):
+        with file_lock(path / ".status.lock"):
+            again = read_json(path / "status.json", {}) or {}
+            # re-check under the lock: the process may have written its final state meanwhile
+            if again.get("state") in ACTIVE and again.get("pid") == status["pid"]:
+                error = (f"the run process (pid {status['pid']}) ended without finishing (killed or crashed) at step "
+                         f"{again.get('step', 0)}; see the log. Resume continues from the last checkpoint.")
+                again.update(state="failed", error=error, finished_at=_now(), updated_at=_now(), eta_s=None)
+                atomic_write_json(path / "status.json", again)
+                _log_to_file(path, error)
+            status = again
+    return status
+
+
+def list_runs(home: Home) -> list[dict]:
+    """Every run's status, newest first."""
+    if not home.runs_dir.is_dir():
+        return []
+    out = []
+    for path in home.runs_dir.iterdir():
+        if (path / "settings.json").is_file():
+            with contextlib.suppress(ValueError, FileNotFoundError):
+                out.append(read_status(home, path.name))
+    return sorted(out, key=lambda s: s.get("created_at") or 0, reverse=True)
+
+
+def read_metrics(home: Home, run_id: str) -> list[dict]:
+    return read_jsonl(run_dir(home, run_id) / "metrics.jsonl")
+
+
+def list_checkpoints(home: Home, run_id: str) -> list[dict]:
+    """Checkpoints with step, test loss and whether each is the best (lowest test loss)."""
+    from refact_lab.finetune.trainer import list_checkpoints as _list
+
+    out = []
+    for ckpt in _list(run_dir(home, run_id)):
+        metrics = read_json(ckpt / "metrics.json", {}) or {}
+        out.append({"name": ckpt.name, "path": str(ckpt), "step": metrics.get("step"),
+                    "test_loss": metrics.get("test_loss"), "train_loss": metrics.get("train_loss"), "best": False})
+    scored = [c for c in out if c["test_loss"] is not None]
+    if scored:
+        min(scored, key=lambda c: (c["test_loss"], c["step"]))["best"] = True
+    return out
+
+
+def log_tail(home: Home, run_id: str, lines: int = 40) -> str:
+    try:
+        text = (run_dir(home, run_id) / "log.txt").read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# --- what the run process does -------------------------------------------------------------------------------
+
+class MetricsFileSink:
+    """Train and test records to metrics.jsonl. On resume it first drops the records past the checkpoint,
+    so the curve has no duplicate or orphan points from steps that are about to be trained again."""
+
+    def __init__(self, path: Path):
+        self.file = path / "metrics.jsonl"
+
+    def __call__(self, record: dict) -> None:
+        kind = record.get("kind")
+        if kind == "start" and record.get("resumed_from") is not None:
+            keep = [r for r in read_jsonl(self.file) if r.get("step", 0) <= record["resumed_from"]]
+            atomic_write_text(self.file, "".join(
+                json.dumps(r, sort_keys=True) + "\n" for r in keep))
+        elif kind in ("train", "test"):
+            append_jsonl(self.file, {k: v for k, v in record.items() if k not in ("schedule",)})
+
+
+class StatusSink:
+    """Progress into status.json (step, total, ETA, losses, best, last checkpoint), at most once a second for
+    step records so a fast run is not slowed by fsyncs."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._last_write = 0.0
+
+    def __call__(self, record: dict) -> None:
+        kind = record.get("kind")
+        if kind == "start":
+            update_status(self.path, state="running", step=record["step"], total=record["total"],
+                          schedule=record["schedule"], plan=record["plan"], world_size=record["world_size"],
+                          low_gpu_mem_mode=record["low_gpu_mem_mode"])
+        elif kind == "train":
+            if _now() - self._last_write >= STATUS_WRITE_INTERVAL_S or record["step"] >= record["total"]:
+                update_status(self.path, step=record["step"], total=record["total"], eta_s=record["eta_s"],
+                              train_loss=record["loss"], tokens_per_s=record["tokens_per_s"], lr=record["lr"])
+                self._last_write = _now()
+        elif kind == "test":
+            update_status(self.path, step=record["step"], test_loss=record["test_loss"])
+        elif kind == "checkpoint":
+            update_status(self.path, step=record["step"], last_checkpoint=record["checkpoint"], best=record["best"])
+        elif kind == "info":
+            status = read_json(self.path / "status.json", {}) or {}
+            update_status(self.path, notes=[*(status.get("notes") or []), record["message"]],
+                          **({"low_gpu_mem_mode": True} if record.get("low_gpu_mem_mode") else {}))
+
+
+def execute_run(path: Path, *, log: Callable[[str], None] | None = None, extra_sinks: Sequence = (),
+                pid: int | None = None):
+    """Train the run in `path` in this process (the worker's body; the CLI calls it in the foreground).
+
+    Returns the FitResult, or None when the run failed (status "failed", the traceback in log.txt).
+    In a multi-process launch every process calls this; only rank 0 writes status and metrics.
+    """
+    from refact_lab.finetune.dataset import load_dataset
+    from refact_lab.finetune.trainer import fit
+
+    path = Path(path).resolve()
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    doc = read_json(path / "settings.json", {})
+    home = Home(path.parent.parent)
+
+    def default_log(message: str) -> None:
+        print(f"[{_stamp()}] {message}", flush=True)
+
+    log = log or default_log
+    if is_main:
+        changes = {"state": "running", "worker_pid": os.getpid(), "started_at": _now(), "error": None,
+                   "finished_at": None}
+        if pid is not None:  # in the foreground (CLI) the run's process is this one
+            changes.update(pid=pid, pid_started=_proc_start_ticks(pid))
+        update_status(path, **changes)
+    try:
+        settings = from_dict(FinetuneSettings, doc.get("finetune") or {})
+        dataset = load_dataset(home, doc["project"])
+        sinks = [MetricsFileSink(path), StatusSink(path), *extra_sinks] if is_main else []
+        result = fit(doc["model"], dataset, settings, path, sinks=sinks, should_stop=(path / STOP_FLAG).exists,
+                     log=log, extra_record={"run_id": doc.get("run_id"), "project": doc.get("project")})
+    except BaseException as e:  # noqa: BLE001 - a failed run must say why, whatever it was
+        if is_main:
+            log("run failed:\n" + traceback.format_exc())
+            update_status(path, state="failed", error=f"{type(e).__name__}: {e}".strip(), finished_at=_now(),
+                          eta_s=None)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return None
+    if is_main:
+        with contextlib.suppress(FileNotFoundError):
+            (path / STOP_FLAG).unlink()
+        update_status(path, state=result.state, step=result.step, total=result.total, best=result.best,
+                      early_stopped=result.early_stopped, eta_s=0 if result.state == "finished" else None,
+                      finished_at=_now(), low_gpu_mem_mode=result.low_gpu_mem_mode,
+                      **({"last_checkpoint": result.last_checkpoint} if result.last_checkpoint else {}))
+        best = result.best
+        log(f"run {result.state} at step {result.step}/{result.total}"
+            + (" (early stop)" if result.early_stopped else "")
+            + (f"; best checkpoint {best['checkpoint']} (test loss {best['test_loss']:.4f})" if best else ""))
+    return result
+
+
+def install_stop_on_signal(path: Path, signals=(signal.SIGTERM,)) -> None:
+    """Turn a signal into a clean stop: the flag file is written and the trainer stops at the next step."""
+    def handler(signum, frame):
+        atomic_write_text(Path(path) / STOP_FLAG, f"signal {signum}\n")
+    for sig in signals:
+        signal.signal(sig, handler)
+
+
+def preview(home: Home, project: str, model: str, settings: FinetuneSettings, *, tokenizer=None) -> dict:
+    """The numbers a run would use, before it starts: the schedule with "auto" resolved, and the data plan."""
+    from refact_lab.finetune.dataset import load_dataset
+    from refact_lab.finetune.trainer import plan
+    from refact_lab.models.loading import load_tokenizer
+    from refact_lab.models.registry import resolve
+
+    spec = resolve(model)
+    dataset = load_dataset(home, project)
+    the_plan = plan(dataset, tokenizer or load_tokenizer(spec), spec, settings)
+    return {"schedule": the_plan.schedule.to_dict(), "explanation": the_plan.schedule.explanation,
+            "summary": the_plan.summary, "dataset": dataset.summary(), "notes": list(dataset.notes)}
+
+
+# --- the service panels and the CLI use ------------------------------------------------------------------------
+
+class RunService:
+    """Runs of one state directory: start, stop, resume, and read what they wrote.
+
+    Holds the Popen handles of the runs it started, only to reap them; every fact comes from the run folders,
+    so a new service (a reloaded page, a restarted server) sees exactly the same runs.
+    """
+
+    def __init__(self, home: Home | str | None = None):
+        self.home = home if isinstance(home, Home) else Home.resolve(home).ensure()
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._tokenizers: dict[str, object] = {}
+
+    # choices for the form
+    def models(self) -> list[str]:
+        from refact_lab.models.registry import KNOWN_MODELS
+
+        names = list(KNOWN_MODELS)
+        active = self.home.load_settings().get("model")
+        if active and active not in names:
+            names.insert(0, active)
+        return names
+
+    def datasets(self) -> list[str]:
+        from refact_lab.finetune.dataset import available_projects
+
+        return available_projects(self.home)
+
+    def default_settings(self) -> FinetuneSettings:
+        return FinetuneSettings()
+
+    def preview(self, project: str, model: str, settings: FinetuneSettings) -> dict:
+        from refact_lab.models.loading import load_tokenizer
+        from refact_lab.models.registry import resolve
+
+        spec = resolve(model)
+        if spec.source not in self._tokenizers:  # loading a tokenizer takes a while; previews repeat
+            self._tokenizers[spec.source] = load_tokenizer(spec)
+        return preview(self.home, project, model, settings, tokenizer=self._tokenizers[spec.source])
+
+    # lifecycle
+    def start(self, project: str, model: str, settings: FinetuneSettings, *, num_processes: int = 1,
+              cpu: bool = False) -> str:
+        run_id = create_run(self.home, project, model, settings, num_processes=num_processes, cpu=cpu)
+        self._procs[run_id] = start_run(self.home, run_id)
+        return run_id
+
+    def stop(self, run_id: str) -> dict:
+        return stop_run(self.home, run_id)
+
+    def resume(self, run_id: str) -> None:
+        self._procs[run_id] = resume_run(self.home, run_id)
+
+    def wait(self, run_id: str, timeout: float = 600, states: Sequence[str] = ("finished", "failed", "stopped"),
+             poll_s: float = 0.3) -> dict:
+        """Block until the run reaches one of `states` (for notebooks and tests)."""
+        deadline = time.time() + timeout
+        while True:
+            proc = self._procs.get(run_id)
+            if proc is not None:
+                proc.poll()
+            status = self.status(run_id)
+            if status["state"] in states:
+                return status
+            if time.time() > deadline:
+                raise TimeoutError(f"run {run_id} still {status['state']} after {timeout}s:\n"
+                                   + self.log_tail(run_id, 20))
+            time.sleep(poll_s)
+
+    # reading
+    def status(self, run_id: str) -> dict:
+        proc = self._procs.get(run_id)
+        if proc is not None:
+            proc.poll()
+        return read_status(self.home, run_id)
+
+    def runs(self) -> list[dict]:
+        for proc in self._procs.values():
+            proc.poll()
+        return list_runs(self.home)
+
+    def metrics(self, run_id: str) -> list[dict]:
+        return read_metrics(self.home, run_id)
+
+    def checkpoints(self, run_id: str) -> list[dict]:
+        return list_checkpoints(self.home, run_id)
+
+    def log_tail(self, run_id: str, lines: int = 40) -> str:
+        return log_tail(self.home, run_id, lines)
+
+    def settings(self, run_id: str) -> dict:
+        return read_json(run_dir(self.home, run_id) / "settings.json", {})
