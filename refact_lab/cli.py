@@ -54,20 +54,126 @@ def _cmd_serve(args) -> int:
 # --- scan ------------------------------------------------------------------------------------------------
 
 def _add_scan(sub) -> None:
-    p = sub.add_parser("scan", help="add sources and filter them into a train/test dataset")
-    p.add_argument("sources", nargs="*", metavar="SOURCE", help="git URL, archive, file or folder")
+    p = sub.add_parser(
+        "scan", help="add sources and filter them into a train/test dataset",
+        description="Add (or refresh) the given sources in the project, then scan all of the project's sources: "
+                    "every file is accepted or rejected with a reason, and the accepted ones are split into "
+                    "train and test. Logs go to <home>/projects/<project>/scan/. A token for private https "
+                    "repositories is read from $REFACT_LAB_GIT_TOKEN.")
+    p.add_argument("sources", nargs="*", metavar="SOURCE",
+                   help="git URL (https, ssh, file://), archive (.zip .tar .tar.gz .tgz .tar.bz2 .tar.xz), file or "
+                        "folder")
     p.add_argument("--project", default="default")
     p.add_argument("--home")
     p.add_argument("--test", nargs="*", default=[], metavar="SOURCE", help="sources held out as the test set")
     p.add_argument("--exclude", nargs="*", default=[], metavar="PATTERN", help="gitignore-style patterns")
     p.add_argument("--no-lm-filter", action="store_true", help="skip stage 2 (per-file loss)")
     p.add_argument("--model", help="base model for the loss filter")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any scan setting, e.g. max_file_kib=256, file_types=Python,Go, near_dup=true (repeatable)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(handler=_cmd_scan)
 
 
+def _scan_progress():
+    """A tqdm bar on stderr per stage of the scan; returns (callback, close)."""
+    from tqdm import tqdm
+
+    from refact_lab.data.jobs import STAGE_LABELS
+
+    state = {"stage": None, "bar": None}
+
+    def close():
+        if state["bar"] is not None:
+            state["bar"].close()
+            state["bar"] = None
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage == "done":
+            close()
+            return
+        if stage != state["stage"]:
+            close()
+            state["stage"] = stage
+            state["bar"] = tqdm(total=total or None, desc=STAGE_LABELS.get(stage, stage), unit="file",
+                                file=sys.stderr, dynamic_ncols=True, leave=False)
+        bar = state["bar"]
+        if total and bar.total != total:
+            bar.total = total
+        bar.update(max(0, done - bar.n))
+
+    return progress, close
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 def _cmd_scan(args) -> int:
-    return _fail("scan is not available yet (issue: Sources and scan)", 1)
+    import json
+    import os
+
+    from refact_lab.config import ScanSettings, with_overrides
+    from refact_lab.data.lossfilter import LossFilterError
+    from refact_lab.data.pipeline import ScanCancelled, ScanError, scan_files
+    from refact_lab.data.service import ProjectService
+    from refact_lab.data.sources import SourceError
+    from refact_lab.home import Home
+
+    try:
+        settings = with_overrides(ScanSettings(exclude=list(args.exclude), lm_filter=not args.no_lm_filter,
+                                               model=args.model), args.overrides)
+    except SettingsError as e:
+        return _fail(str(e))
+    home = Home.resolve(args.home).ensure()
+    service = ProjectService(home, args.project)
+    token = os.environ.get("REFACT_LAB_GIT_TOKEN") or None
+    try:
+        for spec in args.sources:
+            service.sources.ensure(spec, token=token)
+        for spec in args.test:
+            service.sources.ensure(spec, test=True, token=token)
+    except SourceError as e:
+        return _fail(str(e))
+    progress, close = (None, lambda: None) if args.json else _scan_progress()
+    try:
+        stats = service.job.run(settings, progress=progress)
+    except (ScanError, LossFilterError) as e:
+        return _fail(str(e))
+    except ScanCancelled:
+        return _fail("scan stopped", 130)
+    finally:
+        close()
+    paths = scan_files(home, args.project)
+    logs = {k: str(paths[k]) for k in ("accepted", "rejected", "stats")}
+    if args.json:
+        summary = {k: v for k, v in stats.items() if k != "settings"}
+        print(json.dumps({**summary, "home": str(home.root), "logs": logs}, sort_keys=True))
+    else:
+        print(f"Scanned {len(stats['sources'])} source(s), {stats['files']} files in {stats['elapsed_s']:.1f} s "
+              f"(project {args.project!r})")
+        for s in stats["sources"]:
+            print(f"  {s['id']}: {s['kind']} {s['origin']}{' [test]' if s['test'] else ''} - {s['files']} files")
+        print(f"accepted {stats['accepted']:>7}   train {stats['train']['files']} files "
+              f"({_size(stats['train']['bytes'])}), test {stats['test']['files']} files "
+              f"({_size(stats['test']['bytes'])})")
+        print(f"rejected {stats['rejected']:>7}")
+        for reason, n in sorted(stats["reasons"].items(), key=lambda kv: -kv[1]):
+            print(f"  {reason:<16} {n:>7}")
+        others = [f"{t} {n}" for t, n in stats["types"].items() if t not in stats["types_on"]][:6]
+        print(f"file types on: {', '.join(stats['types_on']) or 'none'}"
+              + (f" (also found: {', '.join(others)}; change with --set file_types=...)" if others else ""))
+        if stats.get("loss"):
+            print(f"loss filter: {stats['loss']['model']}, {stats['loss']['computed']} computed, "
+                  f"{stats['loss']['cached']} cached")
+        print(f"logs: {paths['dir']}/{{accepted.jsonl, rejected.jsonl, stats.json}}")
+    if stats.get("split_error"):
+        return _fail(stats["split_error"], 1)
+    return 0
 
 
 # --- finetune --------------------------------------------------------------------------------------------

@@ -1,0 +1,236 @@
+"""Safe extraction of .zip, .tar, .tar.gz, .tgz, .tar.bz2 and .tar.xz archives.
+
+An archive comes from someone else, so nothing in it is trusted:
+
+* every member name must stay inside the destination: no absolute paths, drive letters or `..` steps;
+* symbolic links are never created (the scan does not follow links anyway); one that points outside the
+  archive is refused, since it only exists to trick an extractor;
+* a hard link may only name a file extracted before it, and becomes a copy of that file;
+* devices, FIFOs and other special members are skipped;
+* the total uncompressed size and the number of members are bounded while streaming (not only from the
+  headers, which can lie), so a zip bomb is stopped after at most `max_bytes` bytes written.
+
+Extraction goes into a temporary folder beside the destination and is renamed into place only when every
+member has passed; on any error the temporary folder is removed, so nothing half-extracted is left.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MAX_BYTES = 2 * 1024**3      # 2 GiB uncompressed
+DEFAULT_MAX_FILES = 200_000
+_CHUNK = 1 << 20
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar", ".zip")
+
+
+class ArchiveError(ValueError):
+    """The archive is corrupt, unsafe or too big; the message says which member and why."""
+
+
+@dataclass
+class ExtractReport:
+    files: int = 0
+    bytes: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (member, why): links inside, devices
+
+
+def is_archive(name: str | os.PathLike) -> bool:
+    return str(name).lower().endswith(ARCHIVE_SUFFIXES)
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def safe_member_path(name: str) -> str:
+    """The member's path relative to the destination, or ArchiveError if it would land outside."""
+    norm = name.replace("\\", "/")   # archives made on Windows use backslashes; treat them as separators
+    if norm.startswith("/") or _DRIVE.match(norm):
+        raise ArchiveError(f"member {name!r} has an absolute path")
+    parts = [p for p in norm.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ArchiveError(f"member {name!r} escapes the extraction folder (path traversal)")
+    return "/".join(parts)
+
+
+def _link_target_inside(member: str, target: str) -> bool:
+    """Resolve a symlink target against the member's own folder, lexically, and say if it stays inside."""
+    target = target.replace("\\", "/")
+    if target.startswith("/") or _DRIVE.match(target):
+        return False
+    depth = 0
+    for part in member.split("/")[:-1] + target.split("/"):
+        if part in ("", "."):
+            continue
+        depth = depth - 1 if part == ".." else depth + 1
+        if depth < 0:
+            return False
+    return True
+
+
+class _Budget:
+    """Counts members and bytes written; raises as soon as either bound is passed."""
+
+    def __init__(self, archive: str, max_bytes: int, max_files: int):
+        self.archive, self.max_bytes, self.max_files = archive, max_bytes, max_files
+        self.report = ExtractReport()
+        self.members = 0
+
+    def member(self) -> None:
+        self.members += 1
+        if self.members > self.max_files:
+            raise ArchiveError(f"{self.archive}: more than {self.max_files} members; refused (a bomb, or raise "
+                               "the limit)")
+
+    def add(self, n: int) -> None:
+        self.report.bytes += n
+        if self.report.bytes > self.max_bytes:
+            raise ArchiveError(f"{self.archive}: more than {_mib(self.max_bytes)} uncompressed; refused "
+                               "(a zip bomb, or raise the limit)")
+
+
+def _write_stream(src, target: Path, budget: _Budget) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_dir():
+        raise ArchiveError(f"member {target.name!r} is both a folder and a file")
+    with open(target, "wb") as dst:
+        while True:
+            chunk = src.read(_CHUNK)
+            if not chunk:
+                break
+            budget.add(len(chunk))
+            dst.write(chunk)
+    budget.report.files += 1
+
+
+def _extract_zip(path: Path, out: Path, budget: _Budget) -> None:
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ArchiveError(f"{path.name}: not a valid zip archive ({e})") from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > budget.max_files:
+            raise ArchiveError(f"{path.name}: {len(infos)} members, more than {budget.max_files}; refused")
+        declared = sum(i.file_size for i in infos)
+        if declared > budget.max_bytes:
+            raise ArchiveError(f"{path.name}: declares {_mib(declared)} uncompressed, more than "
+                               f"{_mib(budget.max_bytes)}; refused (a zip bomb, or raise the limit)")
+        for info in infos:
+            budget.member()
+            rel = safe_member_path(info.filename)
+            if not rel:
+                continue
+            mode = info.external_attr >> 16
+            if stat.S_ISLNK(mode):
+                target = zf.read(info)[:4096].decode("utf-8", "replace")
+                if not _link_target_inside(rel, target):
+                    raise ArchiveError(f"{path.name}: symlink {info.filename!r} points outside ({target!r})")
+                budget.report.skipped.append((rel, "symlink"))
+                continue
+            if info.is_dir():
+                (out / rel).mkdir(parents=True, exist_ok=True)
+                continue
+            if info.flag_bits & 0x1:
+                raise ArchiveError(f"{path.name}: member {info.filename!r} is encrypted")
+            try:
+                with zf.open(info) as src:
+                    _write_stream(src, out / rel, budget)
+            except (zipfile.BadZipFile, EOFError, OSError, NotImplementedError, ValueError) as e:
+                if isinstance(e, ArchiveError):
+                    raise
+                raise ArchiveError(f"{path.name}: cannot read member {info.filename!r} ({e})") from None
+
+
+def _extract_tar(path: Path, out: Path, budget: _Budget) -> None:
+    try:
+        tf = tarfile.open(path, "r:*")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ArchiveError(f"{path.name}: not a valid tar archive ({e})") from None
+    written: set[str] = set()
+    with tf:
+        while True:
+            try:
+                member = tf.next()
+            except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+                raise ArchiveError(f"{path.name}: corrupt tar archive ({e})") from None
+            if member is None:
+                break
+            budget.member()
+            rel = safe_member_path(member.name)
+            if not rel:
+                continue
+            if member.issym():
+                if not _link_target_inside(rel, member.linkname):
+                    raise ArchiveError(f"{path.name}: symlink {member.name!r} points outside "
+                                       f"({member.linkname!r})")
+                budget.report.skipped.append((rel, "symlink"))
+            elif member.islnk():
+                try:
+                    target = safe_member_path(member.linkname)
+                except ArchiveError:
+                    raise ArchiveError(f"{path.name}: hard link {member.name!r} points outside "
+                                       f"({member.linkname!r})") from None
+                if target not in written:
+                    budget.report.skipped.append((rel, f"hard link to {member.linkname!r}, not a file extracted "
+                                                       "before it"))
+                    continue
+                with open(out / target, "rb") as src:
+                    _write_stream(src, out / rel, budget)
+                written.add(rel)
+            elif member.isdir():
+                (out / rel).mkdir(parents=True, exist_ok=True)
+            elif member.isfile():
+                try:
+                    src = tf.extractfile(member)
+                    _write_stream(src, out / rel, budget)
+                except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+                    if isinstance(e, ArchiveError):
+                        raise
+                    raise ArchiveError(f"{path.name}: cannot read member {member.name!r} ({e})") from None
+                written.add(rel)
+            else:
+                budget.report.skipped.append((rel, "special file (device or FIFO)"))
+
+
+def extract(archive: str | os.PathLike, dest: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES,
+            max_files: int = DEFAULT_MAX_FILES) -> ExtractReport:
+    """Extract `archive` into the new folder `dest` (which must not exist), all or nothing."""
+    archive, dest = Path(archive), Path(dest)
+    if not archive.is_file():
+        raise ArchiveError(f"{archive}: no such file")
+    if dest.exists():
+        raise ArchiveError(f"{dest} already exists")
+    name = archive.name.lower()
+    if not is_archive(name):
+        raise ArchiveError(f"{archive.name}: not a supported archive ({', '.join(ARCHIVE_SUFFIXES)})")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.extract-", dir=dest.parent))
+    budget = _Budget(archive.name, max_bytes, max_files)
+    try:
+        if name.endswith(".zip"):
+            _extract_zip(archive, tmp, budget)
+        else:
+            _extract_tar(archive, tmp, budget)
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, dest)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArchiveError(f"{archive.name}: cannot extract ({e})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return budget.report
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024**2:.0f} MiB" if n >= 1024**2 else f"{n} bytes"

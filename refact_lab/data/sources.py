@@ -1,0 +1,399 @@
+"""Sources of a project: git repositories, archives, uploaded files and local folders.
+
+Each source lives in `projects/<project>/sources/<id>/` with a `source.json` (kind, origin, branch, whether it
+is held out as test...) and its files: `repo/` for a clone, `files/` for an extracted archive or uploads. A
+local folder is read in place and only its path is recorded. `source.json` is written last, atomically, so a
+failed add leaves no half-made source: the folder is removed and the error says why.
+
+A token for a private https repository is kept next to the clone in `secret.json` (0600), never in
+`source.json` or git's config, and is removed with the source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import os
+import re
+import secrets
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from refact_lab.data import archives, gitsource, sshkeys
+from refact_lab.home import DEFAULT_PROJECT, Home, atomic_write_bytes, atomic_write_json, check_name, read_json
+
+KINDS = ("git", "archive", "upload", "file", "folder")
+VCS_DIRS = frozenset({".git", ".hg", ".svn", ".bzr"})
+
+
+class SourceError(ValueError):
+    """A source cannot be added or refreshed: missing path, refused or unreachable URL, corrupt archive."""
+
+
+@dataclass
+class Source:
+    id: str
+    kind: str                          # git | archive | upload | file | folder
+    origin: str                        # URL, path, or the uploaded names
+    name: str                          # short label for lists
+    root: str                          # absolute folder whose files are scanned
+    test: bool = False                 # held out: every file of it goes to the test set
+    branch: str | None = None
+    shallow: bool = False
+    auth: str | None = None            # "token" | "ssh-key" | None
+    commit: str | None = None
+    archive_sha256: str | None = None
+    added_at: str = ""
+    updated_at: str | None = None
+    last_update: dict | None = None    # {"from", "to", "changed": n}
+    files: list[str] = field(default_factory=list)   # upload: the names it holds
+
+    @property
+    def label(self) -> str:
+        tag = " [test]" if self.test else ""
+        extra = f" @{self.branch}" if self.branch else ""
+        return f"{self.kind}: {self.name}{extra}{tag}"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _slug(text: str) -> str:
+    base = re.sub(r"\.git$", "", text.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1])
+    for suffix in archives.ARCHIVE_SUFFIXES:
+        if base.lower().endswith(suffix):
+            base = base[: -len(suffix)]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-.")[:32] or "source"
+
+
+def _safe_upload_name(name: str) -> str:
+    """An uploaded file keeps its base name only; the browser's path parts are not trusted."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    if base in ("", ".", "..") or "\0" in base:
+        raise SourceError(f"invalid file name {name!r}")
+    return base
+
+
+def walk_files(root: Path) -> Iterator[tuple[str, str, int, int]]:
+    """Regular files under root as (relative path, absolute path, size, mtime_ns).
+
+    Symlinks are not followed (a link in someone's repository may point at ~/.ssh), and VCS folders are
+    skipped. One scandir per folder and one lstat per file: the listing must not cost more than reading.
+    """
+    stack = [("", str(root))]
+    while stack:
+        rel, folder = stack.pop()
+        try:
+            it = os.scandir(folder)
+        except OSError:
+            continue  # an unreadable folder: its files cannot be listed, let alone read
+        with it:
+            for entry in it:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        if entry.name not in VCS_DIRS:
+                            stack.append((rel + entry.name + "/", entry.path))
+                    elif entry.is_file(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
+                        yield rel + entry.name, entry.path, st.st_size, st.st_mtime_ns
+                except OSError:
+                    continue
+
+
+class SourceStore:
+    """The sources of one project, on disk. Safe to create many times over the same folder."""
+
+    def __init__(self, home: Home, project: str = DEFAULT_PROJECT, *,
+                 max_archive_bytes: int = archives.DEFAULT_MAX_BYTES,
+                 max_archive_files: int = archives.DEFAULT_MAX_FILES):
+        self.home = home
+        self.project = check_name(project, "project name")
+        self.dir = home.sources_dir(project)
+        self.max_archive_bytes = max_archive_bytes
+        self.max_archive_files = max_archive_files
+
+    # --- reading ----------------------------------------------------------------------------------------
+
+    def list(self) -> list[Source]:
+        if not self.dir.is_dir():
+            return []
+        out = []
+        for d in self.dir.iterdir():
+            data = read_json(d / "source.json") if d.is_dir() else None
+            if data:
+                out.append(self._from_dict(data))
+        return sorted(out, key=lambda s: (s.added_at, s.id))
+
+    def get(self, source_id: str) -> Source:
+        data = read_json(self.dir / check_name(source_id, "source id") / "source.json")
+        if not data:
+            raise SourceError(f"no source {source_id!r} in project {self.project!r}")
+        return self._from_dict(data)
+
+    @staticmethod
+    def _from_dict(data: dict) -> Source:
+        known = Source.__dataclass_fields__
+        return Source(**{k: v for k, v in data.items() if k in known})
+
+    def files(self, source: Source) -> Iterator[tuple[str, str, int, int]]:
+        """The source's files as (relative path, absolute path, size, mtime_ns)."""
+        root = Path(source.root)
+        if not root.is_dir():
+            raise SourceError(f"{source.name}: folder {root} does not exist any more")
+        if source.kind == "folder":
+            listed = gitsource.tracked_and_untracked(root)
+            if listed is not None:
+                # A work tree: what git sees, so .gitignore'd build outputs and virtualenvs stay out.
+                for rel in listed:
+                    path = root / rel
+                    try:
+                        st = path.lstat()
+                    except OSError:
+                        continue  # deleted but still in the index
+                    if (st.st_mode & 0o170000) == 0o100000:
+                        yield rel, str(path), st.st_size, st.st_mtime_ns
+                return
+        yield from walk_files(root)
+
+    def find(self, spec: str, branch: str | None = None) -> Source | None:
+        """The existing source added from the same URL or path (and branch), if any."""
+        origin = self._origin_of(spec)
+        for s in self.list():
+            if s.origin == origin and (branch is None or s.branch == branch):
+                return s
+        return None
+
+    @staticmethod
+    def _origin_of(spec: str) -> str:
+        path = Path(spec).expanduser()
+        if path.exists():
+            return str(path.resolve())
+        try:
+            return gitsource.parse_url(spec).url
+        except gitsource.GitSourceError:
+            return spec
+
+    # --- adding -----------------------------------------------------------------------------------------
+
+    def add(self, spec: str, *, test: bool = False, branch: str | None = None, shallow: bool = False,
+            token: str | None = None) -> Source:
+        """Add whatever `spec` is: an existing folder, archive or file, else a git URL."""
+        spec = (spec or "").strip()
+        if not spec:
+            raise SourceError("empty source")
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            return self.add_folder(path, test=test)
+        if path.is_file():
+            if archives.is_archive(path.name):
+                return self.add_archive(path, test=test)
+            return self.add_file(path, test=test)
+        if "://" in spec or "::" in spec or gitsource._SCP_LIKE.match(spec):
+            return self.add_git(spec, branch=branch, shallow=shallow, token=token, test=test)
+        raise SourceError(f"{spec}: no such file or folder, and not a git URL")
+
+    def ensure(self, spec: str, *, test: bool | None = None, token: str | None = None) -> Source:
+        """The source for `spec`, added if new, refreshed if known (git fetch, archive re-extract)."""
+        existing = self.find(spec)
+        if existing is None:
+            return self.add(spec, test=bool(test), token=token)
+        self.refresh(existing.id)
+        if test is not None and existing.test != test:
+            self.set_test(existing.id, test)
+        return self.get(existing.id)
+
+    def _new_dir(self, kind: str, hint: str) -> tuple[str, Path]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(100):
+            sid = check_name(f"{kind}-{_slug(hint)}-{secrets.token_hex(3)}", "source id")
+            d = self.dir / sid
+            try:
+                d.mkdir()
+                return sid, d
+            except FileExistsError:
+                continue
+        raise SourceError("cannot allocate a source folder")
+
+    def _save(self, source: Source) -> Source:
+        atomic_write_json(self.dir / source.id / "source.json", asdict(source))
+        return source
+
+    @contextlib.contextmanager
+    def _building(self, kind: str, hint: str) -> Iterator[tuple[str, Path]]:
+        """A fresh source folder that is removed again if anything inside the with-block fails."""
+        sid, d = self._new_dir(kind, hint)
+        try:
+            yield sid, d
+        except BaseException:
+            shutil.rmtree(d, ignore_errors=True)
+            raise
+
+    def add_git(self, url: str, *, branch: str | None = None, shallow: bool = False, token: str | None = None,
+                test: bool = False) -> Source:
+        try:
+            parsed = gitsource.parse_url(url)
+        except gitsource.GitSourceError as e:
+            raise SourceError(str(e)) from None
+        token = token or parsed.token
+        branch = (branch or "").strip() or None
+        with self._building("git", parsed.url) as (sid, folder):
+            env = self._git_env(parsed.transport, token)
+            try:
+                commit = gitsource.clone(parsed, folder / "repo", branch=branch, shallow=shallow, env=env)
+            except gitsource.GitSourceError as e:
+                raise SourceError(str(e)) from None
+            auth = None
+            if token and parsed.transport == "https":
+                atomic_write_json(folder / "secret.json", {"token": token}, mode=0o600)
+                auth = "token"
+            elif parsed.transport == "ssh" and sshkeys.public_key(self.home):
+                auth = "ssh-key"
+            return self._save(Source(
+                id=sid, kind="git", origin=parsed.url, name=_slug(parsed.url), root=str(folder / "repo"),
+                test=test, branch=branch, shallow=shallow, auth=auth, commit=commit, added_at=_now()))
+
+    def _git_env(self, transport: str, token: str | None) -> dict:
+        key = sshkeys.private_key_path(self.home)
+        return gitsource.git_env(transport, token=token, ssh_key=key if key.is_file() else None,
+                                 known_hosts=sshkeys.known_hosts_path(self.home))
+
+    def add_archive(self, path: str | os.PathLike, *, test: bool = False) -> Source:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise SourceError(f"{path}: no such file")
+        with self._building("archive", path.name) as (sid, folder):
+            self._extract(path, folder / "files")
+            return self._save(Source(
+                id=sid, kind="archive", origin=str(path.resolve()), name=path.name, root=str(folder / "files"),
+                test=test, archive_sha256=_file_sha256(path), added_at=_now()))
+
+    def add_archive_bytes(self, name: str, data: bytes, *, test: bool = False) -> Source:
+        """An archive uploaded through the browser: kept beside its extraction so it can be re-extracted."""
+        name = _safe_upload_name(name)
+        if not archives.is_archive(name):
+            raise SourceError(f"{name}: not a supported archive ({', '.join(archives.ARCHIVE_SUFFIXES)})")
+        with self._building("archive", name) as (sid, folder):
+            kept = folder / name
+            atomic_write_bytes(kept, data)
+            self._extract(kept, folder / "files")
+            return self._save(Source(
+                id=sid, kind="archive", origin=f"upload:{name}", name=name, root=str(folder / "files"),
+                test=test, archive_sha256=hashlib.sha256(data).hexdigest(), added_at=_now()))
+
+    def _extract(self, archive: Path, dest: Path) -> None:
+        try:
+            archives.extract(archive, dest, max_bytes=self.max_archive_bytes, max_files=self.max_archive_files)
+        except archives.ArchiveError as e:
+            raise SourceError(str(e)) from None
+
+    def add_files(self, files: list[tuple[str, bytes]], *, test: bool = False) -> Source:
+        """Uploaded single files (name, content): one source holding them all."""
+        if not files:
+            raise SourceError("no files to add")
+        names = [_safe_upload_name(n) for n, _ in files]
+        if len(set(names)) != len(names):
+            raise SourceError("two uploaded files have the same name")
+        with self._building("upload", names[0]) as (sid, folder):
+            root = folder / "files"
+            for name, (_, data) in zip(names, files):
+                atomic_write_bytes(root / name, bytes(data))
+            label = names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more"
+            return self._save(Source(
+                id=sid, kind="upload", origin="upload:" + ",".join(names), name=label, root=str(root),
+                test=test, files=names, added_at=_now()))
+
+    def add_file(self, path: str | os.PathLike, *, test: bool = False) -> Source:
+        """A single local file, copied in (so later edits of the original do not change the dataset)."""
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise SourceError(f"{path}: no such file")
+        with self._building("file", path.name) as (sid, folder):
+            root = folder / "files"
+            root.mkdir()
+            shutil.copyfile(path, root / path.name)
+            return self._save(Source(
+                id=sid, kind="file", origin=str(path.resolve()), name=path.name, root=str(root), test=test,
+                files=[path.name], added_at=_now()))
+
+    def add_folder(self, path: str | os.PathLike, *, test: bool = False) -> Source:
+        path = Path(path).expanduser()
+        if not path.is_dir():
+            raise SourceError(f"{path}: no such folder")
+        resolved = path.resolve()
+        if resolved == self.home.root or self.home.root in resolved.parents or resolved in self.home.root.parents:
+            raise SourceError(f"{path}: the state directory cannot be scanned as a source")
+        with self._building("folder", resolved.name or "root") as (sid, folder):
+            return self._save(Source(
+                id=sid, kind="folder", origin=str(resolved), name=resolved.name or str(resolved),
+                root=str(resolved), test=test, added_at=_now()))
+
+    # --- changing ---------------------------------------------------------------------------------------
+
+    def set_test(self, source_id: str, test: bool) -> Source:
+        source = self.get(source_id)
+        source.test = bool(test)
+        return self._save(source)
+
+    def remove(self, source_id: str) -> None:
+        """Forget a source. For a local folder only our record goes; the user's folder is never touched."""
+        d = self.dir / check_name(source_id, "source id")
+        if not (d / "source.json").is_file():
+            raise SourceError(f"no source {source_id!r} in project {self.project!r}")
+        # Unlink source.json first: a crash midway leaves a folder that list() ignores.
+        (d / "source.json").unlink()
+        shutil.rmtree(d, ignore_errors=True)
+
+    def refresh(self, source_id: str) -> Source:
+        """Bring a source up to date: git fetches new commits; an archive from a path is re-extracted if it
+        changed; folders are read live and uploads never change."""
+        source = self.get(source_id)
+        if source.kind == "git":
+            return self.update(source_id)
+        if source.kind == "archive" and not source.origin.startswith("upload:"):
+            path = Path(source.origin)
+            if not path.is_file():
+                raise SourceError(f"{source.name}: archive {path} does not exist any more")
+            sha = _file_sha256(path)
+            if sha != source.archive_sha256:
+                d = self.dir / source.id
+                fresh = d / f"files.new-{secrets.token_hex(3)}"
+                self._extract(path, fresh)
+                old = d / f"files.old-{secrets.token_hex(3)}"
+                os.rename(source.root, old)
+                os.rename(fresh, source.root)
+                shutil.rmtree(old, ignore_errors=True)
+                source.archive_sha256 = sha
+                source.updated_at = _now()
+                source.last_update = {"changed": "archive re-extracted"}
+                return self._save(source)
+        return source
+
+    def update(self, source_id: str) -> Source:
+        """git fetch + reset to the branch's newest commit; records which files changed."""
+        source = self.get(source_id)
+        if source.kind != "git":
+            raise SourceError(f"{source.name} is a {source.kind} source; only git sources fetch updates")
+        secret = read_json(self.dir / source.id / "secret.json", {}) or {}
+        transport = gitsource.parse_url(source.origin).transport
+        env = self._git_env(transport, secret.get("token"))
+        try:
+            old, new, changed = gitsource.fetch_and_reset(Path(source.root), branch=source.branch,
+                                                          shallow=source.shallow, env=env)
+        except gitsource.GitSourceError as e:
+            raise SourceError(f"{source.name}: {e}") from None
+        source.commit = new
+        source.updated_at = _now()
+        source.last_update = {"from": old, "to": new, "changed": len(changed), "paths": changed[:1000]}
+        return self._save(source)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,53 @@
+"""The train/test split of the accepted files: held-out files if the user marked any, else a seeded sample.
+
+The automatic test set is a few files (a share of the dataset, at least one, at most `max_test_files`),
+chosen by hashing (seed, content hash, path): the same files and seed give the same split whatever order the
+files were listed in, and adding a file moves at most a few others. A test file never has the same content
+as a training file, or the test loss would measure memorisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+
+
+class SplitError(ValueError):
+    """Too few files for a split; the message says how many are needed and how many there are."""
+
+
+def _rank(seed: int, rec: dict) -> str:
+    return hashlib.sha256(f"{seed}\0{rec.get('sha256')}\0{rec['source']}/{rec['path']}".encode()).hexdigest()
+
+
+def assign_sets(records: list[dict], *, test_share: float, max_test_files: int, seed: int) -> None:
+    """Set `rec["set"]` to "train" or "test" on every accepted record. `rec["held_out"]` marks the user's
+    test files. Raises SplitError when no split with at least one file on each side exists."""
+    held = [r for r in records if r.get("held_out")]
+    n = len(records)
+    if held:
+        train_shas = {r.get("sha256") for r in records if not r.get("held_out")}
+        for r in records:
+            # A held-out copy of a training file (possible only through force-include) trains instead.
+            r["set"] = "test" if r.get("held_out") and r.get("sha256") not in train_shas else "train"
+        n_train = sum(r["set"] == "train" for r in records)
+        n_test = n - n_train
+        if n_train == 0:
+            raise SplitError(f"all {n} accepted files are held out as test; at least 1 training file is needed "
+                             "(unmark a test source or add sources)")
+        if n_test == 0:
+            raise SplitError("every held-out test file duplicates a training file; at least 1 distinct test "
+                             "file is needed")
+        return
+    if n < 2:
+        raise SplitError(f"{n} file{'' if n == 1 else 's'} accepted; at least 2 are needed (1 to train on, 1 to "
+                         "test on): add sources or relax the filters")
+    want = min(max_test_files, max(1, round(n * test_share)), n - 1)
+    counts = Counter(r.get("sha256") for r in records)
+    candidates = sorted((r for r in records if counts[r.get("sha256")] == 1), key=lambda r: _rank(seed, r))
+    if not candidates:
+        raise SplitError(f"{n} files accepted but all share their content with another; at least 2 distinct "
+                         "files are needed")
+    test_ids = {id(r) for r in candidates[:want]}
+    for r in records:
+        r["set"] = "test" if id(r) in test_ids else "train"
