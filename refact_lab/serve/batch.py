@@ -1,0 +1,170 @@
+"""Step-wise batched decoding over a KV cache: the torch half of the engine's scheduler.
+
+A `Batch` holds the rows (generations) that decode together, one shared `DynamicCache` and a 2-D attention mask.
+Rows have different prompt lengths, so the cache is *left*-padded: every row's real tokens end at the last
+column, and padding columns are masked out. Positions are passed explicitly per row (a row's position is the
+number of its real tokens so far), so padding never shifts a row's rotary positions.
+
+- `prefill(rows)` runs the new rows' prompts as their own small batch, then merges that cache into the running
+  one by left-padding whichever is shorter; new requests join a batch that is already decoding.
+- `step()` feeds each row's last sampled token and returns the next-token logits for every row.
+- `keep(indices)` drops finished or cancelled rows from the cache and mask, then trims columns that are padding
+  for every remaining row.
+
+Sampling (`sample`) is per row: greedy for temperature 0, otherwise temperature and nucleus (top-p) sampling
+with the row's own seeded generator when the request gave a seed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Sequence
+
+_CACHE_KWARG: dict[type, str] = {}
+
+
+def cache_kwarg(model) -> str:
+    """transformers 5 calls the cache argument `cache`; 4.x called it `past_key_values`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kind = type(base)
+    if kind not in _CACHE_KWARG:
+        params = inspect.signature(kind.forward).parameters
+        _CACHE_KWARG[kind] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KWARG[kind]
+
+
+def input_device(model):
+    """Where input ids must live (the embedding's device; with a device map, layers may sit elsewhere)."""
+    return model.get_input_embeddings().weight.device
+
+
+class Batch:
+    """Rows decoding together on one adapter. Rows are objects with `prompt_ids`, `pos` and `last_token`."""
+
+    def __init__(self):
+        self.rows: list[Any] = []
+        self.cache = None
+        self.mask = None  # [rows, columns] long, 1 where the column holds a real token of that row
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def prefill(self, model, new_rows: Sequence[Any]):
+        """Run the new rows' prompts and merge them into the batch; returns their next-token logits [n, vocab]."""
+        import torch
+        from transformers import DynamicCache
+
+        device = input_device(model)
+        width = max(len(r.prompt_ids) for r in new_rows)
+        ids = torch.zeros((len(new_rows), width), dtype=torch.long, device=device)
+        mask = torch.zeros((len(new_rows), width), dtype=torch.long, device=device)
+        for i, r in enumerate(new_rows):
+            n = len(r.prompt_ids)
+            ids[i, width - n:] = torch.tensor(r.prompt_ids, dtype=torch.long, device=device)
+            mask[i, width - n:] = 1
+        # Left padding: a row's first real token gets position 0; pad columns get 0 too (they are masked out).
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **{cache_kwarg(model): cache})
+        for r in new_rows:
+            r.pos = len(r.prompt_ids)
+        self._merge(cache, mask, list(new_rows))  # the cache object was filled in place
+        return out.logits[:, -1, :]
+
+    def step(self, model):
+        """Feed every row its last token; returns next-token logits [rows, vocab]."""
+        import torch
+
+        device = input_device(model)
+        ids = torch.tensor([[r.last_token] for r in self.rows], dtype=torch.long, device=device)
+        positions = torch.tensor([[r.pos] for r in self.rows], dtype=torch.long, device=device)
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype,
+                                                     device=self.mask.device)], dim=1)
+        out = model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                    **{cache_kwarg(model): self.cache})
+        for r in self.rows:
+            r.pos += 1
+        return out.logits[:, -1, :]
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only these rows (in this order)."""
+        import torch
+
+        if len(indices) == len(self.rows):
+            return
+        if not indices:
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        for layer in self.cache.layers:
+            idx = torch.tensor(indices, dtype=torch.long, device=layer.keys.device)
+            layer.keys = layer.keys.index_select(0, idx)
+            layer.values = layer.values.index_select(0, idx)
+        self.mask = self.mask.index_select(0, torch.tensor(indices, dtype=torch.long, device=self.mask.device))
+        self.rows = [self.rows[i] for i in indices]
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop leading columns that are padding for every row (left after long rows finished)."""
+        used = self.mask.any(dim=0)
+        first = int(used.long().argmax()) if bool(used.any()) else self.mask.shape[1]
+        if first == 0:
+            return
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[:, :, first:, :]
+            layer.values = layer.values[:, :, first:, :]
+        self.mask = self.mask[:, first:]
+
+    def _merge(self, cache, mask, rows: list[Any]) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        if not self.rows:
+            self.rows, self.cache, self.mask = rows, cache, mask
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+
+        def pad(t, dim: int):
+            missing = width - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
+
+        layers = []
+        for old, new in zip(self.cache.layers, cache.layers):
+            keys = torch.cat([pad(old.keys, 2), pad(new.keys.to(old.keys.device), 2)], dim=0)
+            values = torch.cat([pad(old.values, 2), pad(new.values.to(old.values.device), 2)], dim=0)
+            layers.append((keys, values))
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.mask = torch.cat([pad(self.mask, 1), pad(mask.to(self.mask.device), 1)], dim=0)
+        self.rows = self.rows + rows
+
+
+def sample(logits, rows: Sequence[Any]) -> list[int]:
+    """One next token per row, honouring each row's temperature, top_p and seeded generator."""
+    import torch
+
+    greedy = logits.argmax(dim=-1).tolist()
+    out = []
+    for i, r in enumerate(rows):
+        p = r.params
+        if p.temperature <= 0:
+            out.append(greedy[i])
+            continue
+        gen = r.generator
+        x = logits[i].float()
+        if gen is not None and gen.device != x.device:
+            x = x.to(gen.device)
+        probs = torch.softmax(x / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+            drop = sorted_probs.cumsum(-1) - sorted_probs > p.top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            choice = torch.multinomial(sorted_probs, 1, generator=gen)
+            out.append(int(order[choice]))
+        else:
+            out.append(int(torch.multinomial(probs, 1, generator=gen)))
+    return out

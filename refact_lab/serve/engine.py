@@ -1,0 +1,703 @@
+"""The inference engine: one scheduler thread owns the model; every request goes through its queue.
+
+Handlers (on tornado's event loop), the CLI and notebooks never touch the model. They build a `Generation`
+(token ids, sampling parameters, a `sink` callback for events) and `submit` it. The scheduler thread:
+
+1. applies changes to `settings.json` between steps (see `refact_lab.serve.state`): loads the base model,
+   deploys a LoRA checkpoint without a restart, reloads after a model change once in-flight requests drained;
+2. admits queued generations into per-adapter groups: generations are pinned to the adapter that was deployed
+   when they were submitted, so a switch never changes a running completion;
+3. runs one step for one group at a time (round robin): a prefill that merges newcomers into that group's
+   batch, or one decode step for every row of the batch (`refact_lab.serve.batch`);
+4. after every token checks each row's stop rules, cancel flag (set when a client disconnects) and length,
+   streams the safe part of the text to the row's sink, and drops finished rows from the batch.
+
+State for the panels and tests is in `snapshot()`: loading / ready / failed with the reason, memory, the
+deployed adapter, `caps_version` (changes whenever the served models change), counters and the last requests.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from refact_lab.config import ServeSettings, SettingsError, from_dict
+from refact_lab.home import Home
+from refact_lab.serve import checkpoints
+from refact_lab.serve.batch import Batch, sample
+from refact_lab.serve.state import SERVING_KEYS, UPSTREAM_KEYS, LoraChoice, lora_model_name
+from refact_lab.serve.stops import REPLACEMENT_CHAR, StopRules
+
+log = logging.getLogger("refact_lab.engine")
+
+Event = dict
+Sink = Callable[[Event], None]
+
+
+class EngineError(Exception):
+    """A request the engine cannot take: `status` is the HTTP status a handler should answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    single_line: bool = False
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a model name means now: the base model, optionally with the LoRA checkpoint deployed at that moment."""
+
+    name: str
+    base: str
+    adapter: checkpoints.Checkpoint | None
+    n_ctx: int
+    fim: Any  # FimFormat
+
+
+@dataclass(eq=False)
+class Generation:
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Sink
+    route: Route | None = None
+    index: int = 0
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    cancelled: bool = False
+    extra_stops: tuple[str, ...] = ()
+    # owned by the scheduler thread
+    rules: StopRules | None = None
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0
+    pos: int = 0
+    last_token: int = 0
+    generator: Any = None
+    submitted: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+    def cancel(self) -> None:
+        # a plain attribute write is atomic; the scheduler reads it before every step
+        self.cancelled = True
+
+    @property
+    def adapter_key(self) -> str | None:
+        return self.route.adapter.key if self.route and self.route.adapter else None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str
+    device: str
+    dtype: str
+    gpu_memory_fraction: float
+    max_batch: int
+
+
+def serving_config(settings: dict, fallback_model: str | None = None) -> ModelConfig:
+    """The serving fields of settings.json, validated by ServeSettings (bad values raise SettingsError)."""
+    data = {k: settings[k] for k in SERVING_KEYS if settings.get(k) is not None}
+    data.setdefault("model", fallback_model or "default")
+    s = from_dict(ServeSettings, data)
+    return ModelConfig(s.model or "default", s.device, s.dtype, s.gpu_memory_fraction, s.max_batch)
+
+
+class _Group:
+    """The generations of one adapter (None: the base model): the running batch and those waiting to join."""
+
+    def __init__(self, key: str | None, checkpoint: checkpoints.Checkpoint | None):
+        self.key = key
+        self.checkpoint = checkpoint
+        self.batch = Batch()
+        self.waiting: collections.deque[Generation] = collections.deque()
+
+    def busy(self) -> bool:
+        return bool(len(self.batch) or self.waiting)
+
+
+class Engine:
+    """Serves one base model and its deployed LoRA. Thread-safe entry points: submit, route, encode, snapshot."""
+
+    def __init__(self, home: Home, *, model: str | None = None, poll_interval: float = 0.2,
+                 rescan_interval: float = 3.0, max_records: int = 200):
+        self.home = home
+        self.fallback_model = model
+        self.poll_interval = poll_interval
+        self.rescan_interval = rescan_interval
+        self._inbox: queue.Queue[Generation] = queue.Queue()
+        self._lock = threading.RLock()        # guards the fields snapshot() reads
+        self._tok_lock = threading.Lock()     # fast tokenizers are not safe for concurrent calls
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        # model state
+        self.state = "starting"
+        self.error: str | None = None
+        self.config: ModelConfig | None = None
+        self.spec = None
+        self.model = None
+        self.tokenizer = None
+        self.n_ctx = 0
+        self.device_label = ""
+        self.dtype_label = ""
+        self.weights_bytes = 0
+        self.load_seconds: float | None = None
+        self._stop_ids: set[int] = set()
+        self._has_chat_template = False
+        # LoRA state
+        self.lora_choice = LoraChoice()
+        self.deployed: checkpoints.Checkpoint | None = None
+        self.lora_error: str | None = None
+        self._adapter_names: dict[str, str] = {}   # checkpoint key -> peft adapter name
+        self._adapter_seq = itertools.count()
+        # settings watching
+        self.settings: dict = {}
+        self._settings_stamp = None
+        self._requested: ModelConfig | None = None
+        self._last_poll = 0.0
+        self._last_rescan = 0.0
+        self.caps_version = int(time.time())
+        # scheduling
+        self._groups: dict[str | None, _Group] = {}
+        self._rr = 0
+        # bookkeeping
+        self.counters = collections.Counter()
+        self.records: collections.deque[dict] = collections.deque(maxlen=max_records)
+        self._read_settings(force=True)
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="refact-lab-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def wait_ready(self, timeout: float = 120) -> "Engine":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.state == "ready":
+                return self
+            if self.state == "failed":
+                raise RuntimeError(f"model failed to load: {self.error}")
+            time.sleep(0.05)
+        raise TimeoutError(f"model not ready after {timeout}s (state {self.state})")
+
+    # ---- entry points (any thread) -------------------------------------------------------------------------
+
+    def served_models(self) -> list[Route]:
+        with self._lock:
+            if self.state != "ready":
+                return []
+            base = Route(self.spec.name, self.spec.name, None, self.n_ctx, self.spec.fim)
+            out = [base]
+            if self.deployed is not None:
+                out.append(Route(lora_model_name(self.spec.name), self.spec.name, self.deployed, self.n_ctx,
+                                 self.spec.fim))
+            return out
+
+    def default_model(self) -> str | None:
+        """What a request without a model gets: the fine-tuned variant when one is deployed."""
+        models = self.served_models()
+        return models[-1].name if models else None
+
+    def route(self, name: str | None) -> Route:
+        """Resolve a model name now (pinning the deployed adapter). Raises EngineError (404 / 503)."""
+        with self._lock:
+            if self.state != "ready":
+                reason = f": {self.error}" if self.error else ""
+                raise EngineError(f"the model is not ready (state: {self.state}{reason})", 503)
+            models = self.served_models()
+            if not name:
+                return models[-1]
+            aliases = {self.spec.name, self.spec.source}
+            for r in models:
+                if name == r.name or (r.adapter is None and name in aliases):
+                    return r
+            raise EngineError(f"unknown model {name!r}; this server has {', '.join(m.name for m in models)}", 404)
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        with self._tok_lock:
+            tok = self.tokenizer
+            if tok is None:
+                raise EngineError(f"the model is not ready (state: {self.state})", 503)
+            return tok(text, add_special_tokens=special)["input_ids"]
+
+    def chat_prompt(self, messages: list[dict]) -> tuple[str, tuple[str, ...], bool]:
+        """A chat as one prompt: (text, extra stop strings, whether the tokenizer's chat template made it).
+
+        A base model has no chat template; it gets a plain transcript ending in "Assistant:" and stops when it
+        starts writing the next "User:" turn.
+        """
+        with self._tok_lock:
+            tok = self.tokenizer
+            if tok is not None and self._has_chat_template:
+                return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), (), True
+        names = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
+        lines = [f"{names.get(m['role'], m['role'].title())}: {m['content']}" for m in messages]
+        return "\n".join(lines) + "\nAssistant:", ("\nUser:", "\nSystem:"), False
+
+    def tokenizer_json(self) -> str:
+        with self._tok_lock:
+            if self.tokenizer is None:
+                raise EngineError(f"the model is not ready (state: {self.state})", 503)
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            if backend is None:
+                raise EngineError("this model's tokenizer has no tokenizers JSON form", 404)
+            return backend.to_str()
+
+    def submit(self, gen: Generation) -> Generation:
+        if gen.route is None:
+            gen.route = self.route(None)
+        with self._lock:
+            self.counters["submitted"] += 1
+        self._inbox.put(gen)
+        return gen
+
+    def generate(self, prompt: str | list[int], params: SamplingParams = SamplingParams(), model: str | None = None,
+                 timeout: float = 600) -> dict:
+        """Blocking helper for the CLI, notebooks and tests: the finished event (text, finish_reason, ...)."""
+        route = self.route(model)
+        ids = prompt if isinstance(prompt, list) else self.encode(prompt)
+        events: queue.Queue = queue.Queue()
+        gen = self.submit(Generation(ids, params, events.put, route=route))
+        deadline = time.monotonic() + timeout
+        while True:
+            ev = events.get(timeout=max(0.01, deadline - time.monotonic()))
+            if ev["type"] == "done":
+                return ev
+            if ev["type"] == "error":
+                raise EngineError(ev["message"], 500)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            active = sum(len(g.batch) for g in self._groups.values())
+            waiting = sum(len(g.waiting) for g in self._groups.values()) + self._inbox.qsize()
+            dep = self.deployed
+            return {
+                "state": self.state, "error": self.error,
+                "model": self.spec.name if self.spec else (self.config.model if self.config else None),
+                "source": self.spec.source if self.spec else None,
+                "requested": vars(self._requested) if self._requested else None,
+                "applied": vars(self.config) if self.config else None,
+                "device": self.device_label, "dtype": self.dtype_label, "n_ctx": self.n_ctx,
+                "load_seconds": self.load_seconds,
+                "memory": self._memory(),
+                "models": [r.name for r in self.served_models()],
+                "lora": {"choice": self.lora_choice.to_dict(), "label": self.lora_choice.label(),
+                         "deployed": {"run_id": dep.run_id, "checkpoint": dep.name, "path": str(dep.path)}
+                         if dep else None,
+                         "error": self.lora_error, "loaded": sorted(self._adapter_names)},
+                "caps_version": self.caps_version,
+                "active": active, "waiting": waiting,
+                "counters": dict(self.counters),
+                "recent": list(self.records)[-50:],
+            }
+
+    # ---- the scheduler thread ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        import torch
+
+        torch.set_grad_enabled(False)
+        self._apply_model(self._requested)
+        while not self._stopping.is_set():
+            try:
+                self._poll_settings()
+                if self._requested != self.config and not self._any_rows():
+                    self._apply_model(self._requested)
+                    continue
+                self._admit(block=not self._any_work())
+                if self.state == "ready" and self._any_work():
+                    self._step()
+            except Exception as exc:  # the loop must survive anything one request or one change does
+                log.exception("engine step failed")
+                self._fail_all(f"internal error: {type(exc).__name__}: {exc}")
+
+    def _any_rows(self) -> bool:
+        return any(len(g.batch) for g in self._groups.values())
+
+    def _any_work(self) -> bool:
+        return any(g.busy() for g in self._groups.values())
+
+    def _admit(self, block: bool) -> None:
+        if self._requested != self.config:
+            # a model change is pending: new requests wait in the inbox until it is applied
+            if block:
+                time.sleep(0.02)
+            return
+        try:
+            gen = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if self.state != "ready" or gen.route.base != self.spec.name:
+                self._emit_error(gen, f"model {gen.route.name!r} is no longer served (the base model changed)")
+            else:
+                group = self._groups.get(gen.adapter_key)
+                if group is None:
+                    group = self._groups[gen.adapter_key] = _Group(gen.adapter_key, gen.route.adapter)
+                group.waiting.append(gen)
+            try:
+                gen = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _step(self) -> None:
+        keys = [k for k, g in self._groups.items() if g.busy()]
+        group = self._groups[keys[self._rr % len(keys)]]
+        self._rr += 1
+        self._drop_cancelled(group)
+        if not group.busy():
+            self._retire(group)
+            return
+        room = self.config.max_batch - len(group.batch)
+        try:
+            if group.checkpoint is not None:
+                # normally loaded when deployed; reloaded here if a model reload dropped it meanwhile
+                self._load_adapter(group.checkpoint)
+            model = self.model
+            if group.waiting and room > 0:
+                newcomers = [group.waiting.popleft() for _ in range(min(room, len(group.waiting)))]
+                for g in newcomers:
+                    self._prepare(g)
+                with self._adapter_context(model, group.key):
+                    logits = group.batch.prefill(model, newcomers)
+                self._accept(group, newcomers, sample(logits, newcomers))
+            elif len(group.batch):
+                with self._adapter_context(model, group.key):
+                    logits = group.batch.step(model)
+                self._accept(group, list(group.batch.rows), sample(logits, group.batch.rows))
+        except Exception as exc:
+            log.exception("decoding failed for adapter %s", group.key)
+            message = f"generation failed: {type(exc).__name__}: {exc}"
+            for g in list(group.batch.rows) + list(group.waiting):
+                self._emit_error(g, message)
+            group.batch = Batch()
+            group.waiting.clear()
+        self._retire(group)
+
+    def _retire(self, group: _Group) -> None:
+        if not group.busy():
+            self._groups.pop(group.key, None)
+            if group.key is not None and (self.deployed is None or self.deployed.key != group.key):
+                self._unload_adapter(group.key)
+
+    def _prepare(self, g: Generation) -> None:
+        import torch
+
+        special = tuple(self.spec.fim.stop_tokens) if self.spec else ()
+        g.rules = StopRules(tuple(g.params.stop) + g.extra_stops, g.params.single_line, special)
+        if g.params.seed is not None and g.params.temperature > 0:
+            g.generator = torch.Generator().manual_seed(g.params.seed)
+        g.first_token_at = None
+
+    def _accept(self, group: _Group, rows: list[Generation], tokens: list[int]) -> None:
+        """Take one new token per row, stream text, and remove rows that finished."""
+        finished = set()
+        for g, tok in zip(rows, tokens):
+            if g.first_token_at is None:
+                g.first_token_at = time.monotonic()
+            reason = self._advance(g, tok)
+            if reason:
+                self._finish(g, reason)
+                finished.add(id(g))
+        with self._lock:
+            self.counters["tokens"] += len(rows)
+        if finished:
+            group.batch.keep([i for i, r in enumerate(group.batch.rows) if id(r) not in finished])
+
+    def _advance(self, g: Generation, tok: int) -> str | None:
+        if tok in self._stop_ids:
+            return "stop"
+        g.generated.append(tok)
+        g.last_token = tok
+        with self._tok_lock:
+            text = self.tokenizer.decode(g.generated, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        cut = g.rules.find(text)
+        if cut is not None:
+            g.text = text[:cut]
+            return "stop"
+        g.text = text
+        if len(g.generated) >= g.params.max_tokens or g.pos >= g.route.n_ctx:
+            return "length"
+        safe = g.rules.safe_length(text)
+        if safe > g.sent:
+            self._emit(g, {"type": "text", "text": text[g.sent:safe]})
+            g.sent = safe
+        return None
+
+    def _finish(self, g: Generation, reason: str) -> None:
+        final = g.text.rstrip(REPLACEMENT_CHAR)
+        if len(final) > g.sent:
+            self._emit(g, {"type": "text", "text": final[g.sent:]})
+            g.sent = len(final)
+        now = time.monotonic()
+        record = {"id": g.id, "model": g.route.name, "adapter": g.adapter_key, "index": g.index,
+                  "prompt_tokens": len(g.prompt_ids), "completion_tokens": len(g.generated),
+                  "finish_reason": reason, "text": final, "seconds": round(now - g.submitted, 4),
+                  "time": time.time()}
+        with self._lock:
+            self.counters["finished"] += 1
+            self.counters[f"finish_{reason}"] += 1
+            self.records.append(record)
+        self._emit(g, {"type": "done", **record})
+
+    def _drop_cancelled(self, group: _Group) -> None:
+        gone = [g for g in group.batch.rows if g.cancelled]
+        for g in gone:
+            self._finish(g, "cancelled")
+        if gone:
+            group.batch.keep([i for i, r in enumerate(group.batch.rows) if not r.cancelled])
+        for g in [g for g in group.waiting if g.cancelled]:
+            group.waiting.remove(g)
+            self._finish(g, "cancelled")
+
+    def _emit(self, g: Generation, event: Event) -> None:
+        event.setdefault("index", g.index)
+        try:
+            g.sink(event)
+        except Exception:  # a sink whose client has gone must not stop the batch
+            g.cancelled = True
+
+    def _emit_error(self, g: Generation, message: str) -> None:
+        with self._lock:
+            self.counters["errors"] += 1
+        self._emit(g, {"type": "error", "message": message})
+
+    def _fail_all(self, message: str) -> None:
+        for group in list(self._groups.values()):
+            for g in list(group.batch.rows) + list(group.waiting):
+                self._emit_error(g, message)
+        self._groups.clear()
+
+    # ---- settings, model and adapters (scheduler thread) ----------------------------------------------------
+
+    def _read_settings(self, force: bool = False) -> bool:
+        """Re-read settings.json if it changed; returns whether it did."""
+        try:
+            st = os.stat(self.home.settings_file)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        if stamp == self._settings_stamp and not force:
+            return False
+        self._settings_stamp = stamp
+        try:
+            data = self.home.load_settings()
+        except ValueError as e:
+            log.warning("ignoring settings.json: %s", e)
+            return False
+        old = self.settings
+        try:
+            requested = serving_config(data, self.fallback_model)
+        except (SettingsError, TypeError) as e:
+            log.warning("ignoring invalid serving settings: %s", e)
+            requested = self._requested
+        try:
+            choice = LoraChoice.from_settings(data)
+        except (ValueError, TypeError) as e:
+            log.warning("ignoring invalid lora choice: %s", e)
+            choice = self.lora_choice
+        with self._lock:
+            self.settings = data
+            self._requested = requested
+            if choice != self.lora_choice:
+                self.lora_choice = choice
+                self._last_rescan = 0.0  # resolve it at once
+            if any(old.get(k) != data.get(k) for k in UPSTREAM_KEYS):
+                self._bump_caps()
+        return True
+
+    def _poll_settings(self) -> None:
+        now = time.monotonic()
+        if now - self._last_poll < self.poll_interval:
+            return
+        self._last_poll = now
+        self._read_settings()
+        if self.state == "ready" and now - self._last_rescan >= (
+                self.rescan_interval if self.lora_choice.mode in ("best", "latest") else 3600):
+            self._last_rescan = now
+            self._apply_lora()
+
+    def _bump_caps(self) -> None:
+        # wall-clock based so a restarted server never goes back to a version a client already saw
+        self.caps_version = max(self.caps_version + 1, int(time.time()))
+
+    def _apply_lora(self) -> None:
+        try:
+            target = checkpoints.resolve(self.home, self.lora_choice)
+            if target is not None:
+                self._load_adapter(target)
+            error = None
+        except Exception as e:
+            log.warning("LoRA choice %s not applied: %s", self.lora_choice.label(), e)
+            error = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+            # For best/latest a failure is usually transient (a checkpoint being written): keep what was
+            # deployed. A specific checkpoint that cannot load is not served at all, so nothing pretends to be it.
+            target = self.deployed if self.lora_choice.mode in ("best", "latest") else None
+        with self._lock:
+            changed = (target.key if target else None) != (self.deployed.key if self.deployed else None)
+            self.deployed = target
+            self.lora_error = error
+            if changed:
+                self._bump_caps()
+                log.info("deployed LoRA: %s", target.key if target else "off")
+        if changed:
+            for key in list(self._adapter_names):
+                if (target is None or key != target.key) and key not in self._groups:
+                    self._unload_adapter(key)
+
+    def _load_adapter(self, ck: checkpoints.Checkpoint) -> None:
+        if ck.key in self._adapter_names:
+            return
+        from peft import PeftModel
+
+        name = f"lora{next(self._adapter_seq)}"
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(str(ck.path), adapter_name=name)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, str(ck.path), adapter_name=name)
+        self.model.eval()
+        self._adapter_names[ck.key] = name
+
+    def _unload_adapter(self, key: str) -> None:
+        name = self._adapter_names.pop(key, None)
+        if name is not None:
+            try:
+                self.model.delete_adapter(name)
+            except Exception:
+                log.exception("could not unload adapter %s", key)
+
+    def _adapter_context(self, model, key: str | None):
+        import contextlib
+
+        from peft import PeftModel
+
+        if not isinstance(model, PeftModel):
+            return contextlib.nullcontext()
+        if key is None:
+            return model.disable_adapter()
+        model.set_adapter(self._adapter_names[key])
+        return contextlib.nullcontext()
+
+    def _apply_model(self, cfg: ModelConfig | None) -> None:
+        import gc
+
+        import torch
+
+        from refact_lab.models.loading import load_model, load_tokenizer
+        from refact_lab.models.registry import resolve
+
+        if cfg is None:
+            with self._lock:
+                self.state, self.error = "failed", "settings.json has invalid serving settings (see the server log)"
+            return
+        with self._lock:
+            self.state, self.error, self.config = "loading", None, cfg
+            self.deployed = None
+            self._adapter_names.clear()
+            self.model = None
+            self.spec = None
+            self._bump_caps()
+        with self._tok_lock:
+            self.tokenizer = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        started = time.monotonic()
+        try:
+            spec = resolve(cfg.model)
+            device = cfg.device
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            if device.startswith("cuda") or device == "shard":
+                if not torch.cuda.is_available():
+                    raise RuntimeError(f"device {cfg.device!r} needs a CUDA GPU and none is visible")
+                if cfg.gpu_memory_fraction < 1.0:
+                    for i in ([int(device.split(":")[1])] if ":" in device else range(torch.cuda.device_count())):
+                        torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction, i)
+            dtype = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.dtype]
+            tokenizer = load_tokenizer(spec)
+            model = load_model(spec, device="auto" if device == "shard" else device, dtype=dtype)
+            stop_ids = set()
+            for t in spec.fim.stop_tokens:
+                tid = tokenizer.convert_tokens_to_ids(t)
+                if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+                    stop_ids.add(tid)
+            eos = [tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)]
+            for e in eos:
+                stop_ids.update(e if isinstance(e, (list, tuple)) else [e] if isinstance(e, int) else [])
+            n_ctx = spec.n_ctx
+            max_pos = getattr(model.config, "max_position_embeddings", None)
+            if isinstance(max_pos, int):
+                n_ctx = min(n_ctx, max_pos)
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            first = next(model.parameters())
+            with self._lock:
+                self.spec, self.model, self.n_ctx = spec, model, n_ctx
+                self._stop_ids = stop_ids
+                self._has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+                self.device_label = "shard: " + ", ".join(sorted({str(d) for d in model.hf_device_map.values()})) \
+                    if device == "shard" and hasattr(model, "hf_device_map") else str(first.device)
+                self.dtype_label = str(first.dtype).replace("torch.", "")
+                self.weights_bytes = weights
+                self.load_seconds = round(time.monotonic() - started, 2)
+                self.state = "ready"
+                self._bump_caps()
+            with self._tok_lock:
+                self.tokenizer = tokenizer
+            log.info("model %s ready on %s in %.1fs", spec.name, self.device_label, self.load_seconds)
+            self._last_rescan = 0.0
+            self._apply_lora()
+        except Exception as e:
+            log.exception("model %s failed to load", cfg.model)
+            with self._lock:
+                self.state, self.error = "failed", f"{type(e).__name__}: {e}"
+                self.model = None
+            # requests that waited for this model cannot be served
+            while True:
+                try:
+                    self._emit_error(self._inbox.get_nowait(), f"the model failed to load: {self.error}")
+                except queue.Empty:
+                    break
+
+    def _memory(self) -> dict:
+        out = {"weights_mb": round(self.weights_bytes / 2**20, 1) if self.weights_bytes else None}
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        out["process_rss_mb"] = round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            pass
+        if self.device_label.startswith(("cuda", "shard")):  # torch is fully imported once a GPU model loaded
+            import torch
+
+            out["gpus"] = [{"device": f"cuda:{i}",
+                            "allocated_mb": round(torch.cuda.memory_allocated(i) / 2**20, 1),
+                            "reserved_mb": round(torch.cuda.memory_reserved(i) / 2**20, 1),
+                            "total_mb": round(torch.cuda.get_device_properties(i).total_memory / 2**20, 1)}
+                           for i in range(torch.cuda.device_count())]
+        return out

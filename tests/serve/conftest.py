@@ -1,0 +1,62 @@
+"""Fixtures for serving tests: a tiny model with input-dependent output and a real server serving it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import RunningServer
+from tests.serve.helpers import build_varied_model, wait_model_ready
+
+
+@pytest.fixture(scope="session")
+def varied_model_dir(tmp_path_factory):
+    return build_varied_model(tmp_path_factory.mktemp("varied_model") / "tinycoder")
+
+
+@pytest.fixture(scope="session")
+def reference(varied_model_dir):
+    """The same model loaded in the test process: what `model.generate` says, to compare the server with."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(varied_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(varied_model_dir).eval()
+
+    def greedy(prompt: str, max_new_tokens: int, model_override=None) -> str:
+        import torch
+
+        ids = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = (model_override or model).generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                                     eos_token_id=_stop_ids(tok), pad_token_id=tok.eos_token_id)
+        return tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=False)
+
+    greedy.tokenizer = tok
+    greedy.model = model
+    return greedy
+
+
+def _stop_ids(tok):
+    from refact_lab.models.registry import QWEN_FIM
+
+    return sorted({tok.convert_tokens_to_ids(t) for t in QWEN_FIM.stop_tokens if t in tok.get_vocab()})
+
+
+def cut_at_special(text: str) -> str:
+    """generate() keeps the stop token in its output; the server never returns it."""
+    from refact_lab.models.registry import QWEN_FIM
+
+    for t in QWEN_FIM.stop_tokens:
+        if t in text:
+            text = text[:text.index(t)]
+    return text.rstrip("\ufffd")
+
+
+@pytest.fixture(scope="module")
+def model_server(tmp_path_factory, varied_model_dir):
+    home_dir = tmp_path_factory.mktemp("model_server") / "home"
+    srv = RunningServer(home_dir, extra_args=["--model", str(varied_model_dir)]).wait_ready()
+    try:
+        wait_model_ready(srv)
+        yield srv
+    finally:
+        srv.stop()
