@@ -116,7 +116,7 @@ def _extract_zip(path: Path, out: Path, budget: _Budget) -> None:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
-        raise ArchiveError(f"{path.name}: not a valid zip archive ({e})") from None
+        raise ArchiveError(f"{path.name}: not a valid zip archive ({_why(e)})") from None
     with zf:
         infos = zf.infolist()
         if len(infos) > budget.max_files:
@@ -148,21 +148,35 @@ def _extract_zip(path: Path, out: Path, budget: _Budget) -> None:
             except (zipfile.BadZipFile, EOFError, OSError, NotImplementedError, ValueError) as e:
                 if isinstance(e, ArchiveError):
                     raise
-                raise ArchiveError(f"{path.name}: cannot read member {info.filename!r} ({e})") from None
+                raise ArchiveError(f"{path.name}: cannot read member {info.filename!r} ({_why(e)})") from None
+
+
+def _tar_mode(name: str) -> tuple[str, str]:
+    """Open with the compression the name promises, so a corrupt file gets that one error, not four."""
+    for suffixes, mode, what in (((".tar.gz", ".tgz"), "r:gz", "tar.gz"), ((".tar.bz2", ".tbz2"), "r:bz2", "tar.bz2"),
+                                 ((".tar.xz", ".txz"), "r:xz", "tar.xz")):
+        if name.endswith(suffixes):
+            return mode, what
+    return "r:", "tar"
+
+
+def _why(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__   # one line, whatever the library wrote
 
 
 def _extract_tar(path: Path, out: Path, budget: _Budget) -> None:
+    mode, what = _tar_mode(path.name.lower())
     try:
-        tf = tarfile.open(path, "r:*")
+        tf = tarfile.open(path, mode)
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise ArchiveError(f"{path.name}: not a valid tar archive ({e})") from None
+        raise ArchiveError(f"{path.name}: not a valid {what} archive ({_why(e)})") from None
     written: set[str] = set()
     with tf:
         while True:
             try:
                 member = tf.next()
             except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-                raise ArchiveError(f"{path.name}: corrupt tar archive ({e})") from None
+                raise ArchiveError(f"{path.name}: corrupt {what} archive ({_why(e)})") from None
             if member is None:
                 break
             budget.member()
@@ -196,7 +210,7 @@ def _extract_tar(path: Path, out: Path, budget: _Budget) -> None:
                 except (tarfile.TarError, OSError, EOFError, ValueError) as e:
                     if isinstance(e, ArchiveError):
                         raise
-                    raise ArchiveError(f"{path.name}: cannot read member {member.name!r} ({e})") from None
+                    raise ArchiveError(f"{path.name}: cannot read member {member.name!r} ({_why(e)})") from None
                 written.add(rel)
             else:
                 budget.report.skipped.append((rel, "special file (device or FIFO)"))
@@ -225,7 +239,7 @@ def extract(archive: str | os.PathLike, dest: str | os.PathLike, *, max_bytes: i
         os.rename(tmp, dest)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ArchiveError(f"{archive.name}: cannot extract ({e})") from None
+        raise ArchiveError(f"{archive.name}: cannot extract ({_why(e)})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -153,15 +153,13 @@ def language_from_name(path: str) -> str | None:
     lang = _BY_NAME.get(name)
     if lang is not None:
         return lang
-    ext = _extension(name)
+    ext = _extension(name)  # already lower case
     if ext:
         lang = _BY_EXT.get(ext)
-        if lang is None and ext != ext.lower():
-            lang = _BY_EXT.get(ext.lower())
-        return lang
+        if lang is not None:
+            return lang
     # Dockerfile.dev, Makefile.linux and friends
-    stem = name.split(".", 1)[0]
-    return _BY_NAME.get(stem)
+    return _BY_NAME.get(name.split(".", 1)[0])
 
 
 def is_binary_name(path: str) -> bool:

@@ -59,7 +59,8 @@ class Source:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    # Milliseconds: sources are listed in the order they were added, even several in one second.
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _slug(text: str) -> str:

@@ -1,0 +1,75 @@
+"""The train/test split: held-out files first, else a seeded sample that never duplicates training."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+
+from refact_lab.data.split import SplitError, assign_sets
+
+
+def _recs(n: int, dup_of: dict[int, int] | None = None) -> list[dict]:
+    out = []
+    for i in range(n):
+        content = (dup_of or {}).get(i, i)
+        out.append({"source": "s", "path": f"f{i}.py", "sha256": hashlib.sha256(str(content).encode()).hexdigest()})
+    return out
+
+
+def _test_paths(recs):
+    return sorted(r["path"] for r in recs if r["set"] == "test")
+
+
+def test_automatic_split_is_deterministic_and_order_independent():
+    a = _recs(200)
+    assign_sets(a, test_share=0.05, max_test_files=20, seed=7)
+    b = _recs(200)
+    random.Random(1).shuffle(b)
+    assign_sets(b, test_share=0.05, max_test_files=20, seed=7)
+    assert _test_paths(a) == _test_paths(b) and len(_test_paths(a)) == 10
+    c = _recs(200)
+    assign_sets(c, test_share=0.05, max_test_files=20, seed=8)
+    assert _test_paths(c) != _test_paths(a)
+
+
+def test_at_least_one_and_at_most_max_test_files():
+    small = _recs(3)
+    assign_sets(small, test_share=0.0, max_test_files=20, seed=1)
+    assert len(_test_paths(small)) == 1
+    big = _recs(5000)
+    assign_sets(big, test_share=0.5, max_test_files=20, seed=1)
+    assert len(_test_paths(big)) == 20
+
+
+def test_test_file_is_never_a_duplicate_of_a_training_file():
+    recs = _recs(4, dup_of={1: 0, 3: 2})   # two pairs of identical files: no file may be tested
+    with pytest.raises(SplitError, match="at least 2 distinct"):
+        assign_sets(recs, test_share=0.5, max_test_files=2, seed=0)
+    recs = _recs(6, dup_of={1: 0, 3: 2})
+    assign_sets(recs, test_share=0.5, max_test_files=2, seed=0)
+    train_shas = {r["sha256"] for r in recs if r["set"] == "train"}
+    assert all(r["sha256"] not in train_shas for r in recs if r["set"] == "test")
+    assert set(_test_paths(recs)) <= {"f4.py", "f5.py"}
+
+
+def test_held_out_files_are_the_test_set():
+    recs = _recs(10)
+    recs[3]["held_out"] = recs[4]["held_out"] = True
+    assign_sets(recs, test_share=0.5, max_test_files=20, seed=0)
+    assert _test_paths(recs) == ["f3.py", "f4.py"]
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_too_few_files_says_how_many_are_needed(n):
+    with pytest.raises(SplitError, match=f"{n} files? accepted; at least 2 are needed"):
+        assign_sets(_recs(n), test_share=0.1, max_test_files=5, seed=0)
+
+
+def test_everything_held_out_says_a_training_file_is_needed():
+    recs = _recs(3)
+    for r in recs:
+        r["held_out"] = True
+    with pytest.raises(SplitError, match="at least 1 training file is needed"):
+        assign_sets(recs, test_share=0.1, max_test_files=5, seed=0)
