@@ -1,0 +1,104 @@
+"""Greedy FIM completion with the KV cache: a small reference decoder for benches, tests and quick checks.
+
+The server has its own engine (batching, sampling, LoRA switching); this is the plain loop that says what a
+model completes at a cursor, one token at a time, so numbers like FIM exact match do not depend on the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from refact_lab.models.registry import FimFormat
+
+
+@dataclass
+class Completion:
+    text: str
+    n_tokens: int          # tokens generated, the stop token included
+    stopped: str           # "newline", "stop_token" or "length"
+    prompt_tokens: int
+
+
+def fim_prompt_ids(tok, fim: FimFormat, prefix: str, suffix: str, max_prompt_tokens: int,
+                   prefix_share: float = 0.75) -> list[int]:
+    """Token ids of the FIM prompt, keeping the end of the prefix and the start of the suffix when too long.
+
+    The prefix gets `prefix_share` of the room (the text before the cursor predicts most of what follows);
+    whatever one side does not use is given to the other.
+    """
+    special = [tok.convert_tokens_to_ids(t) for t in (fim.prefix, fim.suffix, fim.middle)]
+    room = max_prompt_tokens - 3
+    # A token is rarely longer than 8 characters, so this much text always covers the room.
+    pre = tok.encode(prefix[-room * 8:], add_special_tokens=False)
+    suf = tok.encode(suffix[:room * 8], add_special_tokens=False)
+    n_pre = min(len(pre), max(int(room * prefix_share), room - len(suf)))
+    n_suf = min(len(suf), room - n_pre)
+    pre = pre[len(pre) - n_pre:] if n_pre else []
+    suf = suf[:n_suf]
+    if fim.order == "spm":
+        return [special[1]] + suf + [special[0]] + pre + [special[2]]
+    return [special[0]] + pre + [special[1]] + suf + [special[2]]
+
+
+def greedy_complete(model, tok, prompt_ids: list[int], *, max_new_tokens: int = 32, stop_ids=(),
+                    stop_at_newline: bool = True) -> Completion:
+    """Greedy decoding with the KV cache; stops at a stop token, at a newline (optional) or at the limit.
+
+    With stop_ids=() and stop_at_newline=False it always produces max_new_tokens (what a latency test wants).
+    """
+    import torch
+
+    stop_ids = set(stop_ids)
+    device = next(model.parameters()).device
+    cache_kw = _cache_keyword(model)
+    out: list[int] = []
+    text = ""
+    stopped = "length"
+    with torch.inference_mode():
+        # Only the last position's logits are needed: skipping the others saves the prompt x vocab matmul.
+        result = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, logits_to_keep=1)
+        for _ in range(max_new_tokens):
+            nxt = int(result.logits[0, -1].argmax())
+            out.append(nxt)
+            if nxt in stop_ids:
+                stopped = "stop_token"
+                out.pop()
+                break
+            if stop_at_newline:
+                text = tok.decode(out, skip_special_tokens=False)
+                if "\n" in text:
+                    text = text[:text.index("\n")]
+                    stopped = "newline"
+                    break
+            cache = result.get("cache")
+            cache = result.get("past_key_values") if cache is None else cache
+            result = model(input_ids=torch.tensor([[nxt]], device=device), use_cache=True, **{cache_kw: cache})
+    if stopped != "newline":
+        text = tok.decode(out, skip_special_tokens=False)
+    return Completion(text=text, n_tokens=len(out) + (stopped == "stop_token"), stopped=stopped,
+                      prompt_tokens=len(prompt_ids))
+
+
+def _cache_keyword(model) -> str:
+    """transformers 5 renamed the forward argument `past_key_values` to `cache` (the old name warns)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def stop_token_ids(tok, fim: FimFormat) -> list[int]:
+    ids = []
+    for t in fim.stop_tokens:
+        i = tok.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i != getattr(tok, "unk_token_id", None):
+            ids.append(i)
+    return ids
+
+
+def complete_at_cursor(model, tok, fim: FimFormat, prefix: str, suffix: str, *, max_new_tokens: int = 32,
+                       max_prompt_tokens: int = 448, single_line: bool = True) -> Completion:
+    """What the model writes at the cursor between `prefix` and `suffix` (greedy)."""
+    prompt = fim_prompt_ids(tok, fim, prefix, suffix, max_prompt_tokens)
+    return greedy_complete(model, tok, prompt, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tok, fim),
+                           stop_at_newline=single_line)

@@ -1,0 +1,103 @@
+"""The embedded default model: it ships complete, loads like a hub model and completes at a cursor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import refact_lab
+from refact_lab.models.registry import EMBEDDED_DIR, QWEN_FIM, resolve
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(None).source
+    return AutoModelForCausalLM.from_pretrained(source).eval(), AutoTokenizer.from_pretrained(source)
+
+
+def test_shipped_inside_the_package_and_small():
+    package = Path(refact_lab.__file__).parent
+    assert EMBEDDED_DIR.parent.parent == package
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json", "README.md", "LICENSES.md", "heldout.json"):
+        assert (EMBEDDED_DIR / name).is_file(), name
+    total = sum(f.stat().st_size for f in EMBEDDED_DIR.rglob("*") if f.is_file())
+    assert total < 60 * 2**20
+    assert "small demo model" in (EMBEDDED_DIR / "README.md").read_text().lower()
+
+
+def test_training_data_is_permissive_and_heldout_is_listed():
+    licenses = (EMBEDDED_DIR / "LICENSES.md").read_text()
+    used = licenses.split("## Skipped")[0]
+    assert "| python-stdlib |" in used
+    assert " GPL" not in used and "MPL" not in used
+    held = json.loads((EMBEDDED_DIR / "heldout.json").read_text())
+    assert len(held["files"]) >= 20 and all(len(f["sha256"]) == 64 for f in held["files"])
+
+
+def test_loads_with_auto_classes(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert 1e6 < sum(p.numel() for p in model.parameters()) < 50e6
+    assert model.config.vocab_size == len(tok)
+    eot = tok.convert_tokens_to_ids(QWEN_FIM.eot)
+    assert eot in model.generation_config.eos_token_id
+
+
+def test_fim_tokens_are_single_special_tokens(model_and_tokenizer):
+    _, tok = model_and_tokenizer
+    for t in QWEN_FIM.special_tokens:
+        if t == "<|im_end|>":  # a Qwen chat token this model does not have
+            continue
+        tid = tok.convert_tokens_to_ids(t)
+        ids = tok.encode(f"x = 1{t}y = 2", add_special_tokens=False)
+        assert ids.count(tid) == 1, t
+        assert tok.decode([tid]) == t
+        assert t in tok.all_special_tokens
+    # ordinary code never produces a special token
+    specials = {tok.convert_tokens_to_ids(t) for t in QWEN_FIM.special_tokens if t != "<|im_end|>"}
+    assert not specials & set(tok.encode("def f(x):\n    return x  # <fim_prefix>", add_special_tokens=False))
+
+
+def test_greedy_fim_completion_returns_one_line_and_stops(model_and_tokenizer):
+    from refact_lab.models.greedy import complete_at_cursor
+
+    model, tok = model_and_tokenizer
+    prefix = "import os\nimport sys\n\n\ndef main(argv):\n    for arg in argv:\n        print("
+    suffix = "\n\n\nif __name__ == '__main__':\n    main(sys.argv)\n"
+    c = complete_at_cursor(model, tok, QWEN_FIM, prefix, suffix, max_new_tokens=24)
+    assert isinstance(c.text, str)
+    assert "\n" not in c.text and "<|" not in c.text
+    assert 1 <= c.n_tokens <= 24
+    assert c.stopped in ("newline", "stop_token", "length")
+
+
+def test_greedy_stops_at_end_of_text_token(model_and_tokenizer):
+    """Forced: a model whose every logit favours <|endoftext|> stops after one token with empty text."""
+    import torch
+
+    from refact_lab.models.greedy import greedy_complete, stop_token_ids
+
+    model, tok = model_and_tokenizer
+    eot = tok.convert_tokens_to_ids(QWEN_FIM.eot)
+    bias = torch.zeros(model.config.vocab_size)
+    bias[eot] = 1e4
+    handle = model.lm_head.register_forward_hook(lambda m, i, o: o + bias)
+    try:
+        c = greedy_complete(model, tok, tok.encode("x = ", add_special_tokens=False), max_new_tokens=10,
+                            stop_ids=stop_token_ids(tok, QWEN_FIM))
+    finally:
+        handle.remove()
+    assert (c.text, c.stopped, c.n_tokens) == ("", "stop_token", 1)
+
+
+def test_load_model_and_tokenizer_helpers_use_the_default():
+    from refact_lab.models.loading import load_model, load_tokenizer
+
+    model = load_model("default")
+    tok = load_tokenizer("default")
+    assert not model.training and tok.eos_token == QWEN_FIM.eot
