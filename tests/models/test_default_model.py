@@ -101,3 +101,16 @@ def test_load_model_and_tokenizer_helpers_use_the_default():
     model = load_model("default")
     tok = load_tokenizer("default")
     assert not model.training and tok.eos_token == QWEN_FIM.eot
+
+
+def test_model_files_are_not_excluded_from_the_wheel():
+    """hatchling leaves out what .gitignore matches; the weights must never be among it."""
+    import pathspec
+
+    root = Path(refact_lab.__file__).parent.parent
+    gitignore = root / ".gitignore"
+    if not gitignore.is_file():
+        pytest.skip("not a source checkout")
+    spec = pathspec.GitIgnoreSpec.from_lines(gitignore.read_text().splitlines())
+    for f in EMBEDDED_DIR.iterdir():
+        assert not spec.match_file(str(f.relative_to(root))), f
