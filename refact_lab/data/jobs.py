@@ -29,7 +29,8 @@ _WRITE_EVERY_S = 0.2
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    # Milliseconds: a panel tells two scans finished in the same second apart.
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _alive(pid: int) -> bool:

@@ -23,16 +23,17 @@ def _hosting(home: Home):
 
 
 def _sources(home: Home):
-    return PlaceholderPanel("Sources", "Add the code the model should learn from.", [
-        "git repositories (https, ssh with a deploy key, token; branch; shallow)",
-        "archives (.zip .tar .tar.gz .tgz .tar.bz2 .tar.xz), uploaded files and local folders",
-        "mark a source or a file as test (held out)"])
+    from refact_lab.ui.project import project_service
+    from refact_lab.ui.sources_panel import SourcesPanel
+
+    return SourcesPanel(project_service(home))
 
 
 def _scan(home: Home):
-    return PlaceholderPanel("Scan", "Filter every file and see why it was kept or dropped.", [
-        "counts per reason as a chart; accepted and rejected lists",
-        "per-file loss under the base model", "force-include / force-exclude and re-run"])
+    from refact_lab.ui.project import project_service
+    from refact_lab.ui.scan_panel import ScanPanel
+
+    return ScanPanel(project_service(home))
 
 
 def _finetune(home: Home):
@@ -49,8 +50,10 @@ def _deploy(home: Home):
 
 
 def _settings(home: Home):
-    return PlaceholderPanel("Settings", "Server and credentials.", [
-        f"state directory: {home.root}", "SSH deploy key for private repositories", "OpenAI API key"])
+    from refact_lab.ui.project import project_service
+    from refact_lab.ui.settings_panel import SettingsPanel
+
+    return SettingsPanel(project_service(home))
 
 
 TABS = [
