@@ -178,32 +178,134 @@ def _cmd_scan(args) -> int:
 
 # --- finetune --------------------------------------------------------------------------------------------
 
+def _finetune_settings_help() -> str:
+    """The hyperparameters, from the same field metadata the panel's form is built from."""
+    from refact_lab.config import FinetuneSettings, field_specs
+
+    lines = ["hyperparameters (--set KEY=VALUE; 'auto' where allowed):"]
+    for spec in field_specs(FinetuneSettings):
+        default = "auto" if spec["default"] is None and spec["auto"] else spec["default"]
+        bounds = f" [{spec['min']:g}..{spec['max']:g}]" if spec["min"] is not None and spec["max"] is not None else ""
+        choices = f" {{{','.join(spec['choices'])}}}" if spec["choices"] else ""
+        lines.append(f"  {spec['name']} = {default}{bounds}{choices}\n      {spec['help']}")
+    return "\n".join(lines)
+
+
 def _add_finetune(sub) -> None:
-    p = sub.add_parser("finetune", help="fine-tune a LoRA adapter on the scanned dataset")
-    p.add_argument("--project", default="default")
-    p.add_argument("--home")
-    p.add_argument("--model")
+    p = sub.add_parser("finetune", help="fine-tune a LoRA adapter on the scanned dataset",
+                       epilog=_finetune_settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--project", default="default", help="the scanned dataset to train on (default: default)")
+    p.add_argument("--home", help="state directory (default $REFACT_LAB_HOME or ~/.refact_lab)")
+    p.add_argument("--model", help="base model: registry name, hub id or local folder (default: the active model)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="a hyperparameter (repeatable)")
+                   help="a hyperparameter (repeatable; listed below)")
     p.add_argument("--detach", action="store_true", help="start the run in the background and return")
     p.set_defaults(handler=_cmd_finetune)
 
 
 def _cmd_finetune(args) -> int:
-    return _fail("finetune is not available yet (issue: Fine-tuning)", 1)
+    from refact_lab.config import FinetuneSettings, with_overrides
+    from refact_lab.home import Home
+
+    try:
+        settings = with_overrides(FinetuneSettings(), args.overrides)
+    except (SettingsError, TypeError) as e:
+        return _fail(str(e))
+    from refact_lab.finetune import runs
+
+    home = Home.resolve(args.home).ensure()
+    model = args.model or home.load_settings().get("model") or "default"
+    run_id = runs.create_run(home, args.project, model, settings)
+    if args.detach:
+        proc = runs.start_run(home, run_id)
+        print(run_id)
+        print(f"started in the background (pid {proc.pid}); follow it with `refact-lab runs` or in "
+              f"{home.run_dir(run_id) / 'log.txt'}", file=sys.stderr)
+        return 0
+    return _finetune_foreground(home, run_id)
+
+
+def _finetune_foreground(home, run_id: str) -> int:
+    """The same trainer as a detached run, in this process, with a progress bar; Ctrl-C stops it cleanly."""
+    import os
+    import signal
+
+    from tqdm import tqdm
+
+    from refact_lab.finetune import runs
+
+    path = runs.run_dir(home, run_id)
+    bar = tqdm(total=None, unit="step", desc=run_id, dynamic_ncols=True, file=sys.stderr)
+
+    def progress(record: dict) -> None:
+        kind = record.get("kind")
+        if kind == "start":
+            bar.reset(total=record["total"])
+            bar.update(record["step"])
+        elif kind == "train":
+            bar.update(record["step"] - bar.n)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+        elif kind == "test":
+            bar.set_postfix(test_loss=f"{record['test_loss']:.3f}")
+
+    def log(message: str) -> None:
+        runs.append_log(path, message)
+        bar.write(message, file=sys.stderr)
+
+    def on_interrupt(signum, frame):
+        # first Ctrl-C: a clean stop at the next step (checkpoint written); a second one aborts
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        runs.request_stop(path)
+        bar.write("stopping after this step (Ctrl-C again to abort)...", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        runs.execute_run(path, log=log, extra_sinks=[progress], pid=os.getpid())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        bar.close()
+    status = runs.read_status(home, run_id)
+    best = status.get("best")
+    print(f"{run_id}: {status['state']} at step {status.get('step')}/{status.get('total')}"
+          + (f", best checkpoint {best['checkpoint']} (test loss {best['test_loss']:.4f})" if best else ""))
+    if status["state"] == "failed":
+        return _fail(f"run failed: {status.get('error')} (log: {path / 'log.txt'})", 1)
+    return 0
 
 
 # --- runs ------------------------------------------------------------------------------------------------
 
 def _add_runs(sub) -> None:
     p = sub.add_parser("runs", help="list fine-tuning runs with their state and best checkpoint")
-    p.add_argument("--home")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--home", help="state directory (default $REFACT_LAB_HOME or ~/.refact_lab)")
+    p.add_argument("--json", action="store_true", help="print the runs' status as a JSON list")
     p.set_defaults(handler=_cmd_runs)
 
 
 def _cmd_runs(args) -> int:
-    return _fail("runs is not available yet (issue: Fine-tuning)", 1)
+    import json
+
+    from refact_lab.finetune.runs import list_runs
+    from refact_lab.home import Home
+
+    home = Home.resolve(args.home)
+    items = list_runs(home)
+    if args.json:
+        print(json.dumps(items, indent=2, sort_keys=True, default=str))
+        return 0
+    if not items:
+        print(f"no runs in {home.runs_dir}")
+        return 0
+    rows = [("RUN", "STATE", "STEP", "BEST CHECKPOINT", "MODEL", "PROJECT")]
+    for st in items:
+        best = st.get("best")
+        rows.append((st["run_id"], st["state"], f"{st.get('step') or 0}/{st.get('total') or '?'}",
+                     f"{best['checkpoint']} ({best['test_loss']:.4f})" if best else "-",
+                     str(st.get("model") or ""), str(st.get("project") or "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    return 0
 
 
 # --- complete --------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The scanned dataset as training needs it: the text of every accepted file, split into train and test.
 
 The scan (refact_lab.data) writes `projects/<project>/scan/accepted.jsonl`, one record per accepted file with
-at least `path`, `source`, `sha256`, `size`, `language` and `set` ("train" or "test"). The file itself lives
-under the project's sources, `projects/<project>/sources/<source>/...`. This module is the one place that
-turns those records into texts, so when the data package grows an API for it only `_resolve_text` changes.
+at least `path`, `source`, `sha256`, `size`, `language` and `set` ("train" or "test"), and `file`, where it
+read the file: a clone or unpacked archive under `projects/<project>/sources/<source>/`, or a local folder
+left where it is (its root is in the source's source.json). This module is the one place that turns those
+records into texts, so when the data package grows an API for it only `_resolve_text` changes.
 
 A file that has disappeared or changed since the scan (its sha256 differs) is skipped and counted, not fatal:
 the run's log says how many. With no test files at all, a deterministic tenth of the training files (chosen
@@ -17,7 +18,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from refact_lab.home import Home, read_jsonl
+from refact_lab.home import Home, read_json, read_jsonl
 
 ACCEPTED = "accepted.jsonl"
 HOLDOUT_SHARE = 0.1
@@ -69,10 +70,15 @@ def _resolve_text(home: Home, project: str, record: dict) -> tuple[str | None, s
     if not rel:
         return None, "record has no path"
     candidates = []
+    if record.get("file"):             # the scan records where it read the file (a local folder stays put)
+        candidates.append(Path(record["file"]))
     if Path(rel).is_absolute():
         candidates.append(Path(rel))
     else:
         source_dir = home.sources_dir(project) / str(record.get("source") or "")
+        root = (read_json(source_dir / "source.json", {}) or {}).get("root") if source_dir.is_dir() else None
+        if root:
+            candidates.append(Path(root) / rel)
         candidates.append(source_dir / rel)
         # a source folder may keep its files one level down (a checkout, an unpacked archive)
         if source_dir.is_dir():

@@ -113,7 +113,7 @@ def update_status(path: Path, **changes) -> dict:
         return status
 
 
-def _log_to_file(path: Path, message: str) -> None:
+def append_log(path: Path, message: str) -> None:
     with open(path / "log.txt", "a", encoding="utf-8") as f:
         f.write(f"[{_stamp()}] {message}\n")
 
@@ -195,8 +195,13 @@ def stop_run(home: Home, run_id: str) -> dict:
     status = read_status(home, run_id)
     if status["state"] not in ACTIVE:
         raise RuntimeError(f"run {run_id} is {status['state']}, not running")
-    atomic_write_text(path / STOP_FLAG, f"{_now()}\n")
+    request_stop(path)
     return status
+
+
+def request_stop(path: Path) -> None:
+    """Write the stop flag that the trainer checks at every step boundary."""
+    atomic_write_text(Path(path) / STOP_FLAG, f"{_now()}\n")
 
 
 def resume_run(home: Home, run_id: str) -> subprocess.Popen:
@@ -210,7 +215,7 @@ def resume_run(home: Home, run_id: str) -> subprocess.Popen:
     with contextlib.suppress(FileNotFoundError):
         (path / STOP_FLAG).unlink()
     ckpt = latest_resumable(path)
-    _log_to_file(path, f"resume requested: continuing from {ckpt.name if ckpt else 'the start (no checkpoint)'}")
+    append_log(path, f"resume requested: continuing from {ckpt.name if ckpt else 'the start (no checkpoint)'}")
     return start_run(home, run_id)
 
 
@@ -229,7 +234,7 @@ def read_status(home: Home, run_id: str) -> dict:
                          f"{again.get('step', 0)}; see the log. Resume continues from the last checkpoint.")
                 again.update(state="failed", error=error, finished_at=_now(), updated_at=_now(), eta_s=None)
                 atomic_write_json(path / "status.json", again)
-                _log_to_file(path, error)
+                append_log(path, error)
             status = again
     return status
 
@@ -377,7 +382,7 @@ def execute_run(path: Path, *, log: Callable[[str], None] | None = None, extra_s
 def install_stop_on_signal(path: Path, signals=(signal.SIGTERM,)) -> None:
     """Turn a signal into a clean stop: the flag file is written and the trainer stops at the next step."""
     def handler(signum, frame):
-        atomic_write_text(Path(path) / STOP_FLAG, f"signal {signum}\n")
+        request_stop(path)
     for sig in signals:
         signal.signal(sig, handler)
 

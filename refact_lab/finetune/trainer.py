@@ -41,6 +41,8 @@ MAX_GRAD_NORM = 1.0
 # Rows of logits computed at once in the fused loss: bounds its memory to ~2**26 floats (256 MiB) whatever
 # the vocabulary (Qwen's 152k tokens would need 5 GiB of fp32 logits for a 4 x 2048 batch).
 LOGIT_BUDGET = 2 ** 26
+# An evaluation counts as an improvement for early stopping only if the test loss drops by this much (nats).
+EARLY_STOP_MIN_DELTA = 1e-3
 
 
 @dataclass
@@ -315,7 +317,7 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
          sinks: Sequence[Sink], should_stop, log, extra_record: dict) -> FitResult:
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import set_seed
 
     from refact_lab.finetune import packing
     from refact_lab.finetune.lora import add_lora, target_modules, trainable_parameters
@@ -324,9 +326,7 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
     # ---- setup ------------------------------------------------------------------------------------------
     # Precision is handled here (autocast below), not by Accelerator(mixed_precision=...): accelerate keeps
     # that choice in process-wide state, and a kernel may train several times with different settings.
-    accelerator = Accelerator(mixed_precision="no", kwargs_handlers=[
-        # rotary caches are identical everywhere; broadcasting them would add a collective to every forward
-        DistributedDataParallelKwargs(broadcast_buffers=False)])
+    accelerator = Accelerator(mixed_precision="no")
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     is_main = accelerator.is_main_process
 
@@ -530,11 +530,14 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
         test_loss = evaluate()
         eval_seconds = time.perf_counter() - t_eval
         emit({"kind": "test", "step": step, "test_loss": test_loss, "eval_s": eval_seconds})
-        improved = test_loss < min(reference, best["test_loss"] if best else math.inf)
-        evals_since_best = 0 if improved else evals_since_best + 1
+        lowest = min(reference, best["test_loss"] if best else math.inf)
+        improved = test_loss < lowest
+        # patience only resets on a real improvement: noise-level gains must not keep a finished run going
+        evals_since_best = 0 if test_loss < lowest - EARLY_STOP_MIN_DELTA else evals_since_best + 1
         mean_train = sum(train_losses) / len(train_losses)
         say(f"step {step}/{schedule.train_steps}: train loss {mean_train:.4f}, test loss {test_loss:.4f}"
-            + (" (best so far)" if improved else f" ({evals_since_best} without improvement)"))
+            + (" (best so far)" if improved else "")
+            + (f" ({evals_since_best} evaluations without improvement)" if evals_since_best else ""))
         patience_out = settings.early_stop_patience and evals_since_best >= settings.early_stop_patience
         if improved or last or stop_now or patience_out or step % settings.checkpoint_every == 0:
             last_ckpt = save(step, test_loss, mean_train)

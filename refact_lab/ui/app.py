@@ -37,9 +37,10 @@ def _scan(home: Home):
 
 
 def _finetune(home: Home):
-    return PlaceholderPanel("Fine-tune", "Train a LoRA adapter and watch it learn.", [
-        "hyperparameters with 'auto' defaults", "live train and test loss, ETA, stop and resume",
-        "runs and checkpoints with the best one marked"])
+    from refact_lab.finetune.runs import RunService
+    from refact_lab.ui.finetune_panel import FinetunePanel
+
+    return FinetunePanel(RunService(home))
 
 
 def _deploy(home: Home):
