@@ -161,6 +161,7 @@ class Engine:
         self._has_chat_template = False
         # LoRA state
         self.lora_choice = LoraChoice()
+        self.lora_applied: LoraChoice | None = None  # the choice the deployed adapter was resolved from
         self.deployed: checkpoints.Checkpoint | None = None
         self.lora_error: str | None = None
         self._adapter_names: dict[str, str] = {}   # checkpoint key -> peft adapter name
@@ -171,6 +172,7 @@ class Engine:
         self._requested: ModelConfig | None = None
         self._last_poll = 0.0
         self._last_rescan = 0.0
+        self._lora_dirty = True
         self.caps_version = int(time.time())
         # scheduling
         self._groups: dict[str | None, _Group] = {}
@@ -306,6 +308,7 @@ class Engine:
                 "memory": self._memory(),
                 "models": [r.name for r in self.served_models()],
                 "lora": {"choice": self.lora_choice.to_dict(), "label": self.lora_choice.label(),
+                         "applied": self.lora_applied.to_dict() if self.lora_applied else None,
                          "deployed": {"run_id": dep.run_id, "checkpoint": dep.name, "path": str(dep.path)}
                          if dep else None,
                          "error": self.lora_error, "loaded": sorted(self._adapter_names)},
@@ -525,7 +528,7 @@ class Engine:
             self._requested = requested
             if choice != self.lora_choice:
                 self.lora_choice = choice
-                self._last_rescan = 0.0  # resolve it at once
+                self._lora_dirty = True  # resolve it at once
             if any(old.get(k) != data.get(k) for k in UPSTREAM_KEYS):
                 self._bump_caps()
         return True
@@ -536,9 +539,11 @@ class Engine:
             return
         self._last_poll = now
         self._read_settings()
-        if self.state == "ready" and now - self._last_rescan >= (
-                self.rescan_interval if self.lora_choice.mode in ("best", "latest") else 3600):
+        # best/latest follow new checkpoints of a running fine-tune, so they are re-resolved every few seconds
+        rescan = self.lora_choice.mode in ("best", "latest") and now - self._last_rescan >= self.rescan_interval
+        if self.state == "ready" and (self._lora_dirty or rescan):
             self._last_rescan = now
+            self._lora_dirty = False
             self._apply_lora()
 
     def _bump_caps(self) -> None:
@@ -546,21 +551,23 @@ class Engine:
         self.caps_version = max(self.caps_version + 1, int(time.time()))
 
     def _apply_lora(self) -> None:
+        choice = self.lora_choice
         try:
-            target = checkpoints.resolve(self.home, self.lora_choice)
+            target = checkpoints.resolve(self.home, choice)
             if target is not None:
                 self._load_adapter(target)
             error = None
         except Exception as e:
-            log.warning("LoRA choice %s not applied: %s", self.lora_choice.label(), e)
+            log.warning("LoRA choice %s not applied: %s", choice.label(), e)
             error = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
             # For best/latest a failure is usually transient (a checkpoint being written): keep what was
             # deployed. A specific checkpoint that cannot load is not served at all, so nothing pretends to be it.
-            target = self.deployed if self.lora_choice.mode in ("best", "latest") else None
+            target = self.deployed if choice.mode in ("best", "latest") else None
         with self._lock:
             changed = (target.key if target else None) != (self.deployed.key if self.deployed else None)
             self.deployed = target
             self.lora_error = error
+            self.lora_applied = choice
             if changed:
                 self._bump_caps()
                 log.info("deployed LoRA: %s", target.key if target else "off")
@@ -669,7 +676,8 @@ class Engine:
             with self._tok_lock:
                 self.tokenizer = tokenizer
             log.info("model %s ready on %s in %.1fs", spec.name, self.device_label, self.load_seconds)
-            self._last_rescan = 0.0
+            self._lora_dirty = False
+            self._last_rescan = time.monotonic()
             self._apply_lora()
         except Exception as e:
             log.exception("model %s failed to load", cfg.model)
