@@ -57,7 +57,7 @@ class _Field:
         else:
             text = ", ".join(default) if isinstance(default, list) else ("" if default is None else str(default))
             self.input = w.Text(value=text, description=name, tooltip=tip, layout=layout, style=style,
-                                placeholder="comma-separated" if kind is list else "")
+                                placeholder="comma-separated" if kind is list else "(default)")
         self.auto = None
         if spec["auto"]:
             self.auto = w.Checkbox(value=default is None, description="auto", indent=False, tooltip=tip,
@@ -101,6 +101,7 @@ class ScanPanel:
         self.chart_png: bytes | None = None
         self.last_error: str | None = None
         self._shown_finish: str | None = None
+        self._said_scanning = False
 
         self.sources_info = w.HTML()
         self.sources_info.add_class("refact-lab-scan-sources")
@@ -226,6 +227,7 @@ class ScanPanel:
             self._error(str(e))
             return False
         self._info("Scanning...")
+        self._said_scanning = True
         self.sync()
         self._ensure_poller()
         return True
@@ -285,6 +287,9 @@ class ScanPanel:
             if status.get("error"):
                 text += f" <span style='color:#b00'>{html.escape(status['error'])}</span>"
             self.progress_text.value = text
+            if not running and self._said_scanning:
+                self._said_scanning = False   # the progress line now tells how it ended
+                self.message.value = ""
             finished_at = status.get("finished_at")
             if state == "finished" and finished_at and finished_at != self._shown_finish:
                 self._shown_finish = finished_at
