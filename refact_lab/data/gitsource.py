@@ -17,7 +17,6 @@ with git's own message.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 from dataclasses import dataclass

@@ -374,7 +374,8 @@ def run_scan(home: Home, project: str = DEFAULT_PROJECT, settings: ScanSettings 
             "loss": loss_info,
             "split_error": split_error,
         }
-        enc = json.JSONEncoder(ensure_ascii=False).encode
+        # ASCII escapes: a file name that is not UTF-8 (a lone surrogate in Python) still writes as valid JSON.
+        enc = json.JSONEncoder().encode
         atomic_write_text(paths["accepted"], "".join(enc(r) + "\n" for r in accepted))
         atomic_write_text(paths["rejected"], "".join(enc(r) + "\n" for r in rejected))
         atomic_write_text(paths["facts"], json.dumps({"v": _FACTS_CACHE_VERSION, "files": cache_new},

@@ -17,7 +17,8 @@ class SplitError(ValueError):
 
 
 def _rank(seed: int, rec: dict) -> str:
-    return hashlib.sha256(f"{seed}\0{rec.get('sha256')}\0{rec['source']}/{rec['path']}".encode()).hexdigest()
+    key = f"{seed}\0{rec.get('sha256')}\0{rec['source']}/{rec['path']}"
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()  # names need not be UTF-8
 
 
 def assign_sets(records: list[dict], *, test_share: float, max_test_files: int, seed: int) -> None:

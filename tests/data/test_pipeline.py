@@ -166,3 +166,16 @@ def test_vanished_folder_source_is_a_clear_error(home, tmp_path):
     shutil.rmtree(root)
     with pytest.raises(ScanError, match="does not exist any more"):
         run_scan(home, settings=ScanSettings(lm_filter=False))
+
+
+def test_file_names_that_are_not_utf8_do_not_break_the_logs(home, tmp_path):
+    import os
+
+    from tests.data.conftest import write_tree
+
+    root = write_tree(tmp_path / "proj", BASE)
+    os.makedirs(root / "pkg", exist_ok=True)
+    with open(os.path.join(os.fsencode(root / "pkg"), b"caf\xe9.py"), "w") as f:
+        f.write(good_py(500))
+    accepted, rejected, stats = scan_folder(home, root)
+    assert stats["files"] == 7 and "pkg/caf\udce9.py" in accepted
