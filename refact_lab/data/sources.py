@@ -259,6 +259,9 @@ class SourceStore:
 
     def _git_env(self, transport: str, token: str | None) -> dict:
         key = sshkeys.private_key_path(self.home)
+        if transport == "ssh":
+            # ssh remembers new host keys in this folder (accept-new); it must exist even without a deploy key.
+            sshkeys.ssh_dir(self.home).mkdir(mode=0o700, parents=True, exist_ok=True)
         return gitsource.git_env(transport, token=token, ssh_key=key if key.is_file() else None,
                                  known_hosts=sshkeys.known_hosts_path(self.home))
 

@@ -137,6 +137,15 @@ def test_folder_scan_chart_filters_and_force_include(panels, tmp_path):
     scan.language.value = "Markdown"
     assert [v for _, v in scan.files.options] == [f"{service.list_sources()[0].id}/README.md"]
 
+    # hold one accepted file out as test
+    scan.show.value = "accepted"
+    scan.language.value = "(all)"
+    scan.path_filter.value = "m2"
+    scan.files.value = scan.files.options[0][1]
+    scan.test_button.click()
+    assert service.overrides()["test"] == [scan.files.value]
+    scan.path_filter.value = ""
+
     # force-include the vendored file and re-run
     scan.show.value = "rejected"
     scan.language.value = "(all)"
@@ -149,6 +158,7 @@ def test_folder_scan_chart_filters_and_force_include(panels, tmp_path):
     assert _wait_until(lambda: scan.results.stats["accepted"] == 7)
     forced = [r for r in scan.results.accepted if r["path"] == "vendor/lib.py"]
     assert forced and forced[0]["forced"] and forced[0]["overridden"]["reason"] == "vendored"
+    assert [r["path"] for r in scan.results.accepted if r["set"] == "test"] == ["pkg/m2.py"]
 
 
 def test_file_types_offered_with_counts_after_a_scan(panels, tmp_path):
