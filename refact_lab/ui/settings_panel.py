@@ -21,10 +21,11 @@ class SettingsPanel:
         self.public_key = w.Textarea(value="", placeholder="no deploy key yet", disabled=False,
                                      layout=w.Layout(width="720px", height="70px"))
         self.public_key.add_class("refact-lab-deploy-key")
-        self.generate_button = w.Button(description="Generate deploy key", button_style="primary", icon="key")
+        self.generate_button = w.Button(description="Generate deploy key", button_style="primary", icon="key",
+                                        layout=w.Layout(width="auto"))
         self.generate_button.add_class("refact-lab-generate-key")
         self.generate_button.on_click(lambda _: self.generate())
-        self.replace_ok = w.Checkbox(value=False, indent=False,
+        self.replace_ok = w.Checkbox(value=False, indent=False, layout=w.Layout(width="auto"),
                                      description="replace the existing key (repositories using it stop working)")
         self.message = w.HTML()
         self.widget = w.VBox([
