@@ -376,6 +376,7 @@ class Engine:
             self._retire(group)
             return
         room = self.config.max_batch - len(group.batch)
+        newcomers: list[Generation] = []
         try:
             if group.checkpoint is not None:
                 # normally loaded when deployed; reloaded here if a model reload dropped it meanwhile
@@ -395,10 +396,16 @@ class Engine:
         except Exception as exc:
             log.exception("decoding failed for adapter %s", group.key)
             message = f"generation failed: {type(exc).__name__}: {exc}"
-            for g in list(group.batch.rows) + list(group.waiting):
+            in_batch = {id(g) for g in group.batch.rows}
+            if newcomers and not any(id(g) in in_batch for g in newcomers):
+                # the prefill failed before the merge: only the newcomers are affected
+                failed = newcomers
+            else:
+                # a failed step leaves the shared cache in an unknown state: the whole batch ends
+                failed = list({id(g): g for g in [*newcomers, *group.batch.rows]}.values())
+                group.batch = Batch()
+            for g in failed:
                 self._emit_error(g, message)
-            group.batch = Batch()
-            group.waiting.clear()
         self._retire(group)
 
     def _retire(self, group: _Group) -> None:
@@ -591,11 +598,17 @@ class Engine:
 
     def _unload_adapter(self, key: str) -> None:
         name = self._adapter_names.pop(key, None)
-        if name is not None:
-            try:
+        if name is None:
+            return
+        try:
+            if self._adapter_names:
                 self.model.delete_adapter(name)
-            except Exception:
-                log.exception("could not unload adapter %s", key)
+            else:
+                # the last adapter: take the LoRA layers out entirely, so the base model runs exactly as loaded
+                # (peft keeps pointing its active adapter at a deleted one otherwise)
+                self.model = self.model.unload()
+        except Exception:
+            log.exception("could not unload adapter %s", key)
 
     def _adapter_context(self, model, key: str | None):
         import contextlib

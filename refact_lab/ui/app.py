@@ -16,10 +16,10 @@ from refact_lab.ui.placeholder import PlaceholderPanel
 
 
 def _hosting(home: Home):
-    return PlaceholderPanel("Model hosting", "Pick the base model and where it runs.", [
-        "the embedded default model (offline), a hub model (Qwen2.5-Coder, StarCoder2...) or a local folder",
-        "device: CPU, one GPU, sharded over several GPUs, or sharing a GPU",
-        "state and memory use of the loaded model"])
+    from refact_lab.serve.hosting import HostingService
+    from refact_lab.ui.hosting_panel import HostingPanel
+
+    return HostingPanel(HostingService(home))
 
 
 def _sources(home: Home):
@@ -44,10 +44,10 @@ def _finetune(home: Home):
 
 
 def _deploy(home: Home):
-    return PlaceholderPanel("Deploy", "Serve the fine-tuned model to your IDE.", [
-        "choose best / latest / a specific checkpoint, or switch the LoRA off",
-        "a playground comparing base and fine-tuned completions",
-        "the inference URL and settings for the Refact plugin, Continue and Tabby"])
+    from refact_lab.serve.deploy import DeployService
+    from refact_lab.ui.deploy_panel import DeployPanel
+
+    return DeployPanel(DeployService(home))
 
 
 def _settings(home: Home):

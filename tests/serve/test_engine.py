@@ -1,0 +1,76 @@
+"""The engine in-process: batching gives each request its own result, stop rules, failures stay contained."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import pytest
+
+from refact_lab.serve.engine import Engine, EngineError, Generation, SamplingParams
+from refact_lab.serve.stops import StopRules
+from tests.serve.conftest import cut_at_special
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, varied_model_dir):
+    from refact_lab.home import Home
+
+    home = Home.resolve(tmp_path_factory.mktemp("engine_home")).ensure()
+    home.update_settings(model=str(varied_model_dir), max_batch=4)
+    eng = Engine(home, poll_interval=0.05).start().wait_ready(60)
+    yield eng
+    eng.stop()
+
+
+def test_requests_joining_a_running_batch_get_their_own_greedy_text(engine, reference):
+    prompts = ["a = 1\nb =", "def f(x):\n    return x *", "class Point:\n    def __init__(self, x, y):\n",
+               "import json\n\ndata = json.loads(", "while i < 10:\n    i +=", "print('hello',"]
+    results = {}
+
+    def run(i):
+        # staggered: later requests join while earlier ones decode, more requests than max_batch (4)
+        threading.Event().wait(0.01 * i)
+        results[i] = engine.generate(prompts[i], SamplingParams(max_tokens=6 + 3 * i))["text"]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i, p in enumerate(prompts):
+        assert results[i] == cut_at_special(reference(p, 6 + 3 * i)), p
+
+
+def test_stop_rules_hold_back_a_possible_stop_string():
+    rules = StopRules(stop=("END",), single_line=False)
+    assert rules.find("abc END x") == 4
+    assert rules.safe_length("abc EN") == 4  # "EN" may become "END": not streamed yet
+    assert rules.safe_length("abc E\ufffd") == 4  # incomplete UTF-8 is held back too
+    assert StopRules(single_line=True).find("x = 1\ny") == 5
+    assert StopRules(special_text=("<|endoftext|>",)).find("ok<|endoftext|>") == 2
+
+
+def test_a_failing_request_does_not_take_the_engine_down(engine):
+    events: queue.Queue = queue.Queue()
+    bad = Generation([10**9], SamplingParams(max_tokens=3), events.put, route=engine.route(None))
+    engine.submit(bad)
+    ev = events.get(timeout=30)
+    assert ev["type"] == "error" and "generation failed" in ev["message"]
+    assert engine.generate("x = 1", SamplingParams(max_tokens=3))["finish_reason"] in ("stop", "length")
+    assert engine.snapshot()["counters"]["errors"] >= 1
+
+
+def test_unknown_model_and_cancel(engine):
+    with pytest.raises(EngineError) as e:
+        engine.route("nope")
+    assert e.value.status == 404
+    events: queue.Queue = queue.Queue()
+    g = Generation(engine.encode("while True:\n    "), SamplingParams(max_tokens=900), events.put,
+                   route=engine.route(None))
+    engine.submit(g)
+    assert events.get(timeout=30)["type"] == "text"
+    g.cancel()
+    while (ev := events.get(timeout=30))["type"] != "done":
+        pass
+    assert ev["finish_reason"] == "cancelled" and ev["completion_tokens"] < 900
