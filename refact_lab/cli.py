@@ -322,7 +322,45 @@ def _add_complete(sub) -> None:
 
 
 def _cmd_complete(args) -> int:
-    return _fail("complete is not available yet (issue: Serving and deployment)", 1)
+    """Complete once in this process with the saved model and LoRA choice, or the --model / --lora given
+    (those apply to this call only; the server's choice in settings.json is left alone)."""
+    from refact_lab.home import Home
+    from refact_lab.models.registry import resolve
+    from refact_lab.serve import checkpoints
+    from refact_lab.serve.client import InferenceError, LocalInference
+    from refact_lab.serve.state import LoraChoice, lora_model_name
+
+    prefix = sys.stdin.read() if args.prefix == "-" else args.prefix
+    if args.max_tokens < 1:
+        return _fail(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    home = Home.resolve(args.home).ensure()
+    overrides = {}
+    if args.model:
+        resolve(args.model)  # unknown model: exit 2 with the registry's message
+        overrides["model"] = args.model
+    choice = LoraChoice.parse(args.lora) if args.lora else LoraChoice.from_settings(home.load_settings())
+    if args.lora:
+        overrides["lora"] = choice.to_dict()
+    if choice.mode != "off":
+        checkpoints.resolve(home, choice)  # no such run or checkpoint: exit 2 saying what exists
+    inference = LocalInference(home, overrides)
+    try:
+        engine = inference.start()
+        engine.wait_ready(600)
+        snap = engine.snapshot()
+        model = lora_model_name(snap["model"]) if choice.mode != "off" else snap["model"]
+        if choice.mode != "off" and model not in snap["models"]:
+            return _fail(f"the LoRA checkpoint could not be loaded: {snap['lora']['error']}", 1)
+        out = inference.complete(prefix, args.suffix, model=model, max_tokens=args.max_tokens)
+    except (InferenceError, RuntimeError, TimeoutError) as e:
+        return _fail(str(e), 1)
+    finally:
+        inference.stop()
+    sys.stdout.write(out["text"] + "\n")
+    deployed = snap["lora"]["deployed"]
+    print(f"[{out['model']}" + (f" = {deployed['run_id']}/{deployed['checkpoint']}" if deployed and choice.mode != "off"
+                                else "") + f", {out['finish_reason']}]", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

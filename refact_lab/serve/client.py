@@ -67,15 +67,16 @@ class HttpInference:
 class LocalInference:
     """An engine in this process, started on first use (loading a model is not free)."""
 
-    def __init__(self, home: Home):
+    def __init__(self, home: Home, overrides: dict | None = None):
         self.home = home
+        self.overrides = overrides
         self.engine = None
 
     def start(self):
         if self.engine is None:
             from refact_lab.serve.engine import Engine
 
-            self.engine = Engine(self.home).start()
+            self.engine = Engine(self.home, overrides=self.overrides).start()
         return self.engine
 
     def stop(self) -> None:

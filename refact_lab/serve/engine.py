@@ -135,9 +135,12 @@ class Engine:
     """Serves one base model and its deployed LoRA. Thread-safe entry points: submit, route, encode, snapshot."""
 
     def __init__(self, home: Home, *, model: str | None = None, poll_interval: float = 0.2,
-                 rescan_interval: float = 3.0, max_records: int = 200):
+                 rescan_interval: float = 3.0, max_records: int = 200, overrides: dict | None = None):
+        """`model`: used when settings.json names none. `overrides`: settings that win over settings.json
+        without being saved (the CLI's one-off --model / --lora)."""
         self.home = home
         self.fallback_model = model
+        self.overrides = dict(overrides or {})
         self.poll_interval = poll_interval
         self.rescan_interval = rescan_interval
         self._inbox: queue.Queue[Generation] = queue.Queue()
@@ -515,7 +518,7 @@ class Engine:
             return False
         self._settings_stamp = stamp
         try:
-            data = self.home.load_settings()
+            data = {**self.home.load_settings(), **self.overrides}
         except ValueError as e:
             log.warning("ignoring settings.json: %s", e)
             return False
@@ -684,14 +687,16 @@ class Engine:
                 self.dtype_label = str(first.dtype).replace("torch.", "")
                 self.weights_bytes = weights
                 self.load_seconds = round(time.monotonic() - started, 2)
-                self.state = "ready"
-                self._bump_caps()
             with self._tok_lock:
                 self.tokenizer = tokenizer
-            log.info("model %s ready on %s in %.1fs", spec.name, self.device_label, self.load_seconds)
+            # the LoRA choice is applied before "ready", so the first request already sees the deployed adapter
             self._lora_dirty = False
             self._last_rescan = time.monotonic()
             self._apply_lora()
+            with self._lock:
+                self.state = "ready"
+                self._bump_caps()
+            log.info("model %s ready on %s in %.1fs", spec.name, self.device_label, self.load_seconds)
         except Exception as e:
             log.exception("model %s failed to load", cfg.model)
             with self._lock:
