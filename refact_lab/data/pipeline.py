@@ -36,7 +36,7 @@ from refact_lab.data.split import SplitError, assign_sets
 from refact_lab.home import DEFAULT_PROJECT, Home, atomic_write_json, atomic_write_text, read_json, read_jsonl
 
 ProgressFn = Callable[[str, int, int], None]
-_FACTS_CACHE_VERSION = 1
+_FACTS_CACHE_VERSION = 2
 # Below this many files to read, worker processes cost more to start than they save.
 _POOL_MIN_FILES = 8000
 _POOL_CHUNK = 400
@@ -134,6 +134,14 @@ def _load_facts_cache(path: Path) -> dict:
     if not isinstance(data, dict) or data.get("v") != _FACTS_CACHE_VERSION:
         return {}
     return data.get("files", {})
+
+
+def _write_cache(path: Path, text: str) -> None:
+    """Temp file + rename like every state file, but without fsync: a cache lost in a crash is only rebuilt
+    (a torn one fails to parse and is ignored), and the fsync would cost more than a small scan."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _read_head(file: str) -> bytes:
@@ -380,8 +388,8 @@ def run_scan(home: Home, project: str = DEFAULT_PROJECT, settings: ScanSettings 
         enc = json.JSONEncoder().encode
         atomic_write_text(paths["accepted"], "".join(enc(r) + "\n" for r in accepted))
         atomic_write_text(paths["rejected"], "".join(enc(r) + "\n" for r in rejected))
-        atomic_write_text(paths["facts"], json.dumps({"v": _FACTS_CACHE_VERSION, "files": cache_new},
-                                                     separators=(",", ":")))
+        _write_cache(paths["facts"], json.dumps({"v": _FACTS_CACHE_VERSION, "files": cache_new},
+                                                separators=(",", ":")))
         atomic_write_json(paths["stats"], stats)
         report("done", 1, 1)
         return stats
