@@ -4,10 +4,10 @@ Every rule looks at one `FileEntry` (and the scan's `RuleContext`) and returns `
 `(reason_code, human detail)` pair to reject it. Rules never log, count or write: the pipeline runner does the
 bookkeeping (STYLE.md point 1).
 
-Rules come in two lists so the cheap ones run first:
+Rules come in lists so the cheap ones run first:
 
-* `NAME_RULES` and `SELECT_RULES` decide from the path and the size alone (masks, vendored folders, lock files, binary
-  extensions, file type, size) — a file they reject is never opened;
+* `NAME_RULES` and `SELECT_RULES` decide from the path and the size alone (masks, vendored folders, lock
+  files, binary extensions, file type, size) — a file they reject is never opened;
 * `CONTENT_RULES` use the `Facts` that `read_facts` measured in one read of the file (decoding, binary
   bytes, "generated" headers, digit share) and, last, the duplicate check.
 
@@ -54,7 +54,6 @@ class Facts(NamedTuple):
     digits: int = 0                 # counted over bytes: non-ASCII characters count once per byte
     nonspace: int = 0
     generated: str | None = None    # the header line that says the file is generated, or "minified ..."
-    shebang: str | None = None      # language named by a #! line
 
 
 @dataclass(slots=True)
@@ -182,7 +181,7 @@ def _snippet(line: bytes) -> str:
     return f"header says {text[:80]!r}"
 
 
-def read_facts(file: str, max_bytes: int, want_shebang: bool = False) -> Facts:
+def read_facts(file: str, max_bytes: int) -> Facts:
     """Read a file once (at most max_bytes + 1 bytes) and measure everything the content rules need."""
     try:
         with open(file, "rb") as f:
@@ -207,15 +206,12 @@ def read_facts(file: str, max_bytes: int, want_shebang: bool = False) -> Facts:
             except UnicodeDecodeError as e:
                 return Facts(sha, size, error=f"not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}")
     digits, nonspace = _count(data)
-    shebang = None
-    if want_shebang and data.startswith(b"#!"):
-        shebang = languages.language_from_shebang(data[:256].split(b"\n", 1)[0])
-    return Facts(sha, size, None, False, digits, nonspace, _generated_marker(data), shebang)
+    return Facts(sha, size, None, False, digits, nonspace, _generated_marker(data))
 
 
-def read_facts_batch(jobs: list[tuple[str, int, bool]]) -> list[Facts]:
+def read_facts_batch(jobs: list[tuple[str, int]]) -> list[Facts]:
     """For a worker process: many files in one call, so the pickling cost is per batch, not per file."""
-    return [read_facts(f, m, s) for f, m, s in jobs]
+    return [read_facts(f, m) for f, m in jobs]
 
 
 # --- path rules (no reading) -----------------------------------------------------------------------------

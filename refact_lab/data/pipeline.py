@@ -36,7 +36,7 @@ from refact_lab.data.split import SplitError, assign_sets
 from refact_lab.home import DEFAULT_PROJECT, Home, atomic_write_json, atomic_write_text, read_json, read_jsonl
 
 ProgressFn = Callable[[str, int, int], None]
-_FACTS_CACHE_VERSION = 2
+_FACTS_CACHE_VERSION = 3
 # Below this many files to read, worker processes cost more to start than they save.
 _POOL_MIN_FILES = 8000
 _POOL_CHUNK = 400
@@ -152,18 +152,18 @@ def _read_head(file: str) -> bytes:
         return b""
 
 
-def _read_facts_all(jobs: list[tuple[str, int, bool]], workers: int, report: ProgressFn,
+def _read_facts_all(jobs: list[tuple[str, int]], workers: int, report: ProgressFn,
                     stop: Callable[[], bool]) -> list[Facts]:
     total = len(jobs)
     if workers <= 1 or total < _POOL_MIN_FILES:
         out = []
         read = filters.read_facts
-        for k, (file, limit, shebang) in enumerate(jobs):
+        for k, (file, limit) in enumerate(jobs):
             if k % 512 == 0:
                 report("reading", k, total)
                 if stop():
                     raise ScanCancelled()
-            out.append(read(file, limit, shebang))
+            out.append(read(file, limit))
         return out
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -263,8 +263,8 @@ def run_scan(home: Home, project: str = DEFAULT_PROJECT, settings: ScanSettings 
             else:
                 to_read.append(i)
         # A force-included file is read whole even when it is over the size limit.
-        jobs = [(entries[i].file, max(ctx.max_bytes, entries[i].size) if entries[i].forced else ctx.max_bytes,
-                 False) for i in to_read]
+        jobs = [(entries[i].file, max(ctx.max_bytes, entries[i].size) if entries[i].forced else ctx.max_bytes)
+                for i in to_read]
         workers = _auto_workers(settings, len(jobs))
         for i, facts in zip(to_read, _read_facts_all(jobs, workers, report, stop)):
             e = entries[i]
