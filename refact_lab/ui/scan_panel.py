@@ -350,8 +350,12 @@ class ScanPanel:
         rows = "".join(f"<tr><td>{html.escape(r)}</td><td style='text-align:right'>{n}</td></tr>"
                        for r, n in sorted(stats["reasons"].items(), key=lambda kv: -kv[1]))
         split = ""
+        if stats["reasons"].get("loss_too_high") and stats["accepted"] == 0:
+            split += ("<div style='color:#a60'>Every file that reached stage 2 is above the loss threshold: the "
+                      "model may be too weak for this code. Pick a stronger model, raise loss_threshold, or turn "
+                      "lm_filter off.</div>")
         if stats.get("split_error"):
-            split = f"<div style='color:#b00'><b>No train/test split:</b> {html.escape(stats['split_error'])}</div>"
+            split += f"<div style='color:#b00'><b>No train/test split:</b> {html.escape(stats['split_error'])}</div>"
         loss = ""
         if stats.get("loss"):
             loss = (f"<br>loss filter: {html.escape(str(stats['loss']['model']))} "

@@ -83,3 +83,14 @@ def test_the_installed_command_with_the_loss_filter(home, tmp_path, tiny_model_d
     assert data["loss"]["computed"] == 7 and data["accepted"] == 7
     accepted = [json.loads(x) for x in open(data["logs"]["accepted"])]
     assert all(isinstance(r["loss"], float) for r in accepted)
+
+
+def test_every_file_over_the_loss_threshold_says_what_to_do(home, tmp_path, capsys, tiny_model_dir):
+    proj = write_tree(tmp_path / "proj", FILES)
+    code = main(["scan", str(proj), "--home", str(home.root), "--model", str(tiny_model_dir),
+                 "--set", "loss_threshold=0.1"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "loss_too_high          7" in out
+    assert "above loss_threshold 0.1" in err and "--no-lm-filter" in err
+    assert "0 files accepted; at least 2 are needed" in err
