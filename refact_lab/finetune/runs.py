@@ -281,18 +281,19 @@ def log_tail(home: Home, run_id: str, lines: int = 40) -> str:
 # --- what the run process does -------------------------------------------------------------------------------
 
 class MetricsFileSink:
-    """Train and test records to metrics.jsonl. On resume it first drops the records past the checkpoint,
-    so the curve has no duplicate or orphan points from steps that are about to be trained again."""
+    """Train and test records to metrics.jsonl. When training (re)starts it first drops the records past the
+    checkpoint it starts from, so the curve has no duplicate or orphan points from steps trained again."""
 
     def __init__(self, path: Path):
         self.file = path / "metrics.jsonl"
 
     def __call__(self, record: dict) -> None:
         kind = record.get("kind")
-        if kind == "start" and record.get("resumed_from") is not None:
-            keep = [r for r in read_jsonl(self.file) if r.get("step", 0) <= record["resumed_from"]]
-            atomic_write_text(self.file, "".join(
-                json.dumps(r, sort_keys=True) + "\n" for r in keep))
+        if kind == "start" and self.file.exists():
+            # resumed from step K: steps up to K stand; a fresh start (an out-of-memory retry) keeps nothing
+            resumed = record.get("resumed_from")
+            keep = [r for r in read_jsonl(self.file) if resumed is not None and r.get("step", 0) <= resumed]
+            atomic_write_text(self.file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
         elif kind in ("train", "test"):
             append_jsonl(self.file, {k: v for k, v in record.items() if k not in ("schedule",)})
 

@@ -104,3 +104,33 @@ def test_two_processes_train_exactly_like_one(home, stdlib_project, learnable_mo
     for (_, a), (_, b) in zip(single, double):
         assert a == pytest.approx(b, rel=1e-4)
     assert [c["name"] for c in service.checkpoints(run_id)] == ["step-000003", "step-000006"]
+
+
+def test_out_of_memory_retries_with_low_gpu_mem_mode_and_says_so(home, stdlib_project, learnable_model_dir,
+                                                                  tmp_path):
+    """No GPU here, so the out-of-memory error is raised where CUDA would raise it, inside a training step
+    (from a sink, the trainer's own extension point); the retry itself, with gradient checkpointing, is real."""
+    from refact_lab.finetune.runs import MetricsFileSink
+
+    seen = {}
+
+    def oom_once(record):
+        if record["kind"] == "start":
+            seen["low_mem"] = record["low_gpu_mem_mode"]
+        if record["kind"] == "train" and not seen["low_mem"]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    records, lines = [], []
+    (tmp_path / "run").mkdir()
+    result = fit(str(learnable_model_dir), load_dataset(home, stdlib_project), quick_settings(train_steps=4),
+                 tmp_path / "run", sinks=[MetricsFileSink(tmp_path / "run"), oom_once, records.append],
+                 log=lines.append)
+    assert result.state == "finished" and result.low_gpu_mem_mode and result.step == 4
+    assert any("retrying with low_gpu_mem_mode on" in line for line in lines)
+    assert any(r["kind"] == "info" and r.get("low_gpu_mem_mode") for r in records)
+    assert any("gradient checkpointing" in line for line in lines)
+    # the aborted attempt left no stray points in the curve
+    from refact_lab.home import read_jsonl
+
+    steps = [(m["kind"], m["step"]) for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert steps.count(("test", 0)) == 1 and [s for k, s in steps if k == "train"] == [1, 2, 3, 4]
