@@ -44,8 +44,11 @@ SHAPES = {
 }
 
 
-def build_model(folder: Path, shape: dict, n_ctx: int) -> Path:
-    """A random-initialised Qwen2 model with a BPE tokenizer carrying Qwen's FIM tokens (no hub needed)."""
+def build_model(folder: Path, shape: dict, n_ctx: int, device: str = "cpu") -> Path:
+    """A random-initialised Qwen2 model with a BPE tokenizer carrying Qwen's FIM tokens (no hub needed).
+
+    Saved in bf16 (what both sides load when the hardware has bf16); initialised on `device` because
+    initialising 1.5B parameters on a CPU takes minutes."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -59,9 +62,9 @@ def build_model(folder: Path, shape: dict, n_ctx: int) -> Path:
     config = Qwen2Config(**shape, max_position_embeddings=n_ctx, tie_word_embeddings=True, rope_theta=1e6,
                          bos_token_id=None, eos_token_id=tok.token_to_id(QWEN_FIM.eot),
                          pad_token_id=tok.token_to_id(QWEN_FIM.eot))
-    with torch.device("cpu"):
+    with torch.device(device):
         model = Qwen2ForCausalLM(config)
-    model.save_pretrained(str(folder), safe_serialization=True)
+    model.to(torch.bfloat16).save_pretrained(str(folder), safe_serialization=True)
     del model
     return folder
 
@@ -210,7 +213,7 @@ def main() -> int:
     from refact_lab.models.registry import resolve
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_model(Path(tmp) / "model", shape, max(seq_len, 2048))
+        model_dir = build_model(Path(tmp) / "model", shape, max(seq_len, 2048), device)
         spec = resolve(str(model_dir))
         tok = load_tokenizer(spec)
         files = corpus_files(min_chars=int(seq_len * batch * (steps + 1) * 3.5))

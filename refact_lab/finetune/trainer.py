@@ -369,7 +369,7 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
                                   fim_rate=settings.fim_rate)
 
     set_seed(settings.seed)
-    model = load_model(spec, device="cpu", dtype="bfloat16" if bf16 else "float32")
+    model = load_model(spec, device=str(device), dtype="bfloat16" if bf16 else "float32")
     model.config.use_cache = False
     if settings.low_gpu_mem_mode:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -417,7 +417,7 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
     plain_module = accelerator.unwrap_model(loss_module)
 
     stream = _TrainStream(build_epoch, the_plan.train_epoch0, settings.seed, **stream_state)
-    test_tokens = torch.from_numpy(the_plan.test.tokens)
+    test_tokens = torch.from_numpy(the_plan.test.tokens).long()
     test_targets = _targets(test_tokens, torch.from_numpy(the_plan.test.mask))
     n_test_targets = int((test_targets >= 0).sum())
 
@@ -498,7 +498,7 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
     while step < schedule.train_steps:
         t0 = time.perf_counter()
         tokens, mask = stream.next_batch(settings.batch_size)
-        tokens = torch.from_numpy(tokens)
+        tokens = torch.from_numpy(tokens).long()
         targets_all = _targets(tokens, torch.from_numpy(mask))
         global_targets = int((targets_all >= 0).sum())
         mine_tokens, mine_targets = tokens[rank::world], targets_all[rank::world]
