@@ -399,7 +399,12 @@ def preview(home: Home, project: str, model: str, settings: FinetuneSettings, *,
     dataset = load_dataset(home, project)
     the_plan = plan(dataset, tokenizer or load_tokenizer(spec), spec, settings)
     return {"schedule": the_plan.schedule.to_dict(), "explanation": the_plan.schedule.explanation,
-            "summary": the_plan.summary, "dataset": dataset.summary(), "notes": list(dataset.notes)}
+            "summary": the_plan.summary, "dataset": dataset.summary(), "notes": list(dataset.notes),
+            "train_tokens": the_plan.schedule.train_tokens}
+
+
+# Only these settings change what the data becomes; the others change just the schedule, which is cheap.
+_DATA_SETTINGS = ("seq_len", "fim_rate", "seed", "max_test_rows")
 
 
 # --- the service panels and the CLI use ------------------------------------------------------------------------
@@ -415,6 +420,7 @@ class RunService:
         self.home = home if isinstance(home, Home) else Home.resolve(home).ensure()
         self._procs: dict[str, subprocess.Popen] = {}
         self._tokenizers: dict[str, object] = {}
+        self._previews: dict[tuple, dict] = {}
 
     # choices for the form
     def models(self) -> list[str]:
@@ -435,13 +441,25 @@ class RunService:
         return FinetuneSettings()
 
     def preview(self, project: str, model: str, settings: FinetuneSettings) -> dict:
+        """`preview`, remembering the tokenized dataset: a form edit that only touches the schedule (batch
+        size, epochs, steps) is answered without tokenizing the dataset again."""
+        from refact_lab.finetune.dataset import accepted_path
+        from refact_lab.finetune.schedule import resolve as resolve_schedule
         from refact_lab.models.loading import load_tokenizer
         from refact_lab.models.registry import resolve
 
         spec = resolve(model)
-        if spec.source not in self._tokenizers:  # loading a tokenizer takes a while; previews repeat
-            self._tokenizers[spec.source] = load_tokenizer(spec)
-        return preview(self.home, project, model, settings, tokenizer=self._tokenizers[spec.source])
+        accepted = accepted_path(self.home, project)
+        stamp = accepted.stat().st_mtime_ns if accepted.is_file() else None
+        key = (project, spec.source, stamp, *(getattr(settings, name) for name in _DATA_SETTINGS))
+        cached = self._previews.get(key)
+        if cached is None:
+            if spec.source not in self._tokenizers:  # loading a tokenizer takes a while; previews repeat
+                self._tokenizers[spec.source] = load_tokenizer(spec)
+            cached = preview(self.home, project, model, settings, tokenizer=self._tokenizers[spec.source])
+            self._previews = {key: cached}          # one dataset at a time is enough for a form
+        schedule = resolve_schedule(settings, cached["train_tokens"])
+        return {**cached, "schedule": schedule.to_dict(), "explanation": schedule.explanation}
 
     # lifecycle
     def start(self, project: str, model: str, settings: FinetuneSettings, *, num_processes: int = 1,

@@ -117,3 +117,21 @@ def test_pid_liveness_sees_a_zombie_as_dead():
     _wait_for(lambda: not runs.pid_alive(proc.pid, start), timeout=10, what="the child to end")
     assert runs.pid_alive(os.getpid(), runs._proc_start_ticks(os.getpid()))
     assert not runs.pid_alive(os.getpid(), 1)            # same pid, another start time: a recycled pid
+
+
+def test_preview_shows_the_schedule_the_run_then_uses(home, stdlib_project, learnable_model_dir):
+    from refact_lab.config import FinetuneSettings
+
+    service = RunService(home)
+    settings = FinetuneSettings(seq_len=128, batch_size=4, epochs=0.1, max_test_rows=4, eval_every=100)
+    shown = service.preview(stdlib_project, str(learnable_model_dir), settings)
+    assert shown["schedule"]["train_steps"] == 16                 # 0.1 x 155 steps per epoch, rounded up
+    assert "train_steps auto" in shown["explanation"] and "155 steps per epoch" in shown["explanation"]
+    # a schedule-only change is answered from the remembered data, and agrees with a fresh computation
+    bigger = FinetuneSettings(seq_len=128, batch_size=8, epochs=0.1, max_test_rows=4, eval_every=100)
+    assert service.preview(stdlib_project, str(learnable_model_dir), bigger)["schedule"] == \
+        runs.preview(home, stdlib_project, str(learnable_model_dir), bigger)["schedule"]
+    run_id = runs.create_run(home, stdlib_project, str(learnable_model_dir), settings)
+    runs.execute_run(home.run_dir(run_id), log=lambda m: None)
+    status = runs.read_status(home, run_id)
+    assert status["state"] == "finished" and status["schedule"] == shown["schedule"] and status["step"] == 16
