@@ -45,6 +45,7 @@ class Batch:
         self.rows: list[Any] = []
         self.cache = None
         self.mask = None  # [rows, columns] long, 1 where the column holds a real token of that row
+        self.padded = False  # whether any row has padding columns (then the mask must be passed)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -65,8 +66,9 @@ class Batch:
         # Left padding: a row's first real token gets position 0; pad columns get 0 too (they are masked out).
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                    **{cache_kwarg(model): cache})
+        padded = bool((mask == 0).any())
+        out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions, use_cache=True,
+                    logits_to_keep=1, **{cache_kwarg(model): cache})
         for r in new_rows:
             r.pos = len(r.prompt_ids)
         self._merge(cache, mask, list(new_rows))  # the cache object was filled in place
@@ -81,7 +83,10 @@ class Batch:
         positions = torch.tensor([[r.pos] for r in self.rows], dtype=torch.long, device=device)
         self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype,
                                                      device=self.mask.device)], dim=1)
-        out = model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+        # Without padding (one request, or rows of equal length) the mask says nothing: leaving it out lets the
+        # attention take its plain causal path instead of building a 4-D mask every step.
+        mask = self.mask if self.padded else None
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                     **{cache_kwarg(model): self.cache})
         for r in self.rows:
             r.pos += 1
@@ -94,7 +99,7 @@ class Batch:
         if len(indices) == len(self.rows):
             return
         if not indices:
-            self.rows, self.cache, self.mask = [], None, None
+            self.rows, self.cache, self.mask, self.padded = [], None, None, False
             return
         for layer in self.cache.layers:
             idx = torch.tensor(indices, dtype=torch.long, device=layer.keys.device)
@@ -103,6 +108,7 @@ class Batch:
         self.mask = self.mask.index_select(0, torch.tensor(indices, dtype=torch.long, device=self.mask.device))
         self.rows = [self.rows[i] for i in indices]
         self._trim()
+        self.padded = bool((self.mask == 0).any())
 
     def _trim(self) -> None:
         """Drop leading columns that are padding for every row (left after long rows finished)."""
@@ -121,6 +127,7 @@ class Batch:
 
         if not self.rows:
             self.rows, self.cache, self.mask = rows, cache, mask
+            self.padded = bool((mask == 0).any())
             return
         width = max(self.mask.shape[1], mask.shape[1])
 
@@ -140,6 +147,7 @@ class Batch:
         self.cache = DynamicCache(ddp_cache_data=layers)
         self.mask = torch.cat([pad(self.mask, 1), pad(mask.to(self.mask.device), 1)], dim=0)
         self.rows = self.rows + rows
+        self.padded = bool((self.mask == 0).any())
 
 
 def sample(logits, rows: Sequence[Any]) -> list[int]:

@@ -81,6 +81,7 @@ class Generation:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     cancelled: bool = False
     extra_stops: tuple[str, ...] = ()
+    stream: bool = True  # False: only the final "done" event (no per-token wake-ups of the caller)
     # owned by the scheduler thread
     rules: StopRules | None = None
     generated: list[int] = field(default_factory=list)
@@ -286,7 +287,7 @@ class Engine:
         route = self.route(model)
         ids = prompt if isinstance(prompt, list) else self.encode(prompt)
         events: queue.Queue = queue.Queue()
-        gen = self.submit(Generation(ids, params, events.put, route=route))
+        gen = self.submit(Generation(ids, params, events.put, route=route, stream=False))
         deadline = time.monotonic() + timeout
         while True:
             ev = events.get(timeout=max(0.01, deadline - time.monotonic()))
@@ -326,7 +327,10 @@ class Engine:
     def _run(self) -> None:
         import torch
 
-        torch.set_grad_enabled(False)
+        with torch.inference_mode():
+            self._loop()
+
+    def _loop(self) -> None:
         self._apply_model(self._requested)
         while not self._stopping.is_set():
             try:
@@ -455,6 +459,8 @@ class Engine:
         g.text = text
         if len(g.generated) >= g.params.max_tokens or g.pos >= g.route.n_ctx:
             return "length"
+        if not g.stream:
+            return None
         safe = g.rules.safe_length(text)
         if safe > g.sent:
             self._emit(g, {"type": "text", "text": text[g.sent:safe]})
@@ -463,7 +469,7 @@ class Engine:
 
     def _finish(self, g: Generation, reason: str) -> None:
         final = g.text.rstrip(REPLACEMENT_CHAR)
-        if len(final) > g.sent:
+        if g.stream and len(final) > g.sent:
             self._emit(g, {"type": "text", "text": final[g.sent:]})
             g.sent = len(final)
         now = time.monotonic()
@@ -616,6 +622,8 @@ class Engine:
     def _adapter_context(self, model, key: str | None):
         import contextlib
 
+        if not self._adapter_names:  # no adapter loaded: the plain model (and no peft import on the hot path)
+            return contextlib.nullcontext()
         from peft import PeftModel
 
         if not isinstance(model, PeftModel):

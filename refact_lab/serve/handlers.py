@@ -187,7 +187,7 @@ class JsonPostHandler(ApiHandler):
     # ---- running generations on the engine --------------------------------------------------------------
 
     def _submit(self, route, ids: list[int], params: SamplingParams, n: int,
-                extra_stops: tuple[str, ...] = ()) -> Queue:
+                extra_stops: tuple[str, ...] = (), stream: bool = False) -> Queue:
         events: Queue = Queue()
         loop = asyncio.get_running_loop()
 
@@ -196,7 +196,8 @@ class JsonPostHandler(ApiHandler):
 
         for i in range(n):
             p = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-            self._generations.append(Generation(ids, p, sink, route=route, index=i, extra_stops=extra_stops))
+            self._generations.append(Generation(ids, p, sink, route=route, index=i, extra_stops=extra_stops,
+                                                stream=stream))
         for g in self._generations:
             self.engine.submit(g)
         return events
@@ -283,7 +284,7 @@ class CompletionsHandler(JsonPostHandler):
         s = req.sampling
         params = SamplingParams(check_budget(len(ids), s.max_tokens, route.n_ctx), s.temperature, s.top_p, s.stop,
                                 req.single_line, s.seed)
-        events = self._submit(route, ids, params, s.n)
+        events = self._submit(route, ids, params, s.n, stream=s.stream)
         rid, version = new_id("cmpl"), self.caps_version()
         if s.stream:
             return await self.stream(events, s.n, lambda i, t, f: completion_chunk(rid, route.name, i, t, f, version))
@@ -320,7 +321,7 @@ class ChatCompletionsHandler(JsonPostHandler):
         s = req.sampling
         params = SamplingParams(check_budget(len(ids), s.max_tokens, route.n_ctx), s.temperature, s.top_p, s.stop,
                                 False, s.seed)
-        events = self._submit(route, ids, params, s.n, extra_stops)
+        events = self._submit(route, ids, params, s.n, extra_stops, stream=s.stream)
         rid, version = new_id("chatcmpl"), self.caps_version()
         if s.stream:
             started = set()

@@ -1,0 +1,370 @@
+"""Benchmark: the inference server against `model.generate` in a loop, measured in the same run.
+
+Default mode (CPU is fine): the embedded default model if it is there, else a small random Llama.
+
+1. Baseline: `model.generate` (greedy, 32 new tokens, KV cache) called in a loop in this process: p50/p95
+   latency and tokens/s.
+2. The real server (`refact-lab serve` in a subprocess, same model): p50/p95 latency of a 32-token completion
+   from one client over HTTP, then total throughput with 1, 4 and 16 concurrent clients (each client sends its
+   next request as soon as the previous one returns).
+
+Prompts are real code files cut at a random point; only prompts whose greedy completion runs the full 32
+tokens without hitting a stop token are used, so both sides produce exactly the same work.
+
+Prints the server's overhead at one client ((server p50 - generate p50) / generate p50; goal < 15%) and the
+throughput ratio of 16 clients to 1 (goal >= 3x).
+
+`--gpu` (for a machine with a CUDA GPU): a random-initialised model shaped like Qwen2.5-Coder-1.5B in bf16,
+a 1024-token prompt and 48 new tokens, reporting ms per new token for plain `generate`, `generate` with a
+static cache and a compiled decode step, and our engine. `--gpu --dry-run` runs the same code on a tiny shape
+on the CPU, to check the script itself.
+
+    .venv/bin/python bench/serve.py [--requests 30] [--seconds 12]
+    .venv/bin/python bench/serve.py --gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+NEW_TOKENS = 32
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def code_prompts(n: int, seed: int = 0, max_chars: int = 600) -> list[str]:
+    """Real code (the standard library) cut at a random point: what an IDE sends before the cursor."""
+    import sysconfig
+
+    rng = random.Random(seed)
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    out = []
+    while len(out) < n:
+        text = rng.choice(files).read_text(encoding="utf-8", errors="replace")
+        if len(text) < 2000:
+            continue
+        cut = rng.randrange(500, len(text) - 200)
+        out.append(text[max(0, cut - max_chars):cut])
+    return out
+
+
+def model_folder(tmp: Path) -> tuple[str, str]:
+    from refact_lab.models.registry import EMBEDDED_DIR
+
+    if (EMBEDDED_DIR / "model.safetensors").is_file():
+        return str(EMBEDDED_DIR), "the embedded default model"
+    from refact_lab.models.tokenizer_build import build_tiny_model
+
+    folder = build_tiny_model(tmp / "random-model", hidden_size=256, layers=4, heads=4, n_ctx=2048)
+    return str(folder), "a random 4-layer Llama (hidden 256); the default model is not built yet"
+
+
+# ---- baseline -------------------------------------------------------------------------------------------------
+
+def load_reference(folder: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from refact_lab.models.registry import resolve
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    spec = resolve(folder)
+    stop_ids = sorted({tok.convert_tokens_to_ids(t) for t in spec.fim.stop_tokens if t in tok.get_vocab()})
+    return tok, model, stop_ids
+
+
+def generate_once(tok, model, stop_ids, prompt: str, new_tokens: int = NEW_TOKENS) -> tuple[float, int]:
+    import torch
+
+    ids = tok(prompt, return_tensors="pt")
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=stop_ids,
+                             pad_token_id=tok.eos_token_id)
+    return time.perf_counter() - t, out.shape[1] - ids.input_ids.shape[1]
+
+
+def full_length_prompts(tok, model, stop_ids, candidates: list[str], want: int) -> list[str]:
+    """Prompts whose greedy completion does not stop early, so every request does NEW_TOKENS steps."""
+    out = []
+    for p in candidates:
+        _, n = generate_once(tok, model, stop_ids, p)
+        if n == NEW_TOKENS:
+            out.append(p)
+        if len(out) == want:
+            break
+    return out
+
+
+# ---- the server -----------------------------------------------------------------------------------------------
+
+class Server:
+    def __init__(self, folder: str, home: Path, threads: int | None = None):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.token = "bench-token"
+        self.log = open(home.parent / "server.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "refact_lab.cli", "serve", "--port", str(self.port), "--home", str(home),
+             "--token", self.token, "--model", folder],
+            stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})})
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if self.call("GET", "/v1/refact-lab/status")[1].get("state") == "ready":
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {Path(self.log.name).read_text()[-2000:]}")
+            time.sleep(0.5)
+        raise RuntimeError("server not ready after 180 s")
+
+    def call(self, method: str, path: str, body: dict | None = None, conn: http.client.HTTPConnection | None = None):
+        own = conn is None
+        conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
+        conn.request(method, path, json.dumps(body) if body is not None else None,
+                     {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = json.loads(resp.read())
+        if own:
+            conn.close()
+        return resp.status, data
+
+    def complete(self, conn, prompt: str) -> tuple[float, int]:
+        t = time.perf_counter()
+        status, out = self.call("POST", "/v1/completions", {"prompt": prompt, "max_tokens": NEW_TOKENS,
+                                                            "temperature": 0}, conn)
+        if status != 200:
+            raise RuntimeError(out)
+        return time.perf_counter() - t, out["usage"]["completion_tokens"]
+
+    def stop(self):
+        import signal
+
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def throughput(server: Server, prompts: list[str], clients: int, seconds: float) -> tuple[float, int]:
+    """Total generated tokens/s with `clients` closed-loop clients for `seconds`."""
+    tokens = [0] * clients
+    stop_at = time.perf_counter() + seconds
+    errors: list[str] = []
+
+    def client(i):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+        k = i
+        while time.perf_counter() < stop_at:
+            try:
+                tokens[i] += server.complete(conn, prompts[k % len(prompts)])[1]
+            except Exception as e:  # report, do not hide
+                errors.append(repr(e))
+                return
+            k += clients
+        conn.close()
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} client errors, first: {errors[0]}")
+    return sum(tokens) / (time.perf_counter() - start), sum(tokens)
+
+
+def cpu_bench(args) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        folder, what = model_folder(tmp)
+        print(f"model: {what} ({folder}); torch threads: {torch.get_num_threads()} here and in the server; "
+              f"cores: {os.cpu_count()}; load average before: {os.getloadavg()[0]:.1f}")
+        tok, model, stop_ids = load_reference(folder)
+        prompts = full_length_prompts(tok, model, stop_ids, code_prompts(200), want=args.requests)
+        print(f"{len(prompts)} prompts whose greedy completion runs the full {NEW_TOKENS} tokens "
+              f"(~{statistics.mean(len(tok(p).input_ids) for p in prompts):.0f} prompt tokens on average)")
+
+        server = Server(folder, tmp / "home", threads=torch.get_num_threads())
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+            generate_once(tok, model, stop_ids, prompts[0])  # warm-up both
+            server.complete(conn, prompts[0])
+            # interleaved, one request each in turn, so both sides see the same machine load
+            base, lat = [], []
+            for p in prompts:
+                base.append(generate_once(tok, model, stop_ids, p)[0])
+                seconds, n = server.complete(conn, p)
+                assert n == NEW_TOKENS, f"server generated {n} tokens, generate {NEW_TOKENS}: not the same work"
+                lat.append(seconds)
+            conn.close()
+            del model  # the server gets the cores to itself for the throughput runs
+            base_tps = NEW_TOKENS * len(base) / sum(base)
+            print(f"model.generate loop : p50 {1000 * statistics.median(base):7.1f} ms  p95 "
+                  f"{1000 * percentile(base, 0.95):7.1f} ms  {base_tps:7.1f} tokens/s")
+            print(f"server, 1 client    : p50 {1000 * statistics.median(lat):7.1f} ms  p95 "
+                  f"{1000 * percentile(lat, 0.95):7.1f} ms  {NEW_TOKENS * len(lat) / sum(lat):7.1f} tokens/s")
+            rates = {}
+            for clients in (1, 4, 16):
+                rates[clients], total = throughput(server, prompts, clients, args.seconds)
+                print(f"server, {clients:2d} clients  : {rates[clients]:7.1f} tokens/s total ({total} tokens in "
+                      f"{args.seconds:.0f} s)")
+        finally:
+            server.stop()
+        overhead = (statistics.median(lat) - statistics.median(base)) / statistics.median(base)
+        print(f"\nserver overhead at one client: {100 * overhead:+.1f}% of generate's p50 latency (goal < 15%)")
+        print(f"throughput 16 clients / 1 client: {rates[16] / rates[1]:.2f}x (goal >= 3x); "
+              f"16 clients / generate loop: {rates[16] / base_tps:.2f}x")
+        print(f"load average after: {os.getloadavg()[0]:.1f} (other work on this machine skews every number)")
+
+
+# ---- GPU mode -------------------------------------------------------------------------------------------------
+
+def qwen_like(dry_run: bool):
+    from transformers import Qwen2Config
+
+    if dry_run:
+        return Qwen2Config(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                           tie_word_embeddings=True)
+    # Qwen2.5-Coder-1.5B's shape (config.json on the hub)
+    return Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                       num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                       rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6)
+
+
+def gpu_bench(args) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cpu" if args.dry_run else "cuda"
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    prompt_len, new_tokens = (64, 8) if args.dry_run else (1024, 48)
+    torch.manual_seed(0)
+    config = qwen_like(args.dry_run)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(100, config.vocab_size - 100, (1, prompt_len), generator=gen).to(device)
+    name = f"{'tiny dry-run' if args.dry_run else 'Qwen2.5-Coder-1.5B-shaped'} {str(dtype)[6:]} on {device}"
+    print(f"{name}: prompt {prompt_len} tokens, {new_tokens} new tokens")
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn, repeat=3):
+        best = float("inf")
+        for _ in range(repeat):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    def run_generate(**kw):
+        with torch.inference_mode():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, **kw)
+
+    def forward():
+        with torch.inference_mode():
+            model(ids)
+
+    results = {}
+    prefill = timed(forward)  # one forward over the prompt: the prefill every variant pays once
+    run_generate()
+    results["generate (dynamic cache)"] = timed(run_generate)
+    try:
+        # with a static cache on CUDA, transformers compiles the decode step itself (generation's auto-compile)
+        kw = {"cache_implementation": "static"}
+        run_generate(**kw)  # compiles on first use
+        run_generate(**kw)
+        results["generate (static cache, compiled decode)"] = timed(lambda: run_generate(**kw))
+    except Exception as e:  # report rather than hide: compile support differs between versions
+        print(f"static cache + compile failed: {type(e).__name__}: {e}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        results["our engine (batched, dynamic cache)"] = engine_time(model, config, Path(tmp), ids, new_tokens,
+                                                                    device, args.dry_run)
+    print(f"prefill of {prompt_len} tokens: {1000 * prefill:.1f} ms")
+    for label, seconds in results.items():
+        decode = max(seconds - prefill, 1e-9) / (new_tokens - 1)
+        print(f"{label:42s}: {1000 * seconds / new_tokens:6.2f} ms per new token (total {1000 * seconds:7.1f} ms; "
+              f"decode only ~{1000 * decode:5.2f} ms/token)")
+    print("goal: under 5 ms per new token at one client; reading the weights once per token bounds it near 1 ms")
+
+
+def engine_time(model, config, tmp: Path, ids, new_tokens: int, device: str, dry_run: bool) -> float:
+    """Our engine on the same weights: save them with a tokenizer that has FIM tokens, serve, time one request."""
+    from refact_lab.home import Home
+    from refact_lab.models.tokenizer_build import save_as_transformers, train_bpe_tokenizer
+    from refact_lab.serve.engine import Engine, SamplingParams
+
+    folder = tmp / "model"
+    model.save_pretrained(folder)
+    # any tokenizer works for timing: ids go in directly; the FIM tokens only let the registry accept the folder
+    tok = train_bpe_tokenizer(["def f(x):\n    return x\n" * 50], vocab_size=300)
+    save_as_transformers(tok, folder)
+    home = Home.resolve(tmp / "home").ensure()
+    home.update_settings(model=str(folder), device=device, dtype="fp32" if dry_run else "bf16")
+    engine = Engine(home).start().wait_ready(600)
+    prompt = ids[0].tolist()
+    params = SamplingParams(max_tokens=new_tokens)
+    engine.generate(prompt, params)  # warm-up
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        done = engine.generate(prompt, params)
+        best = min(best, time.perf_counter() - t)
+    engine.stop()
+    if done["completion_tokens"] != new_tokens:
+        print(f"(engine stopped after {done['completion_tokens']} tokens: a random model hit a stop token)")
+    return best * new_tokens / max(done["completion_tokens"], 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=30, help="sequential requests for the latency numbers")
+    parser.add_argument("--seconds", type=float, default=12, help="duration of each throughput measurement")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for generate and for the server (default: torch's own choice)")
+    parser.add_argument("--gpu", action="store_true", help="the GPU benchmark (Qwen2.5-Coder-1.5B shape, bf16)")
+    parser.add_argument("--dry-run", action="store_true", help="with --gpu: tiny shapes on the CPU")
+    args = parser.parse_args()
+    gpu_bench(args) if args.gpu else cpu_bench(args)
+
+
+if __name__ == "__main__":
+    main()
