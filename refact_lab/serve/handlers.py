@@ -225,6 +225,7 @@ class JsonPostHandler(ApiHandler):
             if ev["type"] == "done":
                 done.append(ev)
             elif ev["type"] == "error":
+                self.on_connection_close()  # the other choices of this request are of no use now
                 raise EngineError(ev["message"], 500)
         return sorted(done, key=lambda e: e["index"])
 
