@@ -68,6 +68,7 @@ def _proc_start_ticks(pid: int) -> int | None:
 
 
 def pid_alive(pid: int | None, start_ticks: int | None = None) -> bool:
+    """Whether the process exists, is not a zombie, and (given its start time) is not a recycled pid."""
     if not pid:
         return False
     with contextlib.suppress(ChildProcessError, OSError):

@@ -89,3 +89,16 @@ def quick_settings(**changes):
                 lora_r=8, lora_alpha=16, lora_dropout=0.0, max_test_rows=8, early_stop_patience=0)
     base.update(changes)
     return FinetuneSettings(**base)
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread(monkeypatch):
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU a second thread that waits for a
+    busy core made steps several times slower; run processes inherit the setting through OMP_NUM_THREADS."""
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -69,30 +69,30 @@ def test_preview_start_stop_resume_and_the_live_plot(home, stdlib_project, learn
         assert panel.fields["train_steps"].input.value == auto_steps
         assert f"{auto_steps:,} steps" in panel.auto_numbers.value and "steps per epoch" in panel.auto_numbers.value
 
-        _fill(panel, learnable_model_dir, stdlib_project, train_steps=12)
+        _fill(panel, learnable_model_dir, stdlib_project, train_steps=30)
         panel.start_button.click()
         assert "Started run" in panel.message.value, panel.message.value
         [run] = service.runs()
         run_id = run["run_id"]
         saved = service.settings(run_id)
         assert saved["model"] == str(learnable_model_dir) and saved["project"] == stdlib_project
-        assert {k: saved["finetune"][k] for k in FORM} == FORM and saved["finetune"]["train_steps"] == 12
+        assert {k: saved["finetune"][k] for k in FORM} == FORM and saved["finetune"]["train_steps"] == 30
         assert panel.runs.value == run_id
 
         _wait_for(lambda: (service.status(run_id).get("step") or 0) >= 1, what="the first step")
         panel.stop_button.click()
         _wait_for(lambda: service.status(run_id)["state"] == "stopped", what="stopped")
         stopped_at = service.status(run_id)["step"]
-        assert stopped_at < 12
+        assert stopped_at < 30
         # the polling thread, not the test, brings the view up to date
         _wait_for(lambda: not panel.resume_button.disabled, timeout=10, what="resume enabled")
         panel.resume_button.click()
         _wait_for(lambda: service.status(run_id)["state"] == "finished", what="finished")
-        _wait_for(lambda: "train loss: 12 points" in panel.plot_caption.value, timeout=10, what="plot redrawn")
+        _wait_for(lambda: "train loss: 30 points" in panel.plot_caption.value, timeout=10, what="plot redrawn")
         _wait_for(lambda: "finished" in panel.progress_text.value, timeout=10, what="progress updated")
     finally:
         panel.close()
-    assert panel.progress.value == panel.progress.max == 12
+    assert panel.progress.value == panel.progress.max == 30
     assert "finished" in panel.progress_text.value
     assert panel.plot.outputs[0]["data"]["image/png"]            # a picture, not a figure's repr
     assert "test loss: " in panel.plot_caption.value
