@@ -211,6 +211,9 @@ def cpu_bench(args) -> None:
         folder, what = model_folder(tmp)
         print(f"model: {what} ({folder}); torch threads: {torch.get_num_threads()} here and in the server; "
               f"cores: {os.cpu_count()}; load average before: {os.getloadavg()[0]:.1f}")
+        if os.getloadavg()[0] > os.cpu_count() / 2 and torch.get_num_threads() > 1:
+            print("note: the machine is busy; torch's threads spin against other work and every number swings. "
+                  "--threads 1 gives steadier numbers here.")
         tok, model, stop_ids = load_reference(folder)
         prompts = full_length_prompts(tok, model, stop_ids, code_prompts(200), want=args.requests)
         print(f"{len(prompts)} prompts whose greedy completion runs the full {NEW_TOKENS} tokens "

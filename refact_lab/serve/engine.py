@@ -362,7 +362,9 @@ class Engine:
         except queue.Empty:
             return
         while True:
-            if self.state != "ready" or gen.route.base != self.spec.name:
+            if self.state != "ready":
+                self._emit_error(gen, f"the model is not available (state: {self.state}: {self.error})")
+            elif gen.route.base != self.spec.name:
                 self._emit_error(gen, f"model {gen.route.name!r} is no longer served (the base model changed)")
             else:
                 group = self._groups.get(gen.adapter_key)
