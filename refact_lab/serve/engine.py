@@ -290,7 +290,11 @@ class Engine:
         gen = self.submit(Generation(ids, params, events.put, route=route, stream=False))
         deadline = time.monotonic() + timeout
         while True:
-            ev = events.get(timeout=max(0.01, deadline - time.monotonic()))
+            try:
+                ev = events.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                gen.cancel()  # nobody waits for it any more
+                raise TimeoutError(f"no completion within {timeout}s") from None
             if ev["type"] == "done":
                 return ev
             if ev["type"] == "error":

@@ -43,7 +43,8 @@ def parse_json_object(body: bytes) -> dict:
     except UnicodeDecodeError:
         raise ApiError(400, "the request body is not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise ApiError(400, f"malformed JSON in the request body: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise ApiError(400, f"malformed JSON in the request body: {e.msg} at line {e.lineno} column {e.colno}"
+                       ) from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}")
     return data

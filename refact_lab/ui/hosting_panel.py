@@ -153,7 +153,8 @@ class HostingPanel:
                 time.sleep(self.poll_s)
                 snap = self.refresh()
                 applied = (snap.get("applied") or {}).get("model")
-                if snap.get("state") in ("ready", "failed", "unreachable") and applied == self.service.current()["model"]:
+                settled = snap.get("state") in ("ready", "failed", "unreachable")
+                if settled and applied == self.service.current()["model"]:
                     return
 
         self._poller = threading.Thread(target=run, daemon=True, name="hosting-panel-refresh")
