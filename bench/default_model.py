@@ -6,7 +6,7 @@ model folder, checked by sha256 against this interpreter's files):
 - loss in bits per character: total nats over every token of every file / ln 2 / number of characters;
 - single-line FIM at seeded random cursors (prefix = file up to the cursor, suffix = the rest of the file after
   the cursor's line, greedy, stop at a newline or a FIM/end token): exact match and edit similarity
-  (difflib ratio) against the rest of the line;
+  (difflib ratio) against the rest of the line, with token healing (refact_lab.models.greedy) and without;
 - degenerate repetition in those greedy completions (a unit of 3+ characters repeated 3+ times in a row, or
   running to the token limit without ending the line), next to the same rate on the true lines as baseline;
 - median latency of a 32-token completion (prompt + 32 greedy steps with the KV cache) on the CPU.
@@ -121,24 +121,31 @@ def run(model_dir: Path, n_cursors: int, seed: int, threads: int) -> dict:
     print(f"bits per character     {bpc:.3f}   ({n_tok:,} tokens, {time.time() - t0:.0f}s)")
 
     cases = cursor_cases(files, n_cursors, seed)
-    exact, sims, degen, degen_true, stops = 0, [], 0, 0, {}
-    examples = []
-    for path, prefix, suffix, target in cases:
-        c = complete_at_cursor(model, tok, spec.fim, prefix, suffix, max_new_tokens=48, max_prompt_tokens=448)
-        pred = c.text
-        exact += pred.rstrip() == target.rstrip()
-        sims.append(difflib.SequenceMatcher(None, pred.rstrip(), target.rstrip()).ratio())
-        degen += degenerate(pred, c.stopped)
-        degen_true += bool(REPEAT.search(target.strip()))
-        stops[c.stopped] = stops.get(c.stopped, 0) + 1
-        if len(examples) < 8:
-            examples.append((path, target, pred))
     n = len(cases)
-    print(f"FIM exact match        {exact / n:.1%}   ({exact}/{n} cursors, seed {seed})")
-    print(f"FIM edit similarity    {statistics.mean(sims):.3f}")
-    print(f"degenerate completions {degen / n:.1%}   (true lines: {degen_true / n:.1%}); stops {stops}")
-    for path, target, pred in examples:
-        print(f"    {path}: want {target!r:.60}  got {pred!r:.60}")
+    degen_true = sum(bool(REPEAT.search(target.strip())) for *_, target in cases)
+    fim = {}
+    # With token healing (what complete_at_cursor does by default) and without, to show what it is worth.
+    for heal in (True, False):
+        exact, sims, degen, stops, examples = 0, [], 0, {}, []
+        for path, prefix, suffix, target in cases:
+            c = complete_at_cursor(model, tok, spec.fim, prefix, suffix, max_new_tokens=48, max_prompt_tokens=448,
+                                   heal=heal)
+            pred = c.text
+            exact += pred.rstrip() == target.rstrip()
+            sims.append(difflib.SequenceMatcher(None, pred.rstrip(), target.rstrip()).ratio())
+            degen += degenerate(pred, c.stopped)
+            stops[c.stopped] = stops.get(c.stopped, 0) + 1
+            if len(examples) < 8:
+                examples.append((path, target, pred))
+        key = "healed" if heal else "plain"
+        fim[key] = {"exact_match": exact / n, "edit_similarity": statistics.mean(sims), "degenerate_rate": degen / n,
+                    "stops": stops}
+        print(f"FIM ({key} prompt, {n} cursors, seed {seed})")
+        print(f"  exact match          {exact / n:.1%}   ({exact}/{n})")
+        print(f"  edit similarity      {statistics.mean(sims):.3f}")
+        print(f"  degenerate           {degen / n:.1%}   (true lines: {degen_true / n:.1%}); stops {stops}")
+        for path, target, pred in examples:
+            print(f"    {path}: want {target!r:.50}  got {pred!r:.50}")
 
     # Latency: a realistic FIM prompt (~448 tokens), then exactly 32 greedy tokens with the KV cache.
     path, prefix, suffix, _ = cases[0]
@@ -162,8 +169,9 @@ def run(model_dir: Path, n_cursors: int, seed: int, threads: int) -> dict:
     best = min(latency, key=latency.get)
     return {"model": str(model_dir), "params": params, "heldout_files": len(files), "heldout_chars":
             sum(len(t) for _, t in files), "bits_per_char": bpc, "cursors": n, "seed": seed,
-            "fim_exact_match": exact / n, "fim_edit_similarity": statistics.mean(sims),
-            "degenerate_rate": degen / n, "degenerate_rate_true_lines": degen_true / n, "stops": stops,
+            "fim_exact_match": fim["healed"]["exact_match"], "fim_edit_similarity": fim["healed"]["edit_similarity"],
+            "degenerate_rate": fim["healed"]["degenerate_rate"], "degenerate_rate_true_lines": degen_true / n,
+            "fim": fim,
             "latency_ms_32_tokens": latency[best], "latency_dtype": best,
             "latency_ms_by_dtype": latency, "load_average": os.getloadavg()[0], "prompt_tokens": len(prompt),
             "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -180,9 +188,10 @@ def write_card(model_dir: Path, r: dict) -> None:
 | metric | value |
 |---|---|
 | loss | {r['bits_per_char']:.3f} bits per character |
-| single-line FIM exact match ({r['cursors']} seeded cursors) | {r['fim_exact_match']:.1%} |
-| single-line FIM edit similarity (difflib ratio) | {r['fim_edit_similarity']:.3f} |
-| degenerate greedy completions (repeats or no line end) | {r['degenerate_rate']:.1%} (true lines: {r['degenerate_rate_true_lines']:.1%}) |
+| single-line FIM exact match ({r['cursors']} seeded cursors), token healing | {r['fim_exact_match']:.1%} |
+| single-line FIM edit similarity (difflib ratio), token healing | {r['fim_edit_similarity']:.3f} |
+| the same without token healing: exact match / edit similarity | {r['fim']['plain']['exact_match']:.1%} / {r['fim']['plain']['edit_similarity']:.3f} |
+| degenerate greedy completions (repeats or no line end), token healing | {r['degenerate_rate']:.1%} (true lines: {r['degenerate_rate_true_lines']:.1%}) |
 | 32-token completion latency, median | {r['latency_ms_by_dtype']['fp32']:.0f} ms fp32, {r['latency_ms_by_dtype']['bf16']:.0f} ms bf16 (1 thread, load average {r['load_average']:.1f}, {r['prompt_tokens']}-token prompt, KV cache) |
 """
     start, end = "<!-- bench:start -->", "<!-- bench:end -->"

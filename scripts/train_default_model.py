@@ -78,6 +78,11 @@ class Recipe:
     warmup_steps: int = 150
     weight_decay: float = 0.1
     fim_rate: float = 0.5
+    # A single-line middle is ~1% of a row's tokens; weighting its loss makes the skill that matters for
+    # completion (continue the prefix so that it meets the suffix) get a fair share of the gradient.
+    middle_loss_weight: float = 1.0
+    long_span_rate: float = 0.0  # share of FIM rows whose middle is a random span up to a quarter of the row
+    init_from: str = ""          # continue from a model folder made by this recipe (same seed and held-out)
     # The standard library is a tenth of the characters but the most idiomatic Python on the machine (and the
     # held-out files come from it); sampling it 4x as often makes it about 30% of what the model sees.
     stdlib_weight: float = 4.0
@@ -290,11 +295,13 @@ class ExampleMaker:
             if start + need >= len(text):
                 ids.append(self.eot)
         ids = ids[:self.L]
-        return ids, list(ids)
+        return ids, list(ids), [1.0] * self.L
 
     def _middle_span(self, text: str) -> tuple[int, int]:
         rng = self.rng
         cursor = rng.randrange(0, len(text))
+        if rng.random() < self.r.long_span_rate:  # character-level span, as in Bavarian et al. 2022
+            return cursor, min(len(text), cursor + rng.randint(1, self.r.seq_len))
         line_start = text.rfind("\n", 0, cursor) + 1
         line_end = text.find("\n", cursor)
         line_end = len(text) if line_end == -1 else line_end
@@ -330,10 +337,12 @@ class ExampleMaker:
         ids = ([self.ids[QWEN_FIM.prefix]] + pre + [self.ids[QWEN_FIM.suffix]] + suf + [self.ids[QWEN_FIM.middle]]
                + mid + [self.eot])
         labels = list(ids)
+        n_mid = len(mid) + 1  # the middle and the <|endoftext|> that ends it
         pad = self.L - len(ids)
+        weights = [1.0] * (len(ids) - n_mid) + [self.r.middle_loss_weight] * n_mid + [0.0] * pad
         ids += [self.eot] * pad
         labels += [-100] * pad
-        return ids, labels
+        return ids, labels, weights
 
     def batch(self, n: int):
         import torch
@@ -341,7 +350,8 @@ class ExampleMaker:
         rows = [self.fim() if self.rng.random() < self.r.fim_rate else self.plain() for _ in range(n)]
         x = torch.tensor([r[0] for r in rows], dtype=torch.long)
         y = torch.tensor([r[1] for r in rows], dtype=torch.long)
-        return x, y
+        w = torch.tensor([r[2] for r in rows], dtype=torch.float32)
+        return x, y, w
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -428,6 +438,22 @@ def licenses_md(sources: list[Source], refused: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _flags(recipe: Recipe) -> str:
+    """The command-line flags that differ from the defaults (out and python are not flags)."""
+    default = Recipe(out="")
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(recipe).items()
+                    if k not in ("out", "python") and v != getattr(default, k))
+
+
+def _stage1_line(stage1: dict | None) -> str:
+    if not stage1:
+        return ""
+    r = stage1["recipe"]
+    return (f"- Continued (`--init-from`) from a first stage: {stage1['train_minutes']:.1f} training minutes, "
+            f"{stage1['step']} steps, {stage1['tokens'] / 1e6:.1f}M tokens with\n  fim_rate {r['fim_rate']}, "
+            f"lr {r['lr']} (its cosine planned for {r['minutes']:g} minutes), stopped at that checkpoint.\n")
+
+
 def model_card(recipe: Recipe, state: dict, sources: list[Source]) -> str:
     n_chars = sum(s.chars for s in sources)
     return f"""# refact-lab default model (small demo model)
@@ -464,8 +490,8 @@ lines), the rest plain left-to-right text.
   {state.get('minutes', 0):.1f} minutes wall clock, {state.get('step', 0)} steps of {recipe.batch}×{recipe.seq_len} tokens
   ({state.get('tokens', 0)/1e6:.1f}M tokens), AdamW lr {recipe.lr} cosine to {recipe.lr*recipe.min_lr_ratio:g},
   weight decay {recipe.weight_decay}.
-- Final validation loss: {state.get('val_bpc', float('nan')):.3f} bits per character (plain text, validation files).
-- Recipe: `python scripts/train_default_model.py --out DIR --minutes {recipe.minutes:g} --threads {recipe.threads}`
+{_stage1_line(state.get('stage1'))}- Final validation loss: {state.get('val_bpc', float('nan')):.3f} bits per character (plain text, validation files).
+- Recipe: `python scripts/train_default_model.py --out DIR {_flags(recipe)}`
   (all settings in `recipe.json`, the end state in `train_state.json`).
 
 ## Held-out numbers
@@ -482,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output model folder (checkpoints go to OUT/checkpoint)")
     for f in ("minutes", "threads", "device", "seed", "heldout_files", "val_files", "vocab_size", "hidden_size",
               "layers", "heads", "kv_heads", "intermediate_size", "seq_len", "batch", "lr", "warmup_steps",
-              "fim_rate", "stdlib_weight", "checkpoint_minutes", "eval_every", "max_steps", "tokenizer_chars",
+              "fim_rate", "stdlib_weight", "middle_loss_weight", "long_span_rate", "init_from", "checkpoint_minutes", "eval_every", "max_steps", "tokenizer_chars",
               "max_chars_per_package", "max_stdlib_chars", "weight_decay", "min_lr_ratio"):
         p.add_argument("--" + f.replace("_", "-"), type=type(getattr(defaults, f)), default=getattr(defaults, f))
     args = p.parse_args(argv)
@@ -539,14 +565,32 @@ def train(recipe: Recipe) -> int:
         n += len(t)
         if n > recipe.tokenizer_chars:
             break
-    tok = train_bpe_tokenizer(tok_texts, vocab_size=recipe.vocab_size)
+    if recipe.init_from:
+        # Continuing: the held-out set must be the one the first stage set aside, or the bench would leak.
+        from tokenizers import Tokenizer
+
+        prev = json.loads((Path(recipe.init_from) / "heldout.json").read_text())
+        if [f["path"] for f in prev["files"]] != [p_ for p_, _ in held]:
+            raise SystemExit(f"{recipe.init_from} held out other files; use its seed ({prev['seed']})")
+        tok = Tokenizer.from_file(str(Path(recipe.init_from) / "tokenizer.json"))
+    else:
+        tok = train_bpe_tokenizer(tok_texts, vocab_size=recipe.vocab_size)
     val_texts = [t for _, t in val]
     cpt = sum(map(len, val_texts)) / sum(len(tok.encode(t).ids) for t in val_texts)
     log(f"tokenizer: {tok.get_vocab_size()} tokens, {cpt:.2f} chars/token on validation files")
 
     # 3. Model and optimiser.
     device = recipe.device
-    model = build_model(recipe, tok).to(device)
+    if recipe.init_from:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(recipe.init_from, dtype=torch.float32).to(device)
+        prev_state = json.loads((Path(recipe.init_from) / "train_state.json").read_text())
+        prev_state["recipe"] = json.loads((Path(recipe.init_from) / "recipe.json").read_text())
+        log(f"continuing from {recipe.init_from} (step {prev_state['step']}, {prev_state['tokens'] / 1e6:.1f}M tokens, "
+            f"{prev_state['train_minutes']:.1f} training minutes)")
+    else:
+        model = build_model(recipe, tok).to(device)
     params = sum(p_.numel() for p_ in model.parameters())
     log(f"model: {params / 1e6:.2f}M parameters")
     decay = [p_ for n_, p_ in model.named_parameters() if p_.dim() >= 2]
@@ -565,12 +609,13 @@ def train(recipe: Recipe) -> int:
     t_train = time.time()
     next_ckpt = t_train + recipe.checkpoint_minutes * 60
     step, tokens, loss_ema, val_bpc = 0, 0, None, float("nan")
+    stage1 = prev_state if recipe.init_from else None
 
     def state(final: bool) -> dict:
         return {"step": step, "tokens": tokens, "params": params, "minutes": (time.time() - t_start) / 60,
                 "train_minutes": (time.time() - t_train) / 60, "train_loss": loss_ema, "val_bpc": val_bpc,
                 "device_name": device_name, "final": final, "chars_per_token": cpt,
-                "finished_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+                "finished_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "stage1": stage1}
 
     model.train()
     while True:
@@ -581,13 +626,14 @@ def train(recipe: Recipe) -> int:
         lr = lr_at(recipe, step, progress if not recipe.max_steps else max(progress, step / recipe.max_steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        x, y = maker.batch(recipe.batch)
-        x, y = x.to(device), y.to(device)
+        x, y, w = maker.batch(recipe.batch)
+        x, y, w = x.to(device), y.to(device), w[:, 1:].to(device)
         with torch.autocast(autocast_device, dtype=torch.bfloat16):
             logits = model(x[:, :-1]).logits
-        # Loss in fp32 over every non-pad token (mean per token: FIM rows with padding count less).
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y[:, 1:].reshape(-1),
-                                                 ignore_index=-100)
+        # Loss in fp32, a weighted mean per token (pad has weight 0, FIM middles middle_loss_weight).
+        ce = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y[:, 1:].reshape(-1),
+                                               ignore_index=-100, reduction="none")
+        loss = (ce * w.reshape(-1)).sum() / w.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

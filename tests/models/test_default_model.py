@@ -114,3 +114,28 @@ def test_model_files_are_not_excluded_from_the_wheel():
     spec = pathspec.GitIgnoreSpec.from_lines(gitignore.read_text().splitlines())
     for f in EMBEDDED_DIR.iterdir():
         assert not spec.match_file(str(f.relative_to(root))), f
+
+
+def test_token_healing_drops_a_partial_word_but_not_a_line_start(model_and_tokenizer):
+    from refact_lab.models.greedy import fim_prompt_ids, heal_prompt
+
+    _, tok = model_and_tokenizer
+    suffix_id = tok.convert_tokens_to_ids(QWEN_FIM.suffix)
+    prompt = fim_prompt_ids(tok, QWEN_FIM, "def f(x):\n    ret", "\n", 64)
+    healed_prompt, healed = heal_prompt(tok, QWEN_FIM, prompt)
+    assert healed and "    ret".endswith(healed)
+    assert len(healed_prompt) == len(prompt) - 1 and healed_prompt.index(suffix_id) == prompt.index(suffix_id) - 1
+    at_line_start = fim_prompt_ids(tok, QWEN_FIM, "def f(x):\n", "    return x\n", 64)
+    assert heal_prompt(tok, QWEN_FIM, at_line_start) == (at_line_start, "")
+
+
+def test_healed_completion_continues_the_partial_word(model_and_tokenizer):
+    """Whatever the model writes, the healed first token starts with the removed text, which is not repeated."""
+    from refact_lab.models.greedy import complete_at_cursor
+
+    model, tok = model_and_tokenizer
+    c = complete_at_cursor(model, tok, QWEN_FIM, "import os\n\n\ndef main():\n    ret", "\n", max_new_tokens=8)
+    plain = complete_at_cursor(model, tok, QWEN_FIM, "import os\n\n\ndef main():\n    ret", "\n", max_new_tokens=8,
+                               heal=False)
+    assert "\n" not in c.text and "\n" not in plain.text
+    assert not c.text.startswith((" ret", "ret"))  # the removed text is not returned again
