@@ -67,7 +67,8 @@ class ModelSpec:
 
 KNOWN_MODELS: dict[str, ModelSpec] = {
     spec.name: spec for spec in [
-        ModelSpec(DEFAULT_MODEL, str(EMBEDDED_DIR), QWEN_FIM, n_ctx=2048, memory_gb=0.05, is_local=True,
+        # n_ctx is what the embedded model was trained on: its held-out loss rises quickly beyond it.
+        ModelSpec(DEFAULT_MODEL, str(EMBEDDED_DIR), QWEN_FIM, n_ctx=512, memory_gb=0.03, is_local=True,
                   description="Small demo model shipped inside the package; works offline. Use a hub model for real work."),
         ModelSpec("qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B", QWEN_FIM, n_ctx=32768, memory_gb=1.0,
                   description="Qwen2.5-Coder 0.5B base"),
