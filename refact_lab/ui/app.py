@@ -12,49 +12,65 @@ import traceback
 import ipywidgets as w
 
 from refact_lab.home import Home
-from refact_lab.ui.placeholder import PlaceholderPanel
 
 
-def _hosting(home: Home):
+class AppServices:
+    """The services one Workbench's panels share, passed to every tab factory (no module-level state).
+
+    Sources, Scan and Settings share one ProjectService: a source added in Sources appears in Scan at once,
+    and an Update in Sources starts the scan the Scan tab shows. Services are created on first use.
+    """
+
+    def __init__(self, home: Home):
+        self.home = home
+        self._project = None
+
+    @property
+    def project(self):
+        if self._project is None:
+            from refact_lab.data.service import ProjectService
+
+            self._project = ProjectService(self.home)
+        return self._project
+
+
+def _hosting(services: AppServices):
     from refact_lab.serve.hosting import HostingService
     from refact_lab.ui.hosting_panel import HostingPanel
 
-    return HostingPanel(HostingService(home))
+    return HostingPanel(HostingService(services.home))
 
 
-def _sources(home: Home):
-    from refact_lab.ui.project import project_service
+def _sources(services: AppServices):
     from refact_lab.ui.sources_panel import SourcesPanel
 
-    return SourcesPanel(project_service(home))
+    return SourcesPanel(services.project)
 
 
-def _scan(home: Home):
-    from refact_lab.ui.project import project_service
+def _scan(services: AppServices):
     from refact_lab.ui.scan_panel import ScanPanel
 
-    return ScanPanel(project_service(home))
+    return ScanPanel(services.project)
 
 
-def _finetune(home: Home):
+def _finetune(services: AppServices):
     from refact_lab.finetune.runs import RunService
     from refact_lab.ui.finetune_panel import FinetunePanel
 
-    return FinetunePanel(RunService(home))
+    return FinetunePanel(RunService(services.home))
 
 
-def _deploy(home: Home):
+def _deploy(services: AppServices):
     from refact_lab.serve.deploy import DeployService
     from refact_lab.ui.deploy_panel import DeployPanel
 
-    return DeployPanel(DeployService(home))
+    return DeployPanel(DeployService(services.home))
 
 
-def _settings(home: Home):
-    from refact_lab.ui.project import project_service
+def _settings(services: AppServices):
     from refact_lab.ui.settings_panel import SettingsPanel
 
-    return SettingsPanel(project_service(home))
+    return SettingsPanel(services.project)
 
 
 TABS = [
@@ -77,11 +93,12 @@ class Workbench:
 
     def __init__(self, home: Home | str | None = None):
         self.home = home if isinstance(home, Home) else Home.resolve(home).ensure()
+        self.services = AppServices(self.home)
         self.panels: dict[str, object] = {}
         children = []
         for title, factory in TABS:
             try:
-                panel = factory(self.home)
+                panel = factory(self.services)
                 self.panels[title] = panel
                 children.append(panel.widget)
             except Exception as exc:  # one broken panel must not take the whole app down
