@@ -173,7 +173,7 @@ def _cmd_scan(args) -> int:
         print(f"logs: {paths['dir']}/{{accepted.jsonl, rejected.jsonl, stats.json}}")
     if stats["reasons"].get("loss_too_high") and stats["accepted"] == 0:
         print(f"refact-lab: every file that reached stage 2 is above loss_threshold "
-              f"{stats['settings']['loss_threshold']:g} under {stats['loss']['model']!r}: that model may be too weak "
+              f"{stats['loss']['threshold']:g} under {stats['loss']['model']!r}: that model may be too weak "
               "for this code; use a stronger --model, raise --set loss_threshold=..., or --no-lm-filter",
               file=sys.stderr)
     if stats.get("split_error"):

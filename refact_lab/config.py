@@ -276,8 +276,9 @@ class ScanSettings:
                                          "files above the threshold")
     model: str | None = setting(None, help="Base model for the loss filter: a registry name, hub id or local "
                                            "folder (default: the active or embedded model)")
-    loss_threshold: float = setting(3.0, help="Files whose mean per-token loss is above this are rejected as "
-                                              "loss_too_high", min=0.0, max=100.0)
+    loss_threshold: float | None = setting(None, auto=True, min=0.0, max=100.0, help=(
+        "Files whose mean per-token loss is above this are rejected as loss_too_high; auto: the model's own "
+        "threshold from the registry (3.0 for hub models; the small embedded model is less sure of itself)"))
     lm_batch_size: int = setting(8, help="Files per forward pass in the loss filter", min=1, max=1024)
     lm_max_tokens: int = setting(1024, help="Tokens of each file (from its start) that the loss is measured on",
                                  min=16, max=131072)

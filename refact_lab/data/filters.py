@@ -106,7 +106,7 @@ class RuleContext:
             include_spec=pathspec.GitIgnoreSpec.from_lines(settings.include) if settings.include else None,
             exclude_spec=pathspec.GitIgnoreSpec.from_lines(settings.exclude) if settings.exclude else None,
             types_on=frozenset(types_on) if types_on is not None else None,
-            loss_threshold=settings.loss_threshold,
+            loss_threshold=settings.loss_threshold if settings.loss_threshold is not None else 3.0,
         )
 
 

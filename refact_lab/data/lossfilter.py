@@ -88,7 +88,8 @@ def compute_losses(items: list[tuple[str, str]], *, model: str | None, cache_dir
             out[sha] = hit
         else:
             todo.setdefault(sha, file)
-    counts = {"cached": len(items) - len(todo), "computed": 0, "model": spec.name}
+    counts = {"cached": len(items) - len(todo), "computed": 0, "model": spec.name,
+              "model_threshold": spec.loss_threshold}
     total = len(todo)
     if progress:
         progress(0, total)

@@ -324,6 +324,10 @@ def run_scan(home: Home, project: str = DEFAULT_PROJECT, settings: ScanSettings 
                 max_tokens=settings.lm_max_tokens, progress=lambda d, t: report("loss", d, t), should_stop=stop)
             if stop():
                 raise ScanCancelled()
+            # "auto" threshold: what the registry says suits this model (a small model's losses run higher).
+            if settings.loss_threshold is None:
+                ctx.loss_threshold = loss_info["model_threshold"]
+            loss_info["threshold"] = ctx.loss_threshold
             for i in survivors:
                 e = entries[i]
                 e.loss, e.loss_error = losses.get(e.facts.sha256, (None, "not computed"))

@@ -63,3 +63,15 @@ def test_model_folder_that_cannot_load_suggests_skipping_stage_2(tmp_path, tree,
     root = tree({"a.py": good_py(1)})
     with pytest.raises(LossFilterError, match="--no-lm-filter"):
         compute_losses([("1" * 64, str(root / "a.py"))], model=str(broken), cache_dir=tmp_path / "c")
+
+
+def test_auto_threshold_comes_from_the_model(home, tree, tiny_model_dir):
+    """No threshold given: the registry's value for the model is used and recorded (3.0 for unknown models,
+    higher for the small embedded one, whose losses on ordinary code run higher)."""
+    from refact_lab.models.registry import resolve
+
+    root = tree(FILES)
+    _, _, stats = scan_folder(home, root, lm_filter=True, model=str(tiny_model_dir))
+    assert stats["loss"]["threshold"] == 3.0
+    _, _, stats = scan_folder(home, root, lm_filter=True, model="default")
+    assert stats["loss"]["threshold"] == resolve("default").loss_threshold > 3.0
