@@ -120,6 +120,45 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+# --- liveness of the process that owns a job (a scan, a training run) ----------------------------------
+
+def proc_start_ticks(pid: int) -> int | None:
+    """The process start time from /proc (guards against a recycled pid); None where /proc is unavailable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def pid_alive(pid: int | None, start_ticks: int | None = None) -> bool:
+    """Whether the process exists, is not a zombie, and (given its start time) is not a recycled pid."""
+    if not pid:
+        return False
+    with contextlib.suppress(ChildProcessError, OSError):
+        # reap it if it is our own finished child, so it does not linger as a zombie
+        os.waitpid(pid, os.WNOHANG)
+    proc = Path(f"/proc/{pid}")
+    if Path("/proc/self").exists():
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            return False
+        state = stat[stat.rindex(")") + 2:].split()[0]
+        if state in ("Z", "X"):
+            return False
+        if start_ticks is not None and proc_start_ticks(pid) != start_ticks:
+            return False
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass(frozen=True)
 class Home:
     """Paths inside one state directory. Creating the object touches nothing; `ensure()` creates it."""

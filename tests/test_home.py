@@ -63,3 +63,16 @@ def test_update_settings_merges_and_removes(tmp_path):
     home.update_settings(model="default", openai_key="sk-x")
     assert home.update_settings(openai_key=None) == {"model": "default"}
     assert stat.S_IMODE(os.stat(home.settings_file).st_mode) == 0o600
+
+
+def test_pid_alive_sees_a_dead_child_and_a_recycled_pid():
+    import subprocess
+    import sys
+
+    from refact_lab.home import pid_alive, proc_start_ticks
+
+    assert pid_alive(os.getpid(), proc_start_ticks(os.getpid()))
+    assert not pid_alive(os.getpid(), 1)  # same pid, another start time: a recycled pid
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert not pid_alive(child.pid)

@@ -17,7 +17,7 @@ from typing import Callable
 
 from refact_lab.config import ScanSettings
 from refact_lab.data.pipeline import ScanCancelled, run_scan, scan_files
-from refact_lab.home import DEFAULT_PROJECT, Home, atomic_write_json, read_json
+from refact_lab.home import DEFAULT_PROJECT, Home, atomic_write_json, pid_alive, read_json
 
 ACTIVE = ("queued", "running")
 STAGE_LABELS = {
@@ -33,20 +33,10 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_status(home: Home, project: str = DEFAULT_PROJECT) -> dict:
     """The job's last written status; "idle" before any scan; "failed" if its process has died."""
     status = read_json(scan_files(home, project)["status"], None) or {"state": "idle"}
-    if status.get("state") in ACTIVE and status.get("pid") and not _alive(status["pid"]):
+    if status.get("state") in ACTIVE and status.get("pid") and not pid_alive(status["pid"]):
         status = {**status, "state": "failed", "error": "the process running the scan ended unexpectedly"}
     return status
 

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from refact_lab.config import FinetuneSettings, SettingsError, from_dict
-from refact_lab.home import (Home, append_jsonl, atomic_write_json, atomic_write_text, file_lock, read_json,
-                             read_jsonl)
+from refact_lab.home import (Home, append_jsonl, atomic_write_json, atomic_write_text, file_lock, pid_alive,
+                             proc_start_ticks, read_json, read_jsonl)
 
 STATES = ("queued", "running", "finished", "failed", "stopped")
 ACTIVE = ("queued", "running")
@@ -56,43 +56,6 @@ def new_run_id(model_name: str = "") -> str:
     base = "".join(c if c.isalnum() or c in "._-" else "-" for c in model_name.lower())[:24].strip("-._")
     when = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return f"{base + '-' if base else ''}{when}-{secrets.token_hex(2)}"
-
-
-def _proc_start_ticks(pid: int) -> int | None:
-    """The process start time from /proc (guards against a recycled pid); None where /proc is unavailable."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2:].split()[19])
-
-
-def pid_alive(pid: int | None, start_ticks: int | None = None) -> bool:
-    """Whether the process exists, is not a zombie, and (given its start time) is not a recycled pid."""
-    if not pid:
-        return False
-    with contextlib.suppress(ChildProcessError, OSError):
-        # reap it if it is our own finished child, so it does not linger as a zombie
-        os.waitpid(pid, os.WNOHANG)
-    proc = Path(f"/proc/{pid}")
-    if Path("/proc/self").exists():
-        try:
-            stat = (proc / "stat").read_text()
-        except OSError:
-            return False
-        state = stat[stat.rindex(")") + 2:].split()[0]
-        if state in ("Z", "X"):
-            return False
-        if start_ticks is not None and _proc_start_ticks(pid) != start_ticks:
-            return False
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --- the run folder ----------------------------------------------------------------------------------------------
@@ -185,7 +148,7 @@ def start_run(home: Home, run_id: str) -> subprocess.Popen:
             log.flush()
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=str(path), env=env, start_new_session=True, close_fds=True)
-        update_status(path, state="queued", pid=proc.pid, pid_started=_proc_start_ticks(proc.pid), error=None,
+        update_status(path, state="queued", pid=proc.pid, pid_started=proc_start_ticks(proc.pid), error=None,
                       finished_at=None)
     return proc
 
@@ -351,7 +314,7 @@ def execute_run(path: Path, *, log: Callable[[str], None] | None = None, extra_s
         changes = {"state": "running", "worker_pid": os.getpid(), "started_at": _now(), "error": None,
                    "finished_at": None}
         if pid is not None:  # in the foreground (CLI) the run's process is this one
-            changes.update(pid=pid, pid_started=_proc_start_ticks(pid))
+            changes.update(pid=pid, pid_started=proc_start_ticks(pid))
         update_status(path, **changes)
     try:
         settings = from_dict(FinetuneSettings, doc.get("finetune") or {})

@@ -8,6 +8,7 @@ import pytest
 
 from refact_lab.finetune import runs
 from refact_lab.finetune.runs import RunService
+from refact_lab.home import pid_alive, proc_start_ticks
 from tests.finetune.conftest import quick_settings
 
 
@@ -114,10 +115,10 @@ def test_pid_liveness_sees_a_zombie_as_dead():
     import sys
 
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    start = runs._proc_start_ticks(proc.pid)
-    _wait_for(lambda: not runs.pid_alive(proc.pid, start), timeout=10, what="the child to end")
-    assert runs.pid_alive(os.getpid(), runs._proc_start_ticks(os.getpid()))
-    assert not runs.pid_alive(os.getpid(), 1)            # same pid, another start time: a recycled pid
+    start = proc_start_ticks(proc.pid)
+    _wait_for(lambda: not pid_alive(proc.pid, start), timeout=10, what="the child to end")
+    assert pid_alive(os.getpid(), proc_start_ticks(os.getpid()))
+    assert not pid_alive(os.getpid(), 1)            # same pid, another start time: a recycled pid
 
 
 def test_preview_shows_the_schedule_the_run_then_uses(home, stdlib_project, learnable_model_dir):
