@@ -70,7 +70,7 @@ def test_greedy_fim_completion_returns_one_line_and_stops(model_and_tokenizer):
     prefix = "import os\nimport sys\n\n\ndef main(argv):\n    for arg in argv:\n        print("
     suffix = "\n\n\nif __name__ == '__main__':\n    main(sys.argv)\n"
     c = complete_at_cursor(model, tok, QWEN_FIM, prefix, suffix, max_new_tokens=24)
-    assert isinstance(c.text, str)
+    assert isinstance(c.text, str) and c.text.strip()
     assert "\n" not in c.text and "<|" not in c.text
     assert 1 <= c.n_tokens <= 24
     assert c.stopped in ("newline", "stop_token", "length")
