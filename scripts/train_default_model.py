@@ -77,11 +77,11 @@ class Recipe:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 150
     weight_decay: float = 0.1
-    fim_rate: float = 0.5
+    fim_rate: float = 0.65
     # A single-line middle is ~1% of a row's tokens; weighting its loss makes the skill that matters for
     # completion (continue the prefix so that it meets the suffix) get a fair share of the gradient.
-    middle_loss_weight: float = 1.0
-    long_span_rate: float = 0.0  # share of FIM rows whose middle is a random span up to a quarter of the row
+    middle_loss_weight: float = 3.0
+    long_span_rate: float = 0.3  # share of FIM rows whose middle is a random span up to a quarter of the row
     init_from: str = ""          # continue from a model folder made by this recipe (same seed and held-out)
     # The standard library is a tenth of the characters but the most idiomatic Python on the machine (and the
     # held-out files come from it); sampling it 4x as often makes it about 30% of what the model sees.
