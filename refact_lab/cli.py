@@ -105,21 +105,13 @@ def _scan_progress():
     return progress, close
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def _cmd_scan(args) -> int:
     import json
     import os
 
     from refact_lab.config import ScanSettings, with_overrides
     from refact_lab.data.lossfilter import LossFilterError
-    from refact_lab.data.pipeline import ScanCancelled, ScanError, scan_files
+    from refact_lab.data.pipeline import ScanCancelled, ScanError, human_size, scan_files
     from refact_lab.data.service import ProjectService
     from refact_lab.data.sources import SourceError
     from refact_lab.home import Home
@@ -159,8 +151,8 @@ def _cmd_scan(args) -> int:
         for s in stats["sources"]:
             print(f"  {s['id']}: {s['kind']} {s['origin']}{' [test]' if s['test'] else ''} - {s['files']} files")
         print(f"accepted {stats['accepted']:>7}   train {stats['train']['files']} files "
-              f"({_size(stats['train']['bytes'])}), test {stats['test']['files']} files "
-              f"({_size(stats['test']['bytes'])})")
+              f"({human_size(stats['train']['bytes'])}), test {stats['test']['files']} files "
+              f"({human_size(stats['test']['bytes'])})")
         print(f"rejected {stats['rejected']:>7}")
         for reason, n in sorted(stats["reasons"].items(), key=lambda kv: -kv[1]):
             print(f"  {reason:<16} {n:>7}")

@@ -50,6 +50,15 @@ class ScanCancelled(Exception):
     """The user stopped the scan; nothing was written."""
 
 
+def human_size(n: float) -> str:
+    """Bytes as the CLI and the Scan panel show them: 512 B, 3.4 KiB, 1.2 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 def scan_files(home: Home, project: str = DEFAULT_PROJECT) -> dict[str, Path]:
     d = home.scan_dir(project)
     return {"dir": d, "accepted": d / "accepted.jsonl", "rejected": d / "rejected.jsonl", "stats": d / "stats.json",

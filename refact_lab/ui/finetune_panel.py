@@ -22,6 +22,7 @@ from typing import Any
 import ipywidgets as w
 
 from refact_lab.config import FinetuneSettings, SettingsError, field_specs
+from refact_lab.ui.messages import MessageMixin
 
 ACTIVE = ("queued", "running")
 _BIG = 1e12
@@ -100,7 +101,7 @@ class _Field:
             self.auto.observe(callback, "value")
 
 
-class FinetunePanel:
+class FinetunePanel(MessageMixin):
     """`FinetunePanel(RunService(home)).widget` is the Fine-tune tab."""
 
     def __init__(self, service, *, poll_s: float = 1.0):
@@ -242,25 +243,17 @@ class FinetunePanel:
 
     # --- actions ------------------------------------------------------------------------------------------
 
-    def _show_error(self, text: str) -> None:
-        self.last_error = text
-        self.message.value = f"<span style='color:#b00'>{html.escape(text)}</span>"
-
-    def _show_info(self, text: str) -> None:
-        self.last_error = None
-        self.message.value = f"<span style='color:#060'>{html.escape(text)}</span>"
-
     def start(self) -> str | None:
         if not self.dataset.value:
-            self._show_error("Choose a dataset first (scan some sources in the Scan tab).")
+            self._error("Choose a dataset first (scan some sources in the Scan tab).")
             return None
         try:
             settings = self.settings()
             run_id = self.service.start(self.dataset.value, self.model.value, settings)
         except (SettingsError, ValueError, FileNotFoundError, RuntimeError) as e:
-            self._show_error(str(e))
+            self._error(str(e))
             return None
-        self._show_info(f"Started run {run_id}.")
+        self._info(f"Started run {run_id}.")
         self._runs_key = None
         self.refresh(select=run_id)
         return run_id
@@ -272,9 +265,9 @@ class FinetunePanel:
         try:
             self.service.stop(run_id)
         except (RuntimeError, FileNotFoundError) as e:
-            self._show_error(str(e))
+            self._error(str(e))
             return
-        self._show_info(f"Stopping {run_id}: it saves a checkpoint at the next step.")
+        self._info(f"Stopping {run_id}: it saves a checkpoint at the next step.")
         self.refresh()
 
     def resume(self) -> None:
@@ -284,9 +277,9 @@ class FinetunePanel:
         try:
             self.service.resume(run_id)
         except (RuntimeError, FileNotFoundError) as e:
-            self._show_error(str(e))
+            self._error(str(e))
             return
-        self._show_info(f"Resuming {run_id} from its last checkpoint.")
+        self._info(f"Resuming {run_id} from its last checkpoint.")
         self._drawn_key = None
         self.refresh()
 

@@ -21,18 +21,12 @@ from typing import Any
 import ipywidgets as w
 
 from refact_lab.config import ScanSettings, SettingsError, field_specs
+from refact_lab.data.pipeline import human_size
+from refact_lab.ui.messages import MessageMixin
 
 ACTIVE = ("queued", "running")
 MAX_ROWS = 500          # a Select with tens of thousands of options freezes the browser
 _ALL = "(all)"
-
-
-def _fmt_size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 class _Field:
@@ -89,7 +83,7 @@ class _Field:
         self.input.value = value
 
 
-class ScanPanel:
+class ScanPanel(MessageMixin):
     """`ScanPanel(ProjectService(home)).widget` is the Scan tab."""
 
     def __init__(self, service, *, poll_s: float = 0.5):
@@ -203,14 +197,6 @@ class ScanPanel:
             self.types.value = tuple(settings.file_types)
 
     # --- actions --------------------------------------------------------------------------------------
-
-    def _error(self, text: str) -> None:
-        self.last_error = text
-        self.message.value = f"<span style='color:#b00'>{html.escape(text)}</span>"
-
-    def _info(self, text: str) -> None:
-        self.last_error = None
-        self.message.value = f"<span style='color:#060'>{html.escape(text)}</span>"
 
     def start(self) -> bool:
         try:
@@ -362,8 +348,8 @@ class ScanPanel:
                     f"({stats['loss']['computed']} computed, {stats['loss']['cached']} from cache)")
         self.summary.value = (
             f"<div><b>{stats['files']} files</b>: <span class='accepted-count'>{stats['accepted']}</span> "
-            f"accepted (train {stats['train']['files']} files, {_fmt_size(stats['train']['bytes'])}; "
-            f"test {stats['test']['files']} files, {_fmt_size(stats['test']['bytes'])}), "
+            f"accepted (train {stats['train']['files']} files, {human_size(stats['train']['bytes'])}; "
+            f"test {stats['test']['files']} files, {human_size(stats['test']['bytes'])}), "
             f"<span class='rejected-count'>{stats['rejected']}</span> rejected. "
             f"Types on: {html.escape(', '.join(stats.get('types_on') or []) or 'none')}. "
             f"<span style='color:#777'>({stats['elapsed_s']:.1f} s, {stats['files_read']} files read)</span>{loss}"
@@ -451,7 +437,7 @@ class ScanPanel:
                    if rec.get("reason") else f"accepted into <b>{rec['set']}</b>")
         self.selected_info.value = (
             f"<div><code>{html.escape(key)}</code> · {html.escape(rec.get('language') or 'unknown')} · "
-            f"{_fmt_size(rec['size'])} · loss {loss} · {outcome}"
+            f"{human_size(rec['size'])} · loss {loss} · {outcome}"
             + (f" · <i>{', '.join(marks)}</i>" if marks else "") + "</div>")
 
     def close(self) -> None:

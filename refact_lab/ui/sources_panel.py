@@ -16,8 +16,10 @@ from typing import Callable
 
 import ipywidgets as w
 
+from refact_lab.ui.messages import MessageMixin
 
-class SourcesPanel:
+
+class SourcesPanel(MessageMixin):
     """`SourcesPanel(ProjectService(home)).widget` is the Sources tab."""
 
     def __init__(self, service, *, background: bool = True):
@@ -124,14 +126,6 @@ class SourcesPanel:
         """Wait for the running action (for tests and notebooks)."""
         if self._worker is not None:
             self._worker.join(timeout)
-
-    def _error(self, text: str) -> None:
-        self.last_error = text
-        self.message.value = f"<span style='color:#b00'>{html.escape(text)}</span>"
-
-    def _info(self, text: str) -> None:
-        self.last_error = None
-        self.message.value = f"<span style='color:#060'>{html.escape(text)}</span>"
 
     # --- adding -----------------------------------------------------------------------------------------
 
