@@ -79,13 +79,15 @@ def model_folder(tmp: Path) -> tuple[str, str]:
 
 # ---- baseline -------------------------------------------------------------------------------------------------
 
-def load_reference(folder: str):
+def load_reference(folder: str, dtype: str):
+    """The same weights in this process, in the precision the server chose (bf16 on AMX CPUs, else fp32)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from refact_lab.models.registry import resolve
 
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
     spec = resolve(folder)
     stop_ids = sorted({tok.convert_tokens_to_ids(t) for t in spec.fim.stop_tokens if t in tok.get_vocab()})
     return tok, model, stop_ids
@@ -117,7 +119,7 @@ def full_length_prompts(tok, model, stop_ids, candidates: list[str], want: int) 
 # ---- the server -----------------------------------------------------------------------------------------------
 
 class Server:
-    def __init__(self, folder: str, home: Path, threads: int | None = None):
+    def __init__(self, folder: str, home: Path, threads: int | None = None, dtype: str = "auto"):
         import socket
 
         with socket.socket() as s:
@@ -127,13 +129,15 @@ class Server:
         self.log = open(home.parent / "server.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "refact_lab.cli", "serve", "--port", str(self.port), "--home", str(home),
-             "--token", self.token, "--model", folder],
+             "--token", self.token, "--model", folder, "--dtype", dtype],
             stdout=self.log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})})
         deadline = time.time() + 180
         while time.time() < deadline:
             try:
-                if self.call("GET", "/v1/refact-lab/status")[1].get("state") == "ready":
+                status = self.call("GET", "/v1/refact-lab/status")[1]
+                if status.get("state") == "ready":
+                    self.dtype = status["dtype"]
                     return
             except OSError:
                 pass
@@ -214,13 +218,13 @@ def cpu_bench(args) -> None:
         if os.getloadavg()[0] > os.cpu_count() / 2 and torch.get_num_threads() > 1:
             print("note: the machine is busy; torch's threads spin against other work and every number swings. "
                   "--threads 1 gives steadier numbers here.")
-        tok, model, stop_ids = load_reference(folder)
-        prompts = full_length_prompts(tok, model, stop_ids, code_prompts(200), want=args.requests)
-        print(f"{len(prompts)} prompts whose greedy completion runs the full {NEW_TOKENS} tokens "
-              f"(~{statistics.mean(len(tok(p).input_ids) for p in prompts):.0f} prompt tokens on average)")
-
-        server = Server(folder, tmp / "home", threads=torch.get_num_threads())
+        server = Server(folder, tmp / "home", threads=torch.get_num_threads(), dtype=args.dtype)
         try:
+            tok, model, stop_ids = load_reference(folder, server.dtype)
+            prompts = full_length_prompts(tok, model, stop_ids, code_prompts(200), want=args.requests)
+            print(f"weights in {server.dtype} on both sides; {len(prompts)} prompts whose greedy completion runs "
+                  f"the full {NEW_TOKENS} tokens (~{statistics.mean(len(tok(p).input_ids) for p in prompts):.0f} "
+                  "prompt tokens on average)")
             conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
             generate_once(tok, model, stop_ids, prompts[0])  # warm-up both
             server.complete(conn, prompts[0])
@@ -363,6 +367,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=12, help="duration of each throughput measurement")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads for generate and for the server (default: torch's own choice)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="the server's weights (auto: bf16 on a CPU with AMX / AVX512-BF16); generate matches it")
     parser.add_argument("--gpu", action="store_true", help="the GPU benchmark (Qwen2.5-Coder-1.5B shape, bf16)")
     parser.add_argument("--dry-run", action="store_true", help="with --gpu: tiny shapes on the CPU")
     args = parser.parse_args()

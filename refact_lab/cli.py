@@ -32,6 +32,14 @@ def _add_serve(sub) -> None:
     auth.add_argument("--token", help="API and login token (default: $REFACT_LAB_TOKEN, else generated)")
     auth.add_argument("--no-auth", action="store_true", help="no token (only on a loopback address)")
     p.add_argument("--model", help="base model: registry name, hub id or local folder (remembered)")
+    # device, dtype and batch size: remembered like --model (the Settings tab edits the same fields)
+    from refact_lab.config import ServeSettings, field_specs
+
+    specs = {f["name"]: f for f in field_specs(ServeSettings)}
+    for name in ("device", "dtype", "max_batch"):
+        spec = specs[name]
+        p.add_argument(f"--{name.replace('_', '-')}", type=spec["type"] if spec["type"] in (int, str) else str,
+                       choices=spec.get("choices"), help=f"{spec['help']} (remembered)")
     p.set_defaults(handler=_cmd_serve)
 
 
@@ -40,15 +48,16 @@ def _cmd_serve(args) -> int:
 
     from refact_lab.config import ServeSettings
 
+    given = {k: getattr(args, k) for k in ("device", "dtype", "max_batch") if getattr(args, k) is not None}
     try:
         settings = ServeSettings(host=args.host, port=args.port, home=args.home,
                                  token=None if args.no_auth else (args.token or os.environ.get("REFACT_LAB_TOKEN")),
-                                 no_auth=args.no_auth, model=args.model)
+                                 no_auth=args.no_auth, model=args.model, **given)
     except SettingsError as e:
         return _fail(str(e))
     from refact_lab.serve.server import run_server
 
-    return run_server(settings)
+    return run_server(settings, remember=given)
 
 
 # --- scan ------------------------------------------------------------------------------------------------

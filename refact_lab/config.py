@@ -159,7 +159,8 @@ class ServeSettings:
     max_body_mb: int = setting(16, help="Largest request body accepted by the API, in MiB", min=1, max=1024)
     device: str = setting("auto", help="Where the model runs: auto (a GPU if there is one, else the CPU), cpu, "
                                        "cuda or cuda:N (one GPU), shard (split over every GPU)")
-    dtype: str = setting("auto", help="Weights precision: auto (bf16 on a GPU that supports it, else fp32)",
+    dtype: str = setting("auto", help="Weights precision: auto (bf16 on a GPU, or on a CPU with AMX / AVX512-BF16; else "
+                                    "fp32)",
                          choices=("auto", "bf16", "fp16", "fp32"))
     gpu_memory_fraction: float = setting(
         1.0, help="Share one GPU: the fraction of its memory this server may use (the rest stays free for "

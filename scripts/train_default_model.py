@@ -449,12 +449,15 @@ def _flags(recipe: Recipe) -> str:
 
 
 def _stage1_line(stage1: dict | None) -> str:
-    if not stage1:
-        return ""
-    r = stage1["recipe"]
-    return (f"- Continued (`--init-from`) from a first stage: {stage1['train_minutes']:.1f} training minutes, "
-            f"{stage1['step']} steps, {stage1['tokens'] / 1e6:.1f}M tokens with\n  fim_rate {r['fim_rate']}, "
-            f"lr {r['lr']} (its cosine planned for {r['minutes']:g} minutes), stopped at that checkpoint.\n")
+    """One line per earlier stage, newest first (each stage's state keeps the one before it under "stage1")."""
+    lines = []
+    while stage1:
+        r = stage1["recipe"]
+        lines.append(f"- Continued (`--init-from`) from an earlier stage: {stage1['train_minutes']:.1f} training "
+                     f"minutes, {stage1['step']} steps, {stage1['tokens'] / 1e6:.1f}M tokens with\n  fim_rate "
+                     f"{r['fim_rate']}, lr {r['lr']} (its cosine planned for {r['minutes']:g} minutes).\n")
+        stage1 = stage1.get("stage1")
+    return "".join(lines)
 
 
 def model_card(recipe: Recipe, state: dict, sources: list[Source]) -> str:

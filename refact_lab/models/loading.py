@@ -15,6 +15,29 @@ def load_tokenizer(spec: ModelSpec | str):
     return AutoTokenizer.from_pretrained(spec.source)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16): there bf16 weights run prefill and
+    batched decoding 2-3x faster than fp32. Elsewhere bf16 is emulated and slower, so fp32 stays the choice."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def auto_dtype(device: str) -> str:
+    """The precision `dtype=auto` means on this device: bf16 on a GPU or CPU that computes it natively, else fp32."""
+    import torch
+
+    if device.startswith("cuda") or device == "shard":
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if device == "cpu" and cpu_has_native_bf16() else "float32"
+
+
 def load_model(spec: ModelSpec | str, device: str = "cpu", dtype: str | None = None):
     """Load the causal LM in eval mode. dtype: None (bf16 on CUDA that supports it, else fp32), or a name."""
     import torch

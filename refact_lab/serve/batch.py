@@ -38,6 +38,71 @@ def input_device(model):
     return model.get_input_embeddings().weight.device
 
 
+def _slack_layer_class():
+    """A DynamicLayer whose keys/values are views into buffers with spare columns.
+
+    DynamicLayer appends a token with torch.cat, copying the whole cache of every row on every step; with 16 rows
+    of a few hundred tokens that copy cost as much as the model's matmuls on a CPU. Here a step writes one column
+    in place and the buffer grows by half its length when full. Code that replaces `keys`/`values` outright
+    (Batch.keep, _trim, _merge) is noticed by identity and the buffer is rebuilt from the new tensors.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    class SlackLayer(DynamicLayer):
+        _kbuf = _vbuf = _kview = None
+
+        @classmethod
+        def holding(cls, keys, values) -> "SlackLayer":
+            layer = cls()
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+            return layer
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            fresh = self.keys is not self._kview
+            n = self.keys.shape[-2] if self.keys.numel() else 0
+            add = key_states.shape[-2]
+            if fresh or n + add > self._kbuf.shape[-2]:
+                self._reserve(n, n + add + max(32, (n + add) // 2), key_states)
+            self._kbuf[:, :, n:n + add] = key_states
+            self._vbuf[:, :, n:n + add] = value_states
+            self.keys = self._kview = self._kbuf[:, :, :n + add]
+            self.values = self._vbuf[:, :, :n + add]
+            return self.keys, self.values
+
+        def _reserve(self, n: int, capacity: int, like) -> None:
+            import torch
+
+            shape = (like.shape[0], like.shape[1], capacity, like.shape[3])
+            kbuf = torch.empty(shape, dtype=like.dtype, device=like.device)
+            vbuf = torch.empty(shape, dtype=like.dtype, device=like.device)
+            if n:
+                kbuf[:, :, :n] = self.keys
+                vbuf[:, :, :n] = self.values
+            self._kbuf, self._vbuf = kbuf, vbuf
+
+    return SlackLayer
+
+
+_SLACK_LAYER = None
+
+
+def new_cache(layers=None):
+    """An empty DynamicCache whose layers append in place (or one holding these (keys, values) pairs)."""
+    from transformers import DynamicCache
+
+    global _SLACK_LAYER
+    if _SLACK_LAYER is None:
+        _SLACK_LAYER = _slack_layer_class()
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _SLACK_LAYER
+    if layers:
+        cache.layers = [_SLACK_LAYER.holding(k, v) for k, v in layers]
+    return cache
+
+
 class Batch:
     """Rows decoding together on one adapter. Rows are objects with `prompt_ids`, `pos` and `last_token`."""
 
@@ -53,7 +118,6 @@ class Batch:
     def prefill(self, model, new_rows: Sequence[Any]):
         """Run the new rows' prompts and merge them into the batch; returns their next-token logits [n, vocab]."""
         import torch
-        from transformers import DynamicCache
 
         device = input_device(model)
         width = max(len(r.prompt_ids) for r in new_rows)
@@ -65,7 +129,7 @@ class Batch:
             mask[i, width - n:] = 1
         # Left padding: a row's first real token gets position 0; pad columns get 0 too (they are masked out).
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = new_cache()
         padded = bool((mask == 0).any())
         out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions, use_cache=True,
                     logits_to_keep=1, **{cache_kwarg(model): cache})
@@ -123,7 +187,6 @@ class Batch:
 
     def _merge(self, cache, mask, rows: list[Any]) -> None:
         import torch
-        from transformers import DynamicCache
 
         if not self.rows:
             self.rows, self.cache, self.mask = rows, cache, mask
@@ -144,7 +207,7 @@ class Batch:
             keys = torch.cat([pad(old.keys, 2), pad(new.keys.to(old.keys.device), 2)], dim=0)
             values = torch.cat([pad(old.values, 2), pad(new.values.to(old.values.device), 2)], dim=0)
             layers.append((keys, values))
-        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.cache = new_cache(layers)
         self.mask = torch.cat([pad(self.mask, 1), pad(mask.to(self.mask.device), 1)], dim=0)
         self.rows = self.rows + rows
         self.padded = bool((self.mask == 0).any())

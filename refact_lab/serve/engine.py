@@ -644,7 +644,7 @@ class Engine:
 
         import torch
 
-        from refact_lab.models.loading import load_model, load_tokenizer
+        from refact_lab.models.loading import auto_dtype, load_model, load_tokenizer
         from refact_lab.models.registry import resolve
 
         if cfg is None:
@@ -676,6 +676,8 @@ class Engine:
                     for i in ([int(device.split(":")[1])] if ":" in device else range(torch.cuda.device_count())):
                         torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction, i)
             dtype = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.dtype]
+            if dtype is None and device != "shard":
+                dtype = auto_dtype(device)
             tokenizer = load_tokenizer(spec)
             model = load_model(spec, device="auto" if device == "shard" else device, dtype=dtype)
             stop_ids = set()

@@ -74,7 +74,9 @@ def _make_server_app():
     return RefactLabServerApp
 
 
-def run_server(settings: ServeSettings) -> int:
+def run_server(settings: ServeSettings, remember: dict | None = None) -> int:
+    """Serve until Ctrl-C. `remember`: serving fields given on the command line (device, dtype, max_batch),
+    saved to settings.json like --model so the next start and the Settings tab see them."""
     home = Home.resolve(settings.home).ensure()
     token = "" if settings.no_auth else (settings.token or secrets.token_urlsafe(24))
     if settings.model:
@@ -82,6 +84,8 @@ def run_server(settings: ServeSettings) -> int:
 
         resolve(settings.model)  # fail fast with a clear message on an unknown model
         home.update_settings(model=settings.model)
+    if remember:
+        home.update_settings(**remember)
     # Kernels (the Voilà app, notebooks) inherit these, so panels find the same state and can show the URL.
     base = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
     os.environ["REFACT_LAB_HOME"] = str(home.root)

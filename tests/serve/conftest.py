@@ -54,7 +54,8 @@ def cut_at_special(text: str) -> str:
 @pytest.fixture(scope="module")
 def model_server(tmp_path_factory, varied_model_dir):
     home_dir = tmp_path_factory.mktemp("model_server") / "home"
-    srv = RunningServer(home_dir, extra_args=["--model", str(varied_model_dir)]).wait_ready()
+    # fp32 like the reference: bf16 (the CPU default where AMX exists) would make greedy answers drift apart
+    srv = RunningServer(home_dir, extra_args=["--model", str(varied_model_dir), "--dtype", "fp32"]).wait_ready()
     try:
         wait_model_ready(srv)
         yield srv

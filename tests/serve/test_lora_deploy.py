@@ -28,7 +28,7 @@ def lora_server(tmp_path_factory, varied_model_dir):
     home = Home.resolve(home_dir).ensure()
     old = make_run(home, "run-a", varied_model_dir, [10, 20], [2.5, 2.0], seed=1, created_at=1000)
     new = make_run(home, "run-b", varied_model_dir, [5, 10, 15], [3.0, 1.5, 1.8], seed=2, created_at=2000)
-    srv = RunningServer(home_dir, extra_args=["--model", str(varied_model_dir)]).wait_ready()
+    srv = RunningServer(home_dir, extra_args=["--model", str(varied_model_dir), "--dtype", "fp32"]).wait_ready()
     srv.home = home
     srv.checkpoints = {"run-a": old, "run-b": new}
     try:

@@ -10,12 +10,15 @@ from tests.serve.helpers import call, wait_model_ready
 
 def test_the_model_given_at_start_is_remembered(tmp_path, varied_model_dir):
     home_dir = tmp_path / "home"
-    first = RunningServer(home_dir, extra_args=["--model", str(varied_model_dir)]).wait_ready()
+    first = RunningServer(home_dir, extra_args=["--model", str(varied_model_dir), "--dtype", "bf16",
+                                                "--max-batch", "4"]).wait_ready()
     try:
-        assert wait_model_ready(first)["model"] == "tinycoder"
+        snap = wait_model_ready(first)
+        assert snap["model"] == "tinycoder" and snap["dtype"] == "bfloat16" and snap["applied"]["max_batch"] == 4
     finally:
         assert first.stop() == 0
-    assert Home.resolve(home_dir).load_settings()["model"] == str(varied_model_dir)
+    saved = Home.resolve(home_dir).load_settings()
+    assert (saved["model"], saved["dtype"], saved["max_batch"]) == (str(varied_model_dir), "bf16", 4)
 
     second = RunningServer(home_dir).wait_ready()  # no --model this time
     try:
