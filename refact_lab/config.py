@@ -166,6 +166,9 @@ class ServeSettings:
         1.0, help="Share one GPU: the fraction of its memory this server may use (the rest stays free for "
                   "another model or process)", min=0.05, max=1.0)
     max_batch: int = setting(16, help="Requests decoded together in one batch on the model", min=1, max=256)
+    loop_guard: bool = setting(True, help="Stop a completion that repeats one piece of text three times in a row "
+                                          "and keep only the first copy (unless the code around the cursor "
+                                          "repeats it too)")
 
     def __post_init__(self):
         validate(self)

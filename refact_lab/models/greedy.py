@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from refact_lab.models.healing import heal_fim_prompt
 from refact_lab.models.registry import FimFormat
 
 
@@ -41,12 +42,12 @@ def fim_prompt_ids(tok, fim: FimFormat, prefix: str, suffix: str, max_prompt_tok
 
 
 def greedy_complete(model, tok, prompt_ids: list[int], *, max_new_tokens: int = 32, stop_ids=(),
-                    stop_at_newline: bool = True, healed: str = "") -> Completion:
+                    stop_at_newline: bool = True, healed: str = "", allowed_first=()) -> Completion:
     """Greedy decoding with the KV cache; stops at a stop token, at a newline (optional) or at the limit.
 
-    `healed`: text of prompt tokens removed by token healing; the first token must start with it, and it is
-    not part of the returned text. With stop_ids=() and stop_at_newline=False it always produces
-    max_new_tokens (what a latency test wants).
+    `healed`: text of the prompt token removed by token healing; the first token is one of `allowed_first`
+    (tokens starting with that text), and the healed text is not part of the returned text. With stop_ids=()
+    and stop_at_newline=False it always produces max_new_tokens (what a latency test wants).
     """
     import torch
 
@@ -61,9 +62,8 @@ def greedy_complete(model, tok, prompt_ids: list[int], *, max_new_tokens: int = 
         result = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, logits_to_keep=1)
         for i in range(max_new_tokens):
             logits = result.logits[0, -1]
-            if i == 0 and healed:
-                allowed = _tokens_starting_with(tok, healed)
-                nxt = allowed[int(logits[allowed].argmax())]
+            if i == 0 and allowed_first:
+                nxt = allowed_first[int(logits[list(allowed_first)].argmax())]
             else:
                 nxt = int(logits.argmax())
             out.append(nxt)
@@ -84,40 +84,6 @@ def greedy_complete(model, tok, prompt_ids: list[int], *, max_new_tokens: int = 
         text = tok.decode(out, skip_special_tokens=False)[len(healed):]
     return Completion(text=text, n_tokens=len(out) + (stopped == "stop_token"), stopped=stopped,
                       prompt_tokens=len(prompt_ids))
-
-
-_TOKEN_TEXTS: dict[int, list[str]] = {}
-
-
-def _token_texts(tok) -> list[str]:
-    """Decoded text of every token id (4096 decodes: milliseconds), cached per tokenizer object."""
-    key = id(tok)
-    if key not in _TOKEN_TEXTS:
-        _TOKEN_TEXTS[key] = [tok.decode([i], skip_special_tokens=False) for i in range(len(tok))]
-    return _TOKEN_TEXTS[key]
-
-
-def _tokens_starting_with(tok, text: str) -> list[int]:
-    specials = set(tok.all_special_ids)
-    return [i for i, t in enumerate(_token_texts(tok)) if t.startswith(text) and i not in specials]
-
-
-def heal_prompt(tok, fim: FimFormat, prompt_ids: list[int]) -> tuple[list[int], str]:
-    """Token healing: drop the prefix's last token so the model may pick how the cursor's word continues.
-
-    A cursor inside a word ("    ret|") leaves a token (" ret") that byte-level BPE almost never produces
-    before "urn": the natural tokenization of the finished line is " return". Dropping the partial token and
-    making the first generated token start with its text gives the model its usual view of the line.
-    A token holding a newline is kept: the cursor then sits at a line start, a boundary BPE respects.
-    """
-    before = tok.convert_tokens_to_ids(fim.suffix if fim.order == "psm" else fim.middle)
-    end = prompt_ids.index(before)
-    if end < 2:
-        return prompt_ids, ""
-    text = _token_texts(tok)[prompt_ids[end - 1]]
-    if "\n" in text or prompt_ids[end - 1] in set(tok.all_special_ids):
-        return prompt_ids, ""
-    return prompt_ids[:end - 1] + prompt_ids[end:], text
 
 
 def _cache_keyword(model) -> str:
@@ -141,8 +107,8 @@ def complete_at_cursor(model, tok, fim: FimFormat, prefix: str, suffix: str, *, 
                        max_prompt_tokens: int = 448, single_line: bool = True, heal: bool = True) -> Completion:
     """What the model writes at the cursor between `prefix` and `suffix` (greedy, token healing optional)."""
     prompt = fim_prompt_ids(tok, fim, prefix, suffix, max_prompt_tokens)
-    healed = ""
+    healed, allowed = "", []
     if heal:
-        prompt, healed = heal_prompt(tok, fim, prompt)
+        prompt, healed, allowed = heal_fim_prompt(tok, fim, prompt)
     return greedy_complete(model, tok, prompt, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tok, fim),
-                           stop_at_newline=single_line, healed=healed)
+                           stop_at_newline=single_line, healed=healed, allowed_first=allowed)

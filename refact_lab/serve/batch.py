@@ -217,6 +217,15 @@ def sample(logits, rows: Sequence[Any]) -> list[int]:
     """One next token per row, honouring each row's temperature, top_p and seeded generator."""
     import torch
 
+    healing = [i for i, r in enumerate(rows) if getattr(r, "first_allowed", None) and not r.generated]
+    if healing:
+        # token healing: a row's first token must continue the word the prompt's last token was cut from
+        logits = logits.clone()
+        for i in healing:
+            allowed = torch.tensor(rows[i].first_allowed, dtype=torch.long, device=logits.device)
+            row = torch.full_like(logits[i], float("-inf"))
+            row[allowed] = logits[i, allowed]
+            logits[i] = row
     greedy = logits.argmax(dim=-1).tolist()
     out = []
     for i, r in enumerate(rows):

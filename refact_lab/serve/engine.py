@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from refact_lab.config import ServeSettings, SettingsError, from_dict
 from refact_lab.home import Home
+from refact_lab.models.healing import heal_fim_prompt, vocabulary
 from refact_lab.serve import checkpoints
 from refact_lab.serve.batch import Batch, sample
 from refact_lab.serve.state import SERVING_KEYS, UPSTREAM_KEYS, LoraChoice, lora_model_name
@@ -90,6 +91,8 @@ class Generation:
     pos: int = 0
     last_token: int = 0
     generator: Any = None
+    healed: str = ""                 # token healing: text of the prompt token removed (see models.healing)
+    first_allowed: list[int] | None = None  # ...and the tokens the completion may start with
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
 
@@ -431,7 +434,17 @@ class Engine:
         import torch
 
         special = tuple(self.spec.fim.stop_tokens) if self.spec else ()
-        g.rules = StopRules(tuple(g.params.stop) + g.extra_stops, g.params.single_line, special)
+        with self._tok_lock:
+            # the loop guard lets the completion repeat what the code around the cursor repeats (tables, rows)
+            context = self.tokenizer.decode(g.prompt_ids[-2048:], skip_special_tokens=False) if self.tokenizer else ""
+        g.rules = StopRules(tuple(g.params.stop) + g.extra_stops, g.params.single_line, special,
+                            loop_guard=self.settings.get("loop_guard", True) is not False, context=context)
+        if self.spec is not None and not g.healed:
+            # every FIM-shaped prompt is healed, whoever built it (our suffix API, Tabby, refact-lsp's own prompt)
+            with self._tok_lock:
+                ids, healed, allowed = heal_fim_prompt(self.tokenizer, self.spec.fim, g.prompt_ids)
+            if healed:
+                g.prompt_ids, g.healed, g.first_allowed = ids, healed, allowed
         if g.params.seed is not None and g.params.temperature > 0:
             g.generator = torch.Generator().manual_seed(g.params.seed)
         g.first_token_at = None
@@ -456,11 +469,15 @@ class Engine:
             return "stop"
         g.generated.append(tok)
         g.last_token = tok
+        g.first_allowed = None
         with self._tok_lock:
             text = self.tokenizer.decode(g.generated, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if g.healed and text.startswith(g.healed):
+            text = text[len(g.healed):]  # the client typed that part already
         cut = g.rules.find(text)
         if cut is not None:
-            g.text = text[:cut]
+            # never take back streamed text (a loop is only seen once its third copy is complete)
+            g.text = text[:max(cut, g.sent)]
             return "stop"
         g.text = text
         if len(g.generated) >= g.params.max_tokens or g.pos >= g.route.n_ctx:
@@ -480,7 +497,7 @@ class Engine:
             g.sent = len(final)
         now = time.monotonic()
         record = {"id": g.id, "model": g.route.name, "adapter": g.adapter_key, "index": g.index,
-                  "prompt_tokens": len(g.prompt_ids), "completion_tokens": len(g.generated),
+                  "prompt_tokens": len(g.prompt_ids) + bool(g.healed), "completion_tokens": len(g.generated),
                   "finish_reason": reason, "text": final, "seconds": round(now - g.submitted, 4),
                   "time": time.time()}
         with self._lock:
@@ -703,6 +720,7 @@ class Engine:
                 self.dtype_label = str(first.dtype).replace("torch.", "")
                 self.weights_bytes = weights
                 self.load_seconds = round(time.monotonic() - started, 2)
+            vocabulary(tokenizer)  # token healing's index of the vocabulary, built once here rather than mid-request
             with self._tok_lock:
                 self.tokenizer = tokenizer
             # the LoRA choice is applied before "ready", so the first request already sees the deployed adapter

@@ -43,19 +43,26 @@ class HostingService:
     def setting_specs(self) -> dict[str, dict]:
         """Help, bounds and choices of the hosting fields, for forms (from ServeSettings' metadata)."""
         return {s["name"]: s for s in field_specs(ServeSettings)
-                if s["name"] in ("device", "dtype", "gpu_memory_fraction", "max_batch")}
+                if s["name"] in ("device", "dtype", "gpu_memory_fraction", "max_batch", "loop_guard")}
 
     def current(self) -> dict:
         s = self.home.load_settings()
         return {"model": s.get("model") or "default", "device": s.get("device") or "auto",
                 "dtype": s.get("dtype") or "auto", "gpu_memory_fraction": s.get("gpu_memory_fraction") or 1.0,
-                "max_batch": s.get("max_batch") or 16}
+                "max_batch": s.get("max_batch") or 16, "loop_guard": s.get("loop_guard", True) is not False}
+
+    def set_loop_guard(self, on: bool) -> None:
+        """Whether completions that loop are cut (the engine reads it for every new request, no reload)."""
+        self.home.update_settings(loop_guard=bool(on))
 
     def choose(self, model: str, device: str = "auto", dtype: str = "auto", gpu_memory_fraction: float = 1.0,
-               max_batch: int = 16) -> dict:
-        """Validate and save the base model choice; the engine loads it (raises ValueError / SettingsError)."""
+               max_batch: int | None = None) -> dict:
+        """Validate and save the base model choice; the engine loads it (raises ValueError / SettingsError).
+        max_batch None keeps the saved one."""
         from refact_lab.models.registry import resolve
 
+        if max_batch is None:
+            max_batch = self.current()["max_batch"]
         model = (model or "").strip() or "default"
         resolve(model)  # unknown names, folders without config.json or FIM tokens: a clear error now
         checked = ServeSettings(model=model, device=device, dtype=dtype, gpu_memory_fraction=gpu_memory_fraction,

@@ -1,11 +1,14 @@
 """When a code completion ends, and how much of the decoded text is safe to stream so far.
 
-Three kinds of rule, checked after every generated token:
+Four kinds of rule, checked after every generated token:
 
 - special tokens (end-of-text and the model's FIM tokens) always end a completion; they are matched by token
   id by the batch decoder, and also as text here for tokenizers that spell them out of ordinary pieces;
 - `stop` strings from the request: the text is cut just before the first one (OpenAI semantics);
-- single-line requests stop at the first newline.
+- single-line requests stop at the first newline;
+- the loop guard: a completion whose end repeats one piece of text three times in a row ("None, None, None, ")
+  is stopped and cut after the first copy, unless the code around the cursor repeats that piece itself (a
+  table, a row of zeros). Small models fall into such loops and would otherwise fill max_tokens with them.
 
 While a completion runs, text that could still turn into a stop string (a tail of it that is a prefix of one)
 is held back, so a streaming client never receives characters that the final answer would not contain.
@@ -18,11 +21,37 @@ from dataclasses import dataclass
 REPLACEMENT_CHAR = "\ufffd"  # a decoded byte sequence that is not complete UTF-8 yet
 
 
+LOOP_COPIES = 3
+LOOP_UNIT_MIN, LOOP_UNIT_MAX = 3, 200  # characters in the repeated piece
+
+
+def find_loop(text: str, context: str = "") -> int | None:
+    """Where a loop at the end of `text` should be cut (after its first copy), or None.
+
+    A loop is a piece of LOOP_UNIT_MIN..LOOP_UNIT_MAX characters ending the text LOOP_COPIES times in a row,
+    with at least two different non-blank characters (so indentation and "-----" rulers are not loops), that
+    `context` (the code around the cursor) does not itself repeat as often.
+    """
+    n = len(text)
+    for u in range(LOOP_UNIT_MIN, min(LOOP_UNIT_MAX, n // LOOP_COPIES) + 1):
+        unit = text[n - u:]
+        if text[n - LOOP_COPIES * u:n - u] != unit * (LOOP_COPIES - 1):
+            continue
+        if len(set(unit) - set(" \t\n")) < 2:
+            continue
+        if unit * LOOP_COPIES in context:
+            continue
+        return n - (LOOP_COPIES - 1) * u
+    return None
+
+
 @dataclass(frozen=True)
 class StopRules:
     stop: tuple[str, ...] = ()
     single_line: bool = False
     special_text: tuple[str, ...] = ()
+    loop_guard: bool = True
+    context: str = ""  # text around the cursor (the prompt's end), for the loop guard
 
     @property
     def strings(self) -> tuple[str, ...]:
@@ -30,12 +59,14 @@ class StopRules:
         return tuple(s for s in dict.fromkeys((*self.stop, *extra, *self.special_text)) if s)
 
     def find(self, text: str) -> int | None:
-        """Index where the completion ends because of a stop string, or None."""
+        """Index where the completion ends because of a stop string or a loop, or None."""
         best = None
         for s in self.strings:
             i = text.find(s)
             if i >= 0 and (best is None or i < best):
                 best = i
+        if best is None and self.loop_guard:
+            best = find_loop(text, self.context)
         return best
 
     def safe_length(self, text: str) -> int:

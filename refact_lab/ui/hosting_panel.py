@@ -78,6 +78,9 @@ class HostingPanel:
         frac = specs["gpu_memory_fraction"]
         self.gpu_share = w.FloatSlider(value=current["gpu_memory_fraction"], min=frac["min"], max=frac["max"],
                                        step=0.05, description="GPU share", style=style, tooltip=frac["help"])
+        self.loop_guard = w.Checkbox(value=current["loop_guard"], description="cut completions that loop",
+                                     indent=False, tooltip=specs["loop_guard"]["help"])
+        self.loop_guard.observe(lambda ch: self.service.set_loop_guard(ch["new"]), "value")
         self.load_button = w.Button(description="Load model", button_style="primary", icon="play")
         self.refresh_button = w.Button(description="Refresh", icon="refresh")
         self.message = w.HTML()
@@ -101,7 +104,7 @@ class HostingPanel:
         self.widget = w.VBox([
             w.HTML("<h3>Model hosting</h3>"
                    f"<p style='max-width:900px' class='refact-lab-demo-note'>{html.escape(DEMO_NOTE)}</p>"),
-            self.model, self.custom, w.HBox([self.device, self.dtype]), self.gpu_share,
+            self.model, self.custom, w.HBox([self.device, self.dtype]), self.gpu_share, self.loop_guard,
             w.HBox([self.load_button, self.refresh_button]), self.message, self.state,
             w.HTML("<h4>OpenAI models and other engines (optional)</h4>"
                    "<p style='max-width:900px'>With an OpenAI key, GPT models are listed by the server and chat "

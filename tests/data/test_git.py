@@ -67,7 +67,7 @@ def test_clone_local_path_with_branch_and_shallow(home, upstream):
     with git.Repo(src.root) as clone:
         assert clone.active_branch.name == "feature"
         assert len(list(clone.iter_commits())) == 1  # shallow: the tip only
-    commit_on = upstream.git.checkout("feature")  # noqa: F841
+    upstream.git.checkout("feature")
     commit(upstream, {"app/feature3.py": good_py(52)}, "even more")
     updated = store.update(src.id)
     assert (root / "app/feature3.py").is_file() and updated.last_update["changed"] == 1

@@ -117,16 +117,23 @@ def test_model_files_are_not_excluded_from_the_wheel():
 
 
 def test_token_healing_drops_a_partial_word_but_not_a_line_start(model_and_tokenizer):
-    from refact_lab.models.greedy import fim_prompt_ids, heal_prompt
+    from refact_lab.models.greedy import fim_prompt_ids
+    from refact_lab.models.healing import heal_fim_prompt
 
     _, tok = model_and_tokenizer
     suffix_id = tok.convert_tokens_to_ids(QWEN_FIM.suffix)
     prompt = fim_prompt_ids(tok, QWEN_FIM, "def f(x):\n    ret", "\n", 64)
-    healed_prompt, healed = heal_prompt(tok, QWEN_FIM, prompt)
+    healed_prompt, healed, allowed = heal_fim_prompt(tok, QWEN_FIM, prompt)
     assert healed and "    ret".endswith(healed)
     assert len(healed_prompt) == len(prompt) - 1 and healed_prompt.index(suffix_id) == prompt.index(suffix_id) - 1
+    texts = [tok.decode([i]) for i in allowed]
+    assert prompt[prompt.index(suffix_id) - 1] in allowed and all(t.startswith(healed) for t in texts)
+    assert any(t.startswith(healed + "urn") for t in texts)  # " return" is a token of this vocabulary
     at_line_start = fim_prompt_ids(tok, QWEN_FIM, "def f(x):\n", "    return x\n", 64)
-    assert heal_prompt(tok, QWEN_FIM, at_line_start) == (at_line_start, "")
+    assert heal_fim_prompt(tok, QWEN_FIM, at_line_start) == (at_line_start, "", [])
+    # not a FIM prompt (no middle token at the end): untouched
+    plain = tok("def f(x):\n    ret")["input_ids"]
+    assert heal_fim_prompt(tok, QWEN_FIM, plain) == (plain, "", [])
 
 
 def test_healed_completion_continues_the_partial_word(model_and_tokenizer):

@@ -27,7 +27,7 @@ def _generated_repo(n_files: int, seed: int) -> list[str]:
                 f"def {a}_{b}_handler(payload, depth={n}):",
                 f'    """Quillify the {a} payload into a {b} frondset."""',
                 f"    vexa = Vexa(payload, mode=\"{b}\")",
-                f"    for step in range(depth):",
+                "    for step in range(depth):",
                 f"        vexa = quillify(vexa, step, tag=\"{a}\")",
                 f"    return frondset(vexa, {a.upper()}_{b.upper()}_LIMIT)",
                 "",

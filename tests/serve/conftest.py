@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from refact_lab.home import Home
 from tests.conftest import RunningServer
 from tests.serve.helpers import build_varied_model, wait_model_ready
 
@@ -22,13 +23,28 @@ def reference(varied_model_dir):
     model = AutoModelForCausalLM.from_pretrained(varied_model_dir).eval()
 
     def greedy(prompt: str, max_new_tokens: int, model_override=None) -> str:
+        """generate()'s greedy text. A FIM prompt is token-healed as the server does it: the prefix's last token
+        is dropped and generate's own constraint (prefix_allowed_tokens_fn) makes the first token continue it."""
         import torch
 
-        ids = tok(prompt, return_tensors="pt")
+        from refact_lab.models.healing import heal_fim_prompt
+        from refact_lab.models.registry import QWEN_FIM
+
+        ids, healed, allowed = heal_fim_prompt(tok, QWEN_FIM, tok(prompt)["input_ids"])
+        every = list(range(len(tok)))
+
+        def allowed_tokens(_batch, sequence):
+            return allowed if healed and sequence.shape[-1] == len(ids) else every
+
+        x = torch.tensor([ids])
         with torch.no_grad():
-            out = (model_override or model).generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                                     eos_token_id=_stop_ids(tok), pad_token_id=tok.eos_token_id)
-        return tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=False)
+            out = (model_override or model).generate(x, attention_mask=torch.ones_like(x),
+                                                     max_new_tokens=max_new_tokens, do_sample=False,
+                                                     eos_token_id=_stop_ids(tok), pad_token_id=tok.eos_token_id,
+                                                     prefix_allowed_tokens_fn=allowed_tokens)
+        text = tok.decode(out[0, len(ids):], skip_special_tokens=False)
+        assert text.startswith(healed)
+        return text[len(healed):]
 
     greedy.tokenizer = tok
     greedy.model = model
@@ -54,6 +70,9 @@ def cut_at_special(text: str) -> str:
 @pytest.fixture(scope="module")
 def model_server(tmp_path_factory, varied_model_dir):
     home_dir = tmp_path_factory.mktemp("model_server") / "home"
+    # the random test model loops all the time: these tests compare the server with plain greedy generate,
+    # so the loop guard is off here (tests/serve/test_loop_guard.py checks it)
+    Home.resolve(home_dir).ensure().update_settings(loop_guard=False)
     # fp32 like the reference: bf16 (the CPU default where AMX exists) would make greedy answers drift apart
     srv = RunningServer(home_dir, extra_args=["--model", str(varied_model_dir), "--dtype", "fp32"]).wait_ready()
     try:

@@ -11,7 +11,6 @@ import http.client
 import json
 import socket
 import threading
-import time
 
 import pytest
 
@@ -60,6 +59,27 @@ def test_suffix_makes_a_fim_prompt(model_server, reference):
     fim = f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
     assert out["choices"][0]["text"] == cut_at_special(reference(fim, 10))
     assert out["usage"]["prompt_tokens"] == len(reference.tokenizer(fim).input_ids)
+
+
+def test_a_cursor_inside_a_word_is_token_healed(model_server, reference):
+    """The prompt's last prefix token is dropped and the completion made to continue it (models.healing); the
+    text the user typed is not repeated. The same happens to a FIM prompt a client built itself (refact-lsp)."""
+    from refact_lab.models.healing import heal_fim_prompt
+    from refact_lab.models.registry import QWEN_FIM
+
+    prefix, suffix = "def total(xs):\n    ret", "\n"
+    fim = f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
+    ids = reference.tokenizer(fim).input_ids
+    _, healed, allowed = heal_fim_prompt(reference.tokenizer, QWEN_FIM, ids)
+    assert healed and prefix.endswith(healed) and allowed  # this prefix does end inside a word
+    out = complete(model_server, prompt=prefix, suffix=suffix, max_tokens=8)
+    assert out["choices"][0]["text"] == cut_at_special(reference(fim, 8))
+    assert out["usage"]["prompt_tokens"] == len(ids)
+    raw = complete(model_server, prompt=fim, max_tokens=8)  # the FIM prompt spelled out by the client
+    assert raw["choices"][0]["text"] == out["choices"][0]["text"]
+    events = sse_events(model_server, "/v1/completions",
+                        {"prompt": prefix, "suffix": suffix, "max_tokens": 8, "stream": True})
+    assert "".join(e["choices"][0]["text"] for e in events) == out["choices"][0]["text"]
 
 
 def test_streaming_completion_matches_the_whole_answer(model_server):

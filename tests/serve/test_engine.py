@@ -17,7 +17,8 @@ def engine(tmp_path_factory, varied_model_dir):
     from refact_lab.home import Home
 
     home = Home.resolve(tmp_path_factory.mktemp("engine_home")).ensure()
-    home.update_settings(model=str(varied_model_dir), max_batch=4)
+    # fp32 and no loop guard: answers are compared with plain greedy generate in fp32
+    home.update_settings(model=str(varied_model_dir), max_batch=4, dtype="fp32", loop_guard=False)
     eng = Engine(home, poll_interval=0.05).start().wait_ready(60)
     yield eng
     eng.stop()

@@ -26,6 +26,7 @@ PROMPT = "def parse(line):\n    return"
 def lora_server(tmp_path_factory, varied_model_dir):
     home_dir = tmp_path_factory.mktemp("lora_server") / "home"
     home = Home.resolve(home_dir).ensure()
+    home.update_settings(loop_guard=False)  # outputs are compared with plain greedy generate
     old = make_run(home, "run-a", varied_model_dir, [10, 20], [2.5, 2.0], seed=1, created_at=1000)
     new = make_run(home, "run-b", varied_model_dir, [5, 10, 15], [3.0, 1.5, 1.8], seed=2, created_at=2000)
     srv = RunningServer(home_dir, extra_args=["--model", str(varied_model_dir), "--dtype", "fp32"]).wait_ready()
