@@ -14,7 +14,7 @@ INSTALLED      := $(VENV)/.installed
 TEST_INSTALLED := $(VENV)/.installed-test
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install install-test chromium bench clean
+.PHONY: run test install install-test chromium tabby-agent bench clean
 
 run: $(INSTALLED)
 	$(VENV)/bin/refact-lab serve --host $(HOST) --port $(PORT) $(ARGS)
@@ -39,7 +39,16 @@ chromium:
 	@test -x /usr/bin/chromium || ( $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null )
 
-test: $(TEST_INSTALLED) chromium
+# Tabby's own client (the agent its IDE extensions run), from npm, for tests/clients/test_tabby_agent.py.
+TABBY_AGENT := .cache/tabby-agent/node_modules/tabby-agent/dist/index.js
+tabby-agent: $(TABBY_AGENT)
+
+$(TABBY_AGENT):
+	@command -v npm >/dev/null || ( $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nodejs npm >/dev/null )
+	npm install --silent --no-audit --no-fund --prefix .cache/tabby-agent tabby-agent@1.5.0
+
+test: $(TEST_INSTALLED) chromium $(TABBY_AGENT)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(INSTALLED)
@@ -49,4 +58,4 @@ bench: $(INSTALLED)
 	$(PY) bench/default_model.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .cache

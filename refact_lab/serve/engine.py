@@ -253,6 +253,21 @@ class Engine:
                 raise EngineError(f"the model is not ready (state: {self.state})", 503)
             return tok(text, add_special_tokens=special)["input_ids"]
 
+    def encode_fim(self, fim, prefix: str, suffix: str, max_prompt_tokens: int) -> list[int]:
+        """A FIM prompt cut to fit: the end of the prefix and the start of the suffix (what an IDE plugin that
+        sends whole files expects). Falls back to the plain text when the FIM markers are not single tokens."""
+        from refact_lab.models.greedy import fim_prompt_ids
+
+        with self._tok_lock:
+            tok = self.tokenizer
+            if tok is None:
+                raise EngineError(f"the model is not ready (state: {self.state})", 503)
+            unk = getattr(tok, "unk_token_id", None)
+            ids = [tok.convert_tokens_to_ids(t) for t in (fim.prefix, fim.suffix, fim.middle)]
+            if all(isinstance(i, int) and i != unk for i in ids):
+                return fim_prompt_ids(tok, fim, prefix, suffix, max_prompt_tokens)
+        return self.encode(fim.prompt(prefix, suffix))
+
     def chat_prompt(self, messages: list[dict]) -> tuple[str, tuple[str, ...], bool]:
         """A chat as one prompt: (text, extra stop strings, whether the tokenizer's chat template made it).
 
@@ -732,6 +747,10 @@ class Engine:
                 self._bump_caps()
             log.info("model %s ready on %s in %.1fs", spec.name, self.device_label, self.load_seconds)
         except Exception as e:
+            if self._stopping.is_set():
+                # the server is shutting down mid-load (its thread pools refuse new work): not a model failure
+                log.info("model %s: loading interrupted by shutdown", cfg.model)
+                return
             log.exception("model %s failed to load", cfg.model)
             with self._lock:
                 self.state, self.error = "failed", f"{type(e).__name__}: {e}"

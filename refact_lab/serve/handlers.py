@@ -296,8 +296,10 @@ class CompletionsHandler(JsonPostHandler):
     async def _tabby(self, body: dict):
         req = parse_tabby(body)
         route = self.engine.route(None)
-        ids = self.engine.encode(route.fim.prompt(req.prefix, req.suffix))
-        params = SamplingParams(check_budget(len(ids), req.max_tokens, route.n_ctx), req.temperature, 1.0, (),
+        # Tabby's agent sends as much of the file as it likes; like Tabby's server, keep what fits around the cursor
+        max_tokens = min(req.max_tokens, route.n_ctx // 2)
+        ids = self.engine.encode_fim(route.fim, req.prefix, req.suffix, route.n_ctx - max_tokens)
+        params = SamplingParams(check_budget(len(ids), max_tokens, route.n_ctx), req.temperature, 1.0, (),
                                 req.single_line, req.seed)
         events = self._submit(route, ids, params, 1)
         done = await self.collect(events, 1)

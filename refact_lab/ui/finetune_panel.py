@@ -17,15 +17,14 @@ import html
 import io
 import threading
 import time
-from typing import Any
 
 import ipywidgets as w
 
 from refact_lab.config import FinetuneSettings, SettingsError, field_specs
+from refact_lab.ui.fields import SettingField
 from refact_lab.ui.messages import MessageMixin
 
 ACTIVE = ("queued", "running")
-_BIG = 1e12
 
 
 def _fmt_eta(seconds: float | None) -> str:
@@ -37,68 +36,6 @@ def _fmt_eta(seconds: float | None) -> str:
     if seconds >= 60:
         return f"{seconds // 60}m {seconds % 60:02d}s"
     return f"{seconds}s"
-
-
-class _Field:
-    """One hyperparameter's widget, built from its field metadata."""
-
-    def __init__(self, spec: dict):
-        self.spec = spec
-        name, kind, default, tip = spec["name"], spec["type"], spec["default"], spec["help"]
-        lo = spec["min"] if spec["min"] is not None else -_BIG
-        hi = spec["max"] if spec["max"] is not None else _BIG
-        layout = w.Layout(width="300px")
-        style = {"description_width": "140px"}
-        if spec["choices"]:
-            self.input = w.Dropdown(options=list(spec["choices"]), value=default, description=name, tooltip=tip,
-                                    layout=layout, style=style)
-        elif kind is bool:
-            self.input = w.Checkbox(value=bool(default), description=name, tooltip=tip, indent=False,
-                                    layout=layout)
-        elif kind is int:
-            start = default if default is not None else int(max(lo, 1))
-            self.input = w.BoundedIntText(value=start, min=int(lo), max=int(hi), description=name, tooltip=tip,
-                                          layout=layout, style=style)
-        elif kind is float:
-            start = default if default is not None else float(max(lo, 0))
-            self.input = w.BoundedFloatText(value=start, min=lo, max=hi, description=name, tooltip=tip,
-                                            layout=layout, style=style)
-        else:
-            self.input = w.Text(value="" if default is None else str(default), description=name, tooltip=tip,
-                                layout=layout, style=style)
-        self.auto = None
-        if spec["auto"]:
-            self.auto = w.Checkbox(value=default is None, description="auto", indent=False, tooltip=tip,
-                                   layout=w.Layout(width="70px"))
-            self.input.disabled = self.auto.value
-            self.auto.observe(lambda ch: setattr(self.input, "disabled", ch["new"]), "value")
-        bounds = ""
-        if spec["min"] is not None and spec["max"] is not None and not spec["choices"] and kind is not bool:
-            bounds = f"{spec['min']:g} – {spec['max']:g}"
-        self.hint = w.HTML(f"<span style='color:#777;font-size:90%' title='{html.escape(tip)}'>{bounds}</span>")
-        self.widget = w.HBox([self.input, *([self.auto] if self.auto else []), self.hint])
-        self.widget.add_class(f"refact-lab-field-{name}")   # a stable handle for browser tests
-
-    @property
-    def name(self) -> str:
-        return self.spec["name"]
-
-    def get(self) -> Any:
-        if self.auto is not None and self.auto.value:
-            return None
-        return self.input.value
-
-    def set(self, value: Any) -> None:
-        if self.auto is not None:
-            self.auto.value = value is None
-            if value is None:
-                return
-        self.input.value = value
-
-    def observe(self, callback) -> None:
-        self.input.observe(callback, "value")
-        if self.auto is not None:
-            self.auto.observe(callback, "value")
 
 
 class FinetunePanel(MessageMixin):
@@ -130,7 +67,8 @@ class FinetunePanel(MessageMixin):
         self.reload_button.on_click(lambda _: self.reload_choices())
 
         # --- the hyperparameter form
-        self.fields = {spec["name"]: _Field(spec) for spec in field_specs(FinetuneSettings)}
+        self.fields = {spec["name"]: SettingField(spec, css_class=f"refact-lab-field-{spec['name']}")
+                       for spec in field_specs(FinetuneSettings)}
         for field in self.fields.values():
             field.observe(self._form_changed)
         self.model.observe(self._form_changed, "value")

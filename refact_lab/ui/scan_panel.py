@@ -16,71 +16,17 @@ import base64
 import html
 import io
 import threading
-from typing import Any
 
 import ipywidgets as w
 
 from refact_lab.config import ScanSettings, SettingsError, field_specs
 from refact_lab.data.pipeline import human_size
+from refact_lab.ui.fields import SettingField
 from refact_lab.ui.messages import MessageMixin
 
 ACTIVE = ("queued", "running")
 MAX_ROWS = 500          # a Select with tens of thousands of options freezes the browser
 _ALL = "(all)"
-
-
-class _Field:
-    """One scan setting's widget, built from its field metadata. Lists are comma-separated text."""
-
-    def __init__(self, spec: dict):
-        self.spec = spec
-        name, kind, default, tip = spec["name"], spec["type"], spec["default"], spec["help"]
-        layout, style = w.Layout(width="330px"), {"description_width": "150px"}
-        lo = spec["min"] if spec["min"] is not None else -1e12
-        hi = spec["max"] if spec["max"] is not None else 1e12
-        if kind is bool:
-            self.input = w.Checkbox(value=bool(default), description=name, tooltip=tip, indent=False,
-                                    layout=layout)
-        elif kind is int:
-            self.input = w.BoundedIntText(value=default if default is not None else int(max(lo, 1)), min=int(lo),
-                                          max=int(hi), description=name, tooltip=tip, layout=layout, style=style)
-        elif kind is float:
-            self.input = w.BoundedFloatText(value=default if default is not None else float(max(lo, 0)),
-                                            min=lo, max=hi, step=0.05, description=name, tooltip=tip,
-                                            layout=layout, style=style)
-        else:
-            text = ", ".join(default) if isinstance(default, list) else ("" if default is None else str(default))
-            self.input = w.Text(value=text, description=name, tooltip=tip, layout=layout, style=style,
-                                placeholder="comma-separated" if kind is list else "(default)")
-        self.auto = None
-        if spec["auto"]:
-            self.auto = w.Checkbox(value=default is None, description="auto", indent=False, tooltip=tip,
-                                   layout=w.Layout(width="70px"))
-            self.input.disabled = self.auto.value
-            self.auto.observe(lambda ch: setattr(self.input, "disabled", ch["new"]), "value")
-        self.widget = w.HBox([self.input, *([self.auto] if self.auto else [])])
-        self.widget.add_class(f"refact-lab-scan-field-{name}")
-
-    def get(self) -> Any:
-        if self.auto is not None and self.auto.value:
-            return None
-        value = self.input.value
-        if self.spec["type"] is list:
-            return [p.strip() for p in value.split(",") if p.strip()]
-        if self.spec["type"] is str and value == "" and self.spec["default"] is None:
-            return None
-        return value
-
-    def set(self, value: Any) -> None:
-        if self.auto is not None:
-            self.auto.value = value is None
-            if value is None:
-                return
-        if self.spec["type"] is list:
-            value = ", ".join(value or [])
-        elif value is None:
-            value = ""
-        self.input.value = value
 
 
 class ScanPanel(MessageMixin):
@@ -102,7 +48,8 @@ class ScanPanel(MessageMixin):
 
         # --- settings form (file types get their own widget: the detected types with counts)
         specs = [s for s in field_specs(ScanSettings) if s["name"] != "file_types"]
-        self.fields = {s["name"]: _Field(s) for s in specs}
+        self.fields = {s["name"]: SettingField(s, css_class=f"refact-lab-scan-field-{s['name']}", width="330px",
+                                                label_width="150px") for s in specs}
         self.types = w.SelectMultiple(options=[], rows=5, description="file types",
                                       tooltip=next(s["help"] for s in field_specs(ScanSettings)
                                                    if s["name"] == "file_types"),

@@ -187,6 +187,11 @@ def test_tabby_segments_and_health(model_server, reference):
     status, out = call(model_server, "POST", "/v1/completions",
                        {"language": "python", "segments": {"prefix": "x = foo(", "suffix": ")\nprint(x)\n"}})
     assert status == 200 and "\n" not in out["choices"][0]["text"]
+    # a whole long file around the cursor: cut to the context (as Tabby's server does), not refused
+    big = "".join(f"value_{i} = compute({i})\n" for i in range(3000))
+    status, out = call(model_server, "POST", "/v1/completions",
+                       {"language": "python", "segments": {"prefix": big + "total = ", "suffix": "\n" + big}})
+    assert status == 200 and isinstance(out["choices"][0]["text"], str)
     status, health = call(model_server, "GET", "/v1/health")
     assert status == 200 and health["model"] == "tinycoder" and health["device"] == "cpu"
     assert health["version"]["git_describe"] and health["model_state"] == "ready"

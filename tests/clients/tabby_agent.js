@@ -1,0 +1,24 @@
+// Drives Tabby's own client library (the agent inside Tabby's IDE extensions) against a server:
+//   node tabby_agent.js AGENT_DIR ENDPOINT TOKEN FILE_TEXT_WITH_<CURSOR>
+// prints {"status": ..., "completion": {...}} as JSON on stdout.
+const path = require("path");
+const [agentDir, endpoint, token, textWithCursor] = process.argv.slice(2);
+const { TabbyAgent } = require(path.join(agentDir, "node_modules", "tabby-agent"));
+
+(async () => {
+  const agent = new TabbyAgent();
+  // an in-memory data store: the agent would otherwise keep state under ~/.tabby-client
+  const dataStore = { data: {}, load: async () => ({}), save: async () => {} };
+  await agent.initialize({ config: { server: { endpoint, token } }, dataStore });
+  const status = agent.getStatus();
+  let completion = null;
+  if (status === "ready") {
+    const position = textWithCursor.indexOf("<CURSOR>");
+    completion = await agent.provideCompletions({
+      filepath: "/project/app.py", language: "python", text: textWithCursor.replace("<CURSOR>", ""), position,
+    });
+  }
+  console.log(JSON.stringify({ status, completion }));
+  await agent.finalize();
+  process.exit(0);
+})().catch((e) => { console.error(e); process.exit(1); });
