@@ -294,6 +294,15 @@ class Engine:
     def submit(self, gen: Generation) -> Generation:
         if gen.route is None:
             gen.route = self.route(None)
+        if not gen.prompt_ids:
+            # an empty prompt means "the start of a file": the token training put before every file
+            with self._tok_lock:
+                tok = self.tokenizer
+                start = None if tok is None else (tok.bos_token_id if tok.bos_token_id is not None
+                                                  else tok.eos_token_id)
+            if start is None:
+                raise EngineError("the prompt is empty and this model's tokenizer has no start token", 400)
+            gen.prompt_ids = [start]
         with self._lock:
             self.counters["submitted"] += 1
         self._inbox.put(gen)
@@ -461,7 +470,8 @@ class Engine:
             if healed:
                 g.prompt_ids, g.healed, g.first_allowed = ids, healed, allowed
         if g.params.seed is not None and g.params.temperature > 0:
-            g.generator = torch.Generator().manual_seed(g.params.seed)
+            # any JSON integer is a seed; torch takes 64 bits
+            g.generator = torch.Generator().manual_seed(g.params.seed % 2**63)
         g.first_token_at = None
 
     def _accept(self, group: _Group, rows: list[Generation], tokens: list[int]) -> None:

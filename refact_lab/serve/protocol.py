@@ -12,6 +12,7 @@ refused rather than silently ignored.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from urllib.parse import quote
@@ -35,19 +36,43 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
             "detail": message}
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _reject_constant(name: str):
+    raise ApiError(400, f"malformed JSON in the request body: {name} is not a JSON number")
+
+
+def _clean_strings(value, depth: int = 0):
+    """Lone UTF-16 surrogates ("\\ud800" is valid JSON) cannot be encoded as UTF-8 or tokenized: U+FFFD instead."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value) if _LONE_SURROGATE.search(value) else value
+    if depth > 64:
+        return value
+    if isinstance(value, list):
+        return [_clean_strings(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {_clean_strings(k, depth + 1): _clean_strings(v, depth + 1) for k, v in value.items()}
+    return value
+
+
 def parse_json_object(body: bytes) -> dict:
     if not body or not body.strip():
         raise ApiError(400, "the request body is empty: send a JSON object")
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise ApiError(400, "the request body is not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise ApiError(400, f"malformed JSON in the request body: {e.msg} at line {e.lineno} column {e.colno}"
                        ) from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON in the request body: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer with more digits than Python converts
+        raise ApiError(400, f"malformed JSON in the request body: {e}") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}")
-    return data
+    return _clean_strings(data)
 
 
 def _type_name(t) -> str:

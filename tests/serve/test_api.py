@@ -222,7 +222,22 @@ BAD = [
     ("chat image part", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "only text parts"),
     ("tabby bad segments", "/v1/completions", {"segments": "def f"}, 400, "'segments'"),
+    ("NaN", "/v1/completions", b'{"prompt": "x", "temperature": NaN}', 400, "NaN is not a JSON number"),
+    ("nested too deeply", "/v1/completions", b'{"prompt": ' + b"[" * 50000 + b"]" * 50000 + b"}", 400,
+     "nested too deeply"),
 ]
+
+
+def test_odd_but_valid_input_is_served(model_server):
+    """Valid JSON that once reached the model raw: an empty prompt (the start of a file), a lone UTF-16
+    surrogate (tokenizers refuse it; it becomes U+FFFD), a seed beyond 64 bits, a negative seed."""
+    for body in ({"prompt": ""}, {"prompt": "x = '\ud800'"}, {"prompt": "x", "suffix": "\udfff"},
+                 {"prompt": "x", "temperature": 1, "seed": 2 ** 70}, {"prompt": "x", "temperature": 1, "seed": -5}):
+        status, out = call(model_server, "POST", "/v1/completions", {**body, "max_tokens": 3})
+        assert status == 200 and isinstance(out["choices"][0]["text"], str), (body, out)
+    status, out = call(model_server, "POST", "/v1/chat/completions",
+                       {"messages": [{"role": "user", "content": "\ud83d"}], "max_tokens": 3})
+    assert status == 200, out
 
 
 @pytest.mark.parametrize("name,path,body,status,words", BAD, ids=[b[0] for b in BAD])
