@@ -2,7 +2,8 @@
 
 The automatic test set is a few files (a share of the dataset, at least one, at most `max_test_files`),
 chosen by hashing (seed, content hash, path): the same files and seed give the same split whatever order the
-files were listed in, and adding a file moves at most a few others. A test file never has the same content
+files were listed in, and adding a file moves at most a few others. Files of at least 1 KiB (or the median
+size, if smaller) are preferred, so the test loss is not measured on stubs. A test file never has the same content
 as a training file, or the test loss would measure memorisation.
 """
 
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+
+
+MIN_TEST_FILE_BYTES = 1024
 
 
 class SplitError(ValueError):
@@ -46,6 +50,10 @@ def assign_sets(records: list[dict], *, test_share: float, max_test_files: int, 
     want = min(max_test_files, max(1, round(n * test_share)), n - 1)
     counts = Counter(r.get("sha256") for r in records)
     candidates = sorted((r for r in records if counts[r.get("sha256")] == 1), key=lambda r: _rank(seed, r))
+    # A stub (an empty __init__.py, a 200-byte .pyi) measures almost nothing: files of a typical size go first.
+    sizes = sorted(r.get("size") or 0 for r in records)
+    floor = min(MIN_TEST_FILE_BYTES, sizes[len(sizes) // 2])
+    candidates.sort(key=lambda r: (r.get("size") or 0) < floor)  # stable: rank order within each group
     if not candidates:
         raise SplitError(f"{n} files accepted but all share their content with another; at least 2 distinct "
                          "files are needed")

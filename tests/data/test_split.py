@@ -73,3 +73,18 @@ def test_everything_held_out_says_a_training_file_is_needed():
         r["held_out"] = True
     with pytest.raises(SplitError, match="at least 1 training file is needed"):
         assign_sets(recs, test_share=0.1, max_test_files=5, seed=0)
+
+
+def test_stubs_are_not_picked_for_the_test_set_when_real_files_exist():
+    recs = _recs(100)
+    for i, r in enumerate(recs):
+        r["size"] = 150 if i % 2 else 4000  # half are stubs (an empty __init__.py, a small .pyi)
+    assign_sets(recs, test_share=0.1, max_test_files=20, seed=3)
+    test = [r for r in recs if r["set"] == "test"]
+    assert len(test) == 10 and all(r["size"] == 4000 for r in test)
+    # only small files: the split still happens, among them
+    small = _recs(10)
+    for r in small:
+        r["size"] = 100
+    assign_sets(small, test_share=0.1, max_test_files=20, seed=3)
+    assert sum(r["set"] == "test" for r in small) == 1
