@@ -1,15 +1,16 @@
 // Drives Tabby's own client library (the agent inside Tabby's IDE extensions) against a server:
-//   node tabby_agent.js AGENT_DIR ENDPOINT TOKEN FILE_TEXT_WITH_<CURSOR>
-// prints {"status": ..., "completion": {...}} as JSON on stdout.
+//   node tabby_agent.js AGENT_DIR FILE_TEXT_WITH_<CURSOR>
+// The server and token come from $HOME/.tabby-client/agent/config.toml, as for a user of the IDE extensions.
+// Prints {"status": ..., "completion": {...}} as JSON on stdout.
 const path = require("path");
-const [agentDir, endpoint, token, textWithCursor] = process.argv.slice(2);
+const [agentDir, textWithCursor] = process.argv.slice(2);
 const { TabbyAgent } = require(path.join(agentDir, "node_modules", "tabby-agent"));
 
 (async () => {
   const agent = new TabbyAgent();
   // an in-memory data store: the agent would otherwise keep state under ~/.tabby-client
   const dataStore = { data: {}, load: async () => ({}), save: async () => {} };
-  await agent.initialize({ config: { server: { endpoint, token } }, dataStore });
+  await agent.initialize({ dataStore });
   const status = agent.getStatus();
   let completion = null;
   if (status === "ready") {

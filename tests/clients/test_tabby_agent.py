@@ -1,5 +1,5 @@
-"""Tabby's real client: the `tabby-agent` npm package (what Tabby's IDE extensions run), pointed at our server
-with the embedded default model, completes a Python file at a cursor with our model's text."""
+"""Tabby's real client: the `tabby-agent` npm package (what Tabby's IDE extensions run), configured with the
+config.toml the Deploy panel shows, completes a Python file at a cursor with our embedded model's text."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from refact_lab.home import Home
 from tests.conftest import RunningServer
 from tests.serve.helpers import call, wait_model_ready
 
@@ -30,15 +31,22 @@ def default_server(tmp_path_factory):
         srv.stop()
 
 
-def run_agent(tmp_path, url: str, token: str) -> dict:
-    out = subprocess.run(["node", str(DRIVER), str(AGENT_DIR), url, token, FILE], capture_output=True, text=True,
+def run_agent(tmp_path, srv, token: str) -> dict:
+    from refact_lab.serve.deploy import DeployService
+
+    snippet = DeployService(Home.resolve(srv.home_dir), url=srv.url, token=token).connection({})["tabby"]
+    assert snippet.startswith("# ~/.tabby-client/agent/config.toml")
+    config = tmp_path / ".tabby-client" / "agent" / "config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(snippet + "\n")
+    out = subprocess.run(["node", str(DRIVER), str(AGENT_DIR), FILE], capture_output=True, text=True,
                          timeout=120, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_tabby_agent_completes_with_our_model(default_server, tmp_path):
-    result = run_agent(tmp_path, default_server.url, default_server.token)
+    result = run_agent(tmp_path, default_server, default_server.token)
     assert result["status"] == "ready"  # the agent checked /v1/health with our token
     choices = result["completion"]["choices"]
     assert choices and choices[0]["text"].strip()
@@ -49,5 +57,5 @@ def test_tabby_agent_completes_with_our_model(default_server, tmp_path):
 
 
 def test_tabby_agent_with_a_wrong_token_is_unauthorized(default_server, tmp_path):
-    result = run_agent(tmp_path, default_server.url, "wrong-token")
+    result = run_agent(tmp_path, default_server, "wrong-token")
     assert result["status"] == "unauthorized" and result["completion"] is None
