@@ -33,15 +33,29 @@ def find_loop(text: str, context: str = "") -> int | None:
     `context` (the code around the cursor) does not itself repeat as often.
     """
     n = len(text)
-    for u in range(LOOP_UNIT_MIN, min(LOOP_UNIT_MAX, n // LOOP_COPIES) + 1):
+    if n < LOOP_COPIES * LOOP_UNIT_MIN:
+        return None
+    # A loop of period u means the copy before the last one ends with the same characters as the text: only the
+    # earlier places where the text's last few characters occur are candidate periods (checked shortest first).
+    tail = text[n - LOOP_UNIT_MIN:]
+    lowest = max(0, n - LOOP_UNIT_MAX - LOOP_UNIT_MIN)
+    if len(set(text[lowest:]) - set(" \t\n")) < 2:
+        return None  # rulers, blank runs, "- - - -": no unit here could have two different characters
+    # a period within the trailing run of one character ("-------") would be a one-character unit: skip them
+    run = n - len(text.rstrip(text[-1]))
+    end = n - max(run + 1, LOOP_UNIT_MIN)
+    if end - LOOP_UNIT_MIN < lowest:
+        return None
+    i = text.rfind(tail, lowest, end)
+    while i != -1:
+        u = n - (i + LOOP_UNIT_MIN)
+        if LOOP_COPIES * u > n:
+            break
         unit = text[n - u:]
-        if text[n - LOOP_COPIES * u:n - u] != unit * (LOOP_COPIES - 1):
-            continue
-        if len(set(unit) - set(" \t\n")) < 2:
-            continue
-        if unit * LOOP_COPIES in context:
-            continue
-        return n - (LOOP_COPIES - 1) * u
+        if (text[n - LOOP_COPIES * u:n - u] == unit * (LOOP_COPIES - 1) and len(set(unit) - set(" \t\n")) >= 2
+                and unit * LOOP_COPIES not in context):
+            return n - (LOOP_COPIES - 1) * u
+        i = text.rfind(tail, lowest, i + LOOP_UNIT_MIN - 1)
     return None
 
 
