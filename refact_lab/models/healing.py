@@ -28,6 +28,7 @@ class Vocabulary:
         self.texts: list[str] = tok.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
                                                  clean_up_tokenization_spaces=False)
         self.special = set(tok.all_special_ids)
+        self.concatenates = _decodes_by_concatenation(tok, self.texts, self.special)
         pairs = sorted((t, i) for i, t in enumerate(self.texts) if i not in self.special and t)
         self._sorted_texts = [t for t, _ in pairs]
         self._sorted_ids = [i for _, i in pairs]
@@ -36,6 +37,17 @@ class Vocabulary:
         lo = bisect.bisect_left(self._sorted_texts, text)
         hi = bisect.bisect_left(self._sorted_texts, text + "\U0010ffff")
         return self._sorted_ids[lo:hi]
+
+
+def _decodes_by_concatenation(tok, texts: list[str], special: set[int]) -> bool:
+    """Whether decoding a sequence gives the concatenated texts of its tokens (byte-level BPE: Qwen, StarCoder,
+    DeepSeek). SentencePiece vocabularies drop a word's leading space when a token is decoded alone, so a token's
+    text says nothing reliable about what it adds mid-line: healing is off for them."""
+    ids = [i for i in range(0, len(texts), max(1, len(texts) // 200)) if i not in special and texts[i]][:200]
+    for a, b in zip(ids, reversed(ids)):
+        if tok.decode([a, b], skip_special_tokens=False, clean_up_tokenization_spaces=False) != texts[a] + texts[b]:
+            return False
+    return True
 
 
 def vocabulary(tok) -> Vocabulary:
@@ -79,6 +91,8 @@ def heal_fim_prompt(tok, fim: FimFormat, prompt_ids: list[int]) -> tuple[list[in
     if end - start < 2:  # an empty prefix, or only one token: nothing to heal
         return unchanged
     vocab = vocabulary(tok)
+    if not vocab.concatenates:
+        return unchanged
     last = prompt_ids[end - 1]
     text = vocab.texts[last] if last < len(vocab.texts) else ""
     if not text or "\n" in text or "\ufffd" in text or last in vocab.special:
