@@ -43,7 +43,9 @@ def _decodes_by_concatenation(tok, texts: list[str], special: set[int]) -> bool:
     """Whether decoding a sequence gives the concatenated texts of its tokens (byte-level BPE: Qwen, StarCoder,
     DeepSeek). SentencePiece vocabularies drop a word's leading space when a token is decoded alone, so a token's
     text says nothing reliable about what it adds mid-line: healing is off for them."""
-    ids = [i for i in range(0, len(texts), max(1, len(texts) // 200)) if i not in special and texts[i]][:200]
+    # tokens holding part of a UTF-8 character decode alone as U+FFFD: they say nothing either way
+    ids = [i for i in range(0, len(texts), max(1, len(texts) // 400))
+           if i not in special and texts[i] and "\ufffd" not in texts[i]][:200]
     for a, b in zip(ids, reversed(ids)):
         if tok.decode([a, b], skip_special_tokens=False, clean_up_tokenization_spaces=False) != texts[a] + texts[b]:
             return False
