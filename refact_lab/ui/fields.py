@@ -49,7 +49,8 @@ class SettingField:
         bounds = ""
         if spec.get("min") is not None and spec.get("max") is not None and not spec.get("choices") \
                 and kind is not bool:
-            bounds = f"{spec['min']:g} – {spec['max']:g}"
+            fmt = (lambda v: f"{int(v):,}") if kind is int else (lambda v: f"{v:g}")
+            bounds = f"{fmt(spec['min'])} – {fmt(spec['max'])}"
         self.hint = w.HTML(f"<span style='color:#777;font-size:90%' title='{html.escape(tip)}'>{bounds}</span>")
         self.widget = w.HBox([self.input, *([self.auto] if self.auto else []), self.hint])
         self.widget.add_class(css_class)  # a stable handle for browser tests
