@@ -93,7 +93,8 @@ def load_reference(folder: str, dtype: str):
     return tok, model, stop_ids
 
 
-def generate_once(tok, model, stop_ids, prompt: str, new_tokens: int = NEW_TOKENS) -> tuple[float, int]:
+def generate_once(tok, model, stop_ids, prompt: str, new_tokens: int = NEW_TOKENS, text: list | None = None
+                  ) -> tuple[float, int]:
     import torch
 
     ids = tok(prompt, return_tensors="pt")
@@ -101,15 +102,22 @@ def generate_once(tok, model, stop_ids, prompt: str, new_tokens: int = NEW_TOKEN
     with torch.inference_mode():
         out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=stop_ids,
                              pad_token_id=tok.eos_token_id)
-    return time.perf_counter() - t, out.shape[1] - ids.input_ids.shape[1]
+    seconds = time.perf_counter() - t
+    if text is not None:
+        text.append(tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=False))
+    return seconds, out.shape[1] - ids.input_ids.shape[1]
 
 
 def full_length_prompts(tok, model, stop_ids, candidates: list[str], want: int) -> list[str]:
-    """Prompts whose greedy completion does not stop early, so every request does NEW_TOKENS steps."""
+    """Prompts whose greedy completion does not stop early, so every request does NEW_TOKENS steps on both
+    sides: no stop token, and no loop the server's loop guard would cut (it checks after every token)."""
+    from refact_lab.serve.stops import find_loop
+
     out = []
     for p in candidates:
-        _, n = generate_once(tok, model, stop_ids, p)
-        if n == NEW_TOKENS:
+        text: list[str] = []
+        _, n = generate_once(tok, model, stop_ids, p, text=text)
+        if n == NEW_TOKENS and not any(find_loop(text[0][:k]) is not None for k in range(len(text[0]) + 1)):
             out.append(p)
         if len(out) == want:
             break
