@@ -8,7 +8,9 @@ Four kinds of rule, checked after every generated token:
 - single-line requests stop at the first newline;
 - the loop guard: a completion whose end repeats one piece of text three times in a row ("None, None, None, ")
   is stopped and cut after the first copy, unless the code around the cursor repeats that piece itself (a
-  table, a row of zeros). Small models fall into such loops and would otherwise fill max_tokens with them.
+  table, a row of zeros); a run of one character is cut once it is longer than 24 and than any run of that
+  character around the cursor (a ruler as long as the file's own is fine). Small models fall into such loops
+  and would otherwise fill max_tokens with them.
 
 While a completion runs, text that could still turn into a stop string (a tail of it that is a prefix of one)
 is held back, so a streaming client never receives characters that the final answer would not contain.
@@ -16,6 +18,7 @@ is held back, so a streaming client never receives characters that the final ans
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 REPLACEMENT_CHAR = "\ufffd"  # a decoded byte sequence that is not complete UTF-8 yet
@@ -59,6 +62,26 @@ def find_loop(text: str, context: str = "") -> int | None:
     return None
 
 
+RUN_MIN = 24  # a run of one character may always grow this long
+
+
+def find_runaway_run(text: str, context: str = "") -> int | None:
+    """Where a run of one non-blank character at the end of `text` should be cut, or None.
+
+    Rulers and underlines ("-----", "^^^^") are code, so a run is a loop only once it outgrows both RUN_MIN and
+    the longest run of that character in the code around the cursor; it is cut to that length.
+    """
+    c = text[-1:] if text else ""
+    if not c or c in " \t\n":
+        return None
+    run = len(text) - len(text.rstrip(c))
+    if run <= RUN_MIN:
+        return None
+    runs = re.findall(re.escape(c) + "{%d,}" % (RUN_MIN + 1), context)
+    cap = max([RUN_MIN, *map(len, runs)])
+    return len(text) - run + cap if run > cap else None
+
+
 @dataclass(frozen=True)
 class StopRules:
     stop: tuple[str, ...] = ()
@@ -81,6 +104,8 @@ class StopRules:
                 best = i
         if best is None and self.loop_guard:
             best = find_loop(text, self.context)
+            if best is None:
+                best = find_runaway_run(text, self.context)
         return best
 
     def safe_length(self, text: str) -> int:

@@ -1,12 +1,13 @@
 """The loop guard: a completion that repeats one piece of text three times in a row is cut after the first copy,
-unless the code around the cursor repeats that piece itself; indentation and rulers are never loops."""
+unless the code around the cursor repeats that piece itself; indentation is never a loop, and a run of one
+character (a ruler) only when it outgrows 24 characters and the file's own runs."""
 
 from __future__ import annotations
 
 import pytest
 
 from refact_lab.serve.engine import Engine, SamplingParams
-from refact_lab.serve.stops import StopRules, find_loop
+from refact_lab.serve.stops import RUN_MIN, StopRules, find_loop, find_runaway_run
 from tests.serve.conftest import cut_at_special
 
 
@@ -30,6 +31,17 @@ def test_a_loop_is_cut_after_its_first_copy(text, kept):
 ])
 def test_ordinary_code_is_not_a_loop(text):
     assert find_loop(text) is None
+
+
+def test_a_runaway_run_of_one_character_is_cut_to_what_the_file_allows():
+    text = "x = 0x10  # " + "^" * 40
+    assert text[:find_runaway_run(text)] == "x = 0x10  # " + "^" * RUN_MIN
+    assert StopRules().find(text) == len("x = 0x10  # ") + RUN_MIN
+    ruler = "# " + "-" * 70
+    assert find_runaway_run(ruler, context="x = 1\n" + ruler + "\n") is None  # as long as the file's own
+    assert find_runaway_run("# " + "-" * 80, context=ruler) == 2 + 70
+    assert find_runaway_run("x" + " " * 60) is None and find_runaway_run("# " + "=" * RUN_MIN) is None
+    assert StopRules(loop_guard=False).find(text) is None
 
 
 def test_a_repetition_the_surrounding_code_has_is_allowed():
@@ -56,7 +68,8 @@ def test_the_engine_cuts_what_the_model_repeats(guarded_engine, reference):
                "for key, value in items.items():\n    print(", "# utils\n\ndef add(a, b):\n    return a +",
                "SELECT name FROM", "a = 1\nb =", "while i < 10:\n    i +="]
     plain = {p: cut_at_special(reference(p, 40)) for p in prompts}
-    looping = [p for p in prompts if any(find_loop(plain[p][:k]) is not None for k in range(len(plain[p]) + 1))]
+    guard = StopRules()  # no stop strings: only the loop guard
+    looping = [p for p in prompts if any(guard.find(plain[p][:k]) is not None for k in range(len(plain[p]) + 1))]
     assert looping, "the random test model should loop on some of these prompts"
     for p in prompts:
         out = guarded_engine.generate(p, SamplingParams(max_tokens=40))
@@ -66,5 +79,6 @@ def test_the_engine_cuts_what_the_model_repeats(guarded_engine, reference):
             continue
         assert out["finish_reason"] == "stop" and full.startswith(text) and len(text) < len(full), p
         rest = full[len(text):]
-        # what was cut repeats the end of what was kept (at least two more copies of one piece)
-        assert any(rest.startswith(text[-u:] * 2) for u in range(3, min(200, len(text)) + 1)), (text, rest)
+        # what was cut repeats the end of what was kept (two more copies of one piece, or more of one character)
+        assert any(rest.startswith(text[-u:] * 2) for u in range(3, min(200, len(text)) + 1)) or \
+            (rest and set(rest[:1]) == set(text[-1:])), (text, rest)
