@@ -4,6 +4,7 @@ config.toml the Deploy panel shows, completes a Python file at a cursor with our
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -39,8 +40,8 @@ def run_agent(tmp_path, srv, token: str) -> dict:
     config = tmp_path / ".tabby-client" / "agent" / "config.toml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(snippet + "\n")
-    out = subprocess.run(["node", str(DRIVER), str(AGENT_DIR), FILE], capture_output=True, text=True,
-                         timeout=120, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    out = subprocess.run([shutil.which("node"), str(DRIVER), str(AGENT_DIR), FILE], capture_output=True, text=True,
+                         timeout=120, env={"HOME": str(tmp_path), "PATH": os.environ.get("PATH", "/usr/bin:/bin")})
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
