@@ -25,7 +25,8 @@ def serve(tmp_path, model_dir, **settings) -> Engine:
 def test_model_on_gpu_matches_the_cpu_reference(tmp_path, varied_model_dir, reference, device):
     from tests.serve.conftest import cut_at_special
 
-    engine = serve(tmp_path, varied_model_dir, device=device, dtype="fp32")
+    # fp32 and no loop guard: the answer is compared with plain greedy generate on the CPU
+    engine = serve(tmp_path, varied_model_dir, device=device, dtype="fp32", loop_guard=False)
     try:
         snap = engine.snapshot()
         assert snap["device"].startswith(("cuda", "shard")) and snap["memory"]["gpus"][0]["allocated_mb"] > 0
