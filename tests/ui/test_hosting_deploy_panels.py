@@ -68,6 +68,18 @@ def test_hosting_panel_saves_the_openai_key_without_showing_it(home, inference):
     assert "not an http(s) URL" in panel.message.value
 
 
+def test_hosting_panel_loop_guard_checkbox_saves_the_setting_and_keeps_the_batch_size(home, model_dir, inference):
+    home.update_settings(max_batch=4)
+    service = HostingService(home, inference)
+    panel = HostingPanel(service)
+    assert panel.loop_guard.value is True  # on by default
+    panel.loop_guard.value = False
+    assert home.load_settings()["loop_guard"] is False and service.current()["loop_guard"] is False
+    assert HostingPanel(service).loop_guard.value is False  # a reload shows what is saved
+    service.choose(str(model_dir))  # choosing a model does not reset a batch size set elsewhere (CLI)
+    assert home.load_settings()["max_batch"] == 4
+
+
 def test_deploy_panel_switches_checkpoints_and_compares_in_the_playground(home, model_dir, inference):
     make_run(home, "run-a", model_dir, [10, 20], [2.0, 2.5], seed=3, created_at=1000)
     make_run(home, "run-b", model_dir, [5, 10], [1.9, 1.7], seed=4, created_at=2000)
