@@ -14,6 +14,8 @@ from refact_lab import __version__
 from refact_lab.config import SettingsError
 
 EXIT_BAD_INPUT = 2
+# serving settings `serve` takes as flags and remembers in settings.json, like --model
+SERVE_REMEMBERED = ("device", "dtype", "max_batch")
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
@@ -32,11 +34,10 @@ def _add_serve(sub) -> None:
     auth.add_argument("--token", help="API and login token (default: $REFACT_LAB_TOKEN, else generated)")
     auth.add_argument("--no-auth", action="store_true", help="no token (only on a loopback address)")
     p.add_argument("--model", help="base model: registry name, hub id or local folder (remembered)")
-    # device, dtype and batch size: remembered like --model (the Settings tab edits the same fields)
     from refact_lab.config import ServeSettings, field_specs
 
     specs = {f["name"]: f for f in field_specs(ServeSettings)}
-    for name in ("device", "dtype", "max_batch"):
+    for name in SERVE_REMEMBERED:
         spec = specs[name]
         p.add_argument(f"--{name.replace('_', '-')}", type=spec["type"] if spec["type"] in (int, str) else str,
                        choices=spec.get("choices"), help=f"{spec['help']} (remembered)")
@@ -48,7 +49,7 @@ def _cmd_serve(args) -> int:
 
     from refact_lab.config import ServeSettings
 
-    given = {k: getattr(args, k) for k in ("device", "dtype", "max_batch") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in SERVE_REMEMBERED if getattr(args, k) is not None}
     try:
         settings = ServeSettings(host=args.host, port=args.port, home=args.home,
                                  token=None if args.no_auth else (args.token or os.environ.get("REFACT_LAB_TOKEN")),

@@ -27,7 +27,10 @@ def fim_prompt_ids(tok, fim: FimFormat, prefix: str, suffix: str, max_prompt_tok
     The prefix gets `prefix_share` of the room (the text before the cursor predicts most of what follows);
     whatever one side does not use is given to the other.
     """
-    special = [tok.convert_tokens_to_ids(t) for t in (fim.prefix, fim.suffix, fim.middle)]
+    special = fim.marker_ids(tok)
+    if special is None:
+        raise ValueError(f"this tokenizer does not have the FIM markers {fim.prefix!r}, {fim.suffix!r}, "
+                         f"{fim.middle!r} as single tokens")
     room = max_prompt_tokens - 3
     # A token is rarely longer than 8 characters, so this much text always covers the room.
     pre = tok.encode(prefix[-room * 8:], add_special_tokens=False)
@@ -94,15 +97,6 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def stop_token_ids(tok, fim: FimFormat) -> list[int]:
-    ids = []
-    for t in fim.stop_tokens:
-        i = tok.convert_tokens_to_ids(t)
-        if isinstance(i, int) and i != getattr(tok, "unk_token_id", None):
-            ids.append(i)
-    return ids
-
-
 def complete_at_cursor(model, tok, fim: FimFormat, prefix: str, suffix: str, *, max_new_tokens: int = 32,
                        max_prompt_tokens: int = 448, single_line: bool = True, heal: bool = True) -> Completion:
     """What the model writes at the cursor between `prefix` and `suffix` (greedy, token healing optional)."""
@@ -110,5 +104,5 @@ def complete_at_cursor(model, tok, fim: FimFormat, prefix: str, suffix: str, *, 
     healed, allowed = "", []
     if heal:
         prompt, healed, allowed = heal_fim_prompt(tok, fim, prompt)
-    return greedy_complete(model, tok, prompt, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tok, fim),
+    return greedy_complete(model, tok, prompt, max_new_tokens=max_new_tokens, stop_ids=fim.stop_ids(tok),
                            stop_at_newline=single_line, healed=healed, allowed_first=allowed)

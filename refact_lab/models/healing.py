@@ -74,20 +74,14 @@ def heal_fim_prompt(tok, fim: FimFormat, prompt_ids: list[int]) -> tuple[list[in
     ends at a line break or a special token, or a partial UTF-8 character, is returned unchanged with ("", []).
     """
     unchanged = (prompt_ids, "", [])
-    ids = {name: tok.convert_tokens_to_ids(t) for name, t in (("prefix", fim.prefix), ("suffix", fim.suffix),
-                                                                ("middle", fim.middle))}
-    unk = getattr(tok, "unk_token_id", None)
-    if any(not isinstance(i, int) or i == unk for i in ids.values()):
+    markers = fim.marker_ids(tok)
+    if markers is None or not prompt_ids or prompt_ids[-1] != markers[2]:
         return unchanged
-    if not prompt_ids or prompt_ids[-1] != ids["middle"]:
-        return unchanged
-    # the prefix ends just before the suffix token (PSM) or just before the middle token (SPM)
-    end_marker = ids["suffix"] if fim.order == "psm" else ids["middle"]
-    start_marker = ids["prefix"]
+    prefix_id, suffix_id, _ = markers
+    # the prefix ends just before the suffix token (PSM) or just before the final middle token (SPM)
     try:
-        end = len(prompt_ids) - 1 - prompt_ids[::-1].index(end_marker) if fim.order == "spm" else \
-            prompt_ids.index(end_marker)
-        start = prompt_ids.index(start_marker)
+        start = prompt_ids.index(prefix_id)
+        end = prompt_ids.index(suffix_id) if fim.order == "psm" else len(prompt_ids) - 1
     except ValueError:
         return unchanged
     if end - start < 2:  # an empty prefix, or only one token: nothing to heal

@@ -29,25 +29,24 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def auto_dtype(device: str) -> str:
-    """The precision `dtype=auto` means on this device: bf16 on a GPU or CPU that computes it natively, else fp32."""
+def auto_dtype(device: str, cpu_bf16: bool = True) -> str:
+    """The precision `dtype=auto` means on this device (cpu, cuda, cuda:N, or shard / auto for a device map):
+    bf16 on a GPU that supports it and, with `cpu_bf16`, on a CPU that computes it natively; else fp32."""
     import torch
 
-    if device.startswith("cuda") or device == "shard":
-        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if device == "cpu" and cpu_has_native_bf16() else "float32"
+    if device == "cpu":
+        return "bfloat16" if cpu_bf16 and cpu_has_native_bf16() else "float32"
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
 
 
 def load_model(spec: ModelSpec | str, device: str = "cpu", dtype: str | None = None):
-    """Load the causal LM in eval mode. dtype: None (bf16 on CUDA that supports it, else fp32), or a name."""
+    """Load the causal LM in eval mode. dtype: a torch dtype name, or None: bf16 on a GPU that supports it, fp32 on
+    the CPU (the scan's loss filter keeps its fp32 numbers; the serving engine asks auto_dtype itself)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     spec = resolve(spec) if isinstance(spec, str) or spec is None else spec
-    if dtype is None:
-        torch_dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
+    torch_dtype = getattr(torch, dtype or auto_dtype(device, cpu_bf16=False))
     kwargs = {"dtype": torch_dtype, "attn_implementation": "sdpa"}
     if device == "auto":
         kwargs["device_map"] = "auto"

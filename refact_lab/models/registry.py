@@ -40,6 +40,21 @@ class FimFormat:
         """Text that always ends a code completion."""
         return tuple(dict.fromkeys(self.special_tokens))
 
+    def marker_ids(self, tok) -> tuple[int, int, int] | None:
+        """(prefix, suffix, middle) token ids when each marker is one token of this tokenizer, else None."""
+        ids = tuple(token_id(tok, t) for t in (self.prefix, self.suffix, self.middle))
+        return None if None in ids else ids
+
+    def stop_ids(self, tok) -> list[int]:
+        """Ids of the stop tokens this tokenizer has as single tokens."""
+        return [i for i in (token_id(tok, t) for t in self.stop_tokens) if i is not None]
+
+
+def token_id(tok, token: str) -> int | None:
+    """The id of `token` when it is one token of this tokenizer (not mapped to the unknown token), else None."""
+    i = tok.convert_tokens_to_ids(token)
+    return i if isinstance(i, int) and i != getattr(tok, "unk_token_id", None) else None
+
 
 QWEN_FIM = FimFormat("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|endoftext|>",
                      extra_stops=("<|fim_pad|>", "<|file_sep|>", "<|repo_name|>", "<|im_end|>"))

@@ -262,9 +262,7 @@ class Engine:
             tok = self.tokenizer
             if tok is None:
                 raise EngineError(f"the model is not ready (state: {self.state})", 503)
-            unk = getattr(tok, "unk_token_id", None)
-            ids = [tok.convert_tokens_to_ids(t) for t in (fim.prefix, fim.suffix, fim.middle)]
-            if all(isinstance(i, int) and i != unk for i in ids):
+            if fim.marker_ids(tok) is not None:
                 return fim_prompt_ids(tok, fim, prefix, suffix, max_prompt_tokens)
         return self.encode(fim.prompt(prefix, suffix))
 
@@ -458,11 +456,14 @@ class Engine:
         import torch
 
         special = tuple(self.spec.fim.stop_tokens) if self.spec else ()
-        with self._tok_lock:
-            # the loop guard lets the completion repeat what the code around the cursor repeats (tables, rows)
-            context = self.tokenizer.decode(g.prompt_ids[-2048:], skip_special_tokens=False) if self.tokenizer else ""
+        loop_guard = self.settings.get("loop_guard", True) is not False
+        context = ""
+        if loop_guard:
+            with self._tok_lock:
+                # the guard lets a completion repeat what the code around the cursor repeats (tables, rows)
+                context = self.tokenizer.decode(g.prompt_ids[-2048:], skip_special_tokens=False)
         g.rules = StopRules(tuple(g.params.stop) + g.extra_stops, g.params.single_line, special,
-                            loop_guard=self.settings.get("loop_guard", True) is not False, context=context)
+                            loop_guard=loop_guard, context=context)
         if self.spec is not None and not g.healed:
             # every FIM-shaped prompt is healed, whoever built it (our suffix API, Tabby, refact-lsp's own prompt)
             with self._tok_lock:
@@ -718,15 +719,11 @@ class Engine:
                     for i in ([int(device.split(":")[1])] if ":" in device else range(torch.cuda.device_count())):
                         torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction, i)
             dtype = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.dtype]
-            if dtype is None and device != "shard":
+            if dtype is None:
                 dtype = auto_dtype(device)
             tokenizer = load_tokenizer(spec)
             model = load_model(spec, device="auto" if device == "shard" else device, dtype=dtype)
-            stop_ids = set()
-            for t in spec.fim.stop_tokens:
-                tid = tokenizer.convert_tokens_to_ids(t)
-                if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-                    stop_ids.add(tid)
+            stop_ids = set(spec.fim.stop_ids(tokenizer))
             eos = [tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)]
             for e in eos:
                 stop_ids.update(e if isinstance(e, (list, tuple)) else [e] if isinstance(e, int) else [])

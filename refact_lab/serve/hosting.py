@@ -47,9 +47,10 @@ class HostingService:
 
     def current(self) -> dict:
         s = self.home.load_settings()
-        return {"model": s.get("model") or "default", "device": s.get("device") or "auto",
-                "dtype": s.get("dtype") or "auto", "gpu_memory_fraction": s.get("gpu_memory_fraction") or 1.0,
-                "max_batch": s.get("max_batch") or 16, "loop_guard": s.get("loop_guard", True) is not False}
+        defaults = ServeSettings()
+        return {"model": s.get("model") or "default",
+                **{k: getattr(defaults, k) if s.get(k) is None else s[k]
+                   for k in ("device", "dtype", "gpu_memory_fraction", "max_batch", "loop_guard")}}
 
     def set_loop_guard(self, on: bool) -> None:
         """Whether completions that loop are cut (the engine reads it for every new request, no reload)."""

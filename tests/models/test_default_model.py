@@ -80,7 +80,7 @@ def test_greedy_stops_at_end_of_text_token(model_and_tokenizer):
     """Forced: a model whose every logit favours <|endoftext|> stops after one token with empty text."""
     import torch
 
-    from refact_lab.models.greedy import greedy_complete, stop_token_ids
+    from refact_lab.models.greedy import greedy_complete
 
     model, tok = model_and_tokenizer
     eot = tok.convert_tokens_to_ids(QWEN_FIM.eot)
@@ -89,7 +89,7 @@ def test_greedy_stops_at_end_of_text_token(model_and_tokenizer):
     handle = model.lm_head.register_forward_hook(lambda m, i, o: o + bias)
     try:
         c = greedy_complete(model, tok, tok.encode("x = ", add_special_tokens=False), max_new_tokens=10,
-                            stop_ids=stop_token_ids(tok, QWEN_FIM))
+                            stop_ids=QWEN_FIM.stop_ids(tok))
     finally:
         handle.remove()
     assert (c.text, c.stopped, c.n_tokens) == ("", "stop_token", 1)
