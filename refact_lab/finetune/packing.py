@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from refact_lab.finetune.fim import Example, file_examples
-from refact_lab.models.registry import FimFormat
+from refact_lab.models.registry import FimFormat, token_id
 
 # Windows are sized in characters before tokenizing; this margin keeps an example (plus its 3–4 FIM control
 # tokens) within one row even where the text tokenizes a little worse than the sample did.
@@ -68,11 +68,35 @@ def window_chars(seq_len: int, cpt: float) -> int:
     return max(16, int(seq_len * cpt * WINDOW_FILL))
 
 
-def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+def _encode(tokenizer, texts: Sequence[str], content: bool = False) -> list[list[int]]:
+    """Token ids of each text; `content`: special-token names written in the text stay text."""
     out: list[list[int]] = []
     for i in range(0, len(texts), _ENCODE_BATCH):
         batch = list(texts[i:i + _ENCODE_BATCH])
-        out.extend(tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"])
+        out.extend(tokenizer(batch, add_special_tokens=False, split_special_tokens=content,
+                             verbose=False)["input_ids"])
+    return out
+
+
+def example_ids(examples: Sequence[Example], tokenizer, fmt: FimFormat) -> list[list[int]]:
+    """Token ids of each example as `Example.text` lays it out, with the code encoded as content and the FIM
+    markers and end token inserted by id: a file that spells "<|endoftext|>" or a FIM marker (a tokenizer's own
+    source) trains as the text it is, not as a document end or a second hole. A format whose markers are not
+    single tokens falls back to tokenizing the joined text."""
+    markers, eot = fmt.marker_ids(tokenizer), token_id(tokenizer, fmt.eot)
+    if markers is None or eot is None:
+        return _encode(tokenizer, [ex.text(fmt) for ex in examples])
+    p, s, m = markers
+    enc = _encode(tokenizer, [piece for ex in examples for piece in (ex.prefix, ex.suffix, ex.middle)], content=True)
+    out = []
+    for i, ex in enumerate(examples):
+        pre, suf, mid = enc[3 * i:3 * i + 3]
+        if ex.kind == "plain":
+            out.append(pre + [eot])
+        elif fmt.order == "spm":
+            out.append([s] + suf + [p] + pre + [m] + mid + [eot])
+        else:
+            out.append([p] + pre + [s] + suf + [m] + mid + [eot])
     return out
 
 
@@ -112,7 +136,7 @@ def pack(token_lists: Sequence[Sequence[int]], seq_len: int, no_target: set[int]
 
 
 def examples_to_rows(examples: Sequence[Example], tokenizer, fmt: FimFormat, seq_len: int) -> PackedRows:
-    ids = _encode(tokenizer, [ex.text(fmt) for ex in examples])
+    ids = example_ids(examples, tokenizer, fmt)
     return pack(ids, seq_len, control_token_ids(tokenizer, fmt))
 
 

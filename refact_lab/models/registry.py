@@ -56,6 +56,21 @@ def token_id(tok, token: str) -> int | None:
     return i if isinstance(i, int) and i != getattr(tok, "unk_token_id", None) else None
 
 
+def content_ids(tok, text: str) -> list[int]:
+    """Token ids of `text` as content. Source code may spell a special token ("<|endoftext|>" in a tokenizer's
+    own code): here it stays text, where parsing it would end the document or open a FIM hole in mid-file."""
+    if not text:
+        return []
+    return tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def lead_ids(tok) -> list[int]:
+    """The tokens this tokenizer puts before every text: a BOS for Llama-style models, none for Qwen's."""
+    bos = getattr(tok, "bos_token_id", None)
+    ids = tok("", add_special_tokens=True)["input_ids"]
+    return [bos] if bos is not None and ids[:1] == [bos] else []
+
+
 QWEN_FIM = FimFormat("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|endoftext|>",
                      extra_stops=("<|fim_pad|>", "<|file_sep|>", "<|repo_name|>", "<|im_end|>"))
 STARCODER_FIM = FimFormat("<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<|endoftext|>",

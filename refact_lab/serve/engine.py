@@ -253,17 +253,19 @@ class Engine:
                 raise EngineError(f"the model is not ready (state: {self.state})", 503)
             return tok(text, add_special_tokens=special)["input_ids"]
 
-    def encode_fim(self, fim, prefix: str, suffix: str, max_prompt_tokens: int) -> list[int]:
-        """A FIM prompt cut to fit: the end of the prefix and the start of the suffix (what an IDE plugin that
-        sends whole files expects). Falls back to the plain text when the FIM markers are not single tokens."""
+    def encode_fim(self, fim, prefix: str, suffix: str, max_prompt_tokens: int | None = None) -> list[int]:
+        """A FIM prompt, cut to the end of the prefix and the start of the suffix when `max_prompt_tokens` is
+        given (what an IDE plugin that sends whole files expects). The code is content: a marker spelled in it
+        stays text. Falls back to parsing the joined text when the FIM markers are not single tokens."""
         from refact_lab.models.greedy import fim_prompt_ids
+        from refact_lab.models.registry import lead_ids
 
         with self._tok_lock:
             tok = self.tokenizer
             if tok is None:
                 raise EngineError(f"the model is not ready (state: {self.state})", 503)
             if fim.marker_ids(tok) is not None:
-                return fim_prompt_ids(tok, fim, prefix, suffix, max_prompt_tokens)
+                return lead_ids(tok) + fim_prompt_ids(tok, fim, prefix, suffix, max_prompt_tokens)
         return self.encode(fim.prompt(prefix, suffix))
 
     def chat_prompt(self, messages: list[dict]) -> tuple[str, tuple[str, ...], bool]:

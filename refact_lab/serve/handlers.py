@@ -280,8 +280,12 @@ class CompletionsHandler(JsonPostHandler):
                 return await proxy(self, up, "/completions", body)
         req = parse_completion(body)
         route = self.engine.route(req.model)
-        text = route.fim.prompt(req.prompt, req.suffix) if req.suffix is not None else req.prompt
-        ids = self.engine.encode(text)
+        # With `suffix` we build the FIM prompt, so the code stays content; a prompt the client built (refact-lsp,
+        # Continue) carries its own markers, which must be parsed.
+        if req.suffix is not None:
+            ids = self.engine.encode_fim(route.fim, req.prompt, req.suffix)
+        else:
+            ids = self.engine.encode(req.prompt)
         s = req.sampling
         params = SamplingParams(check_budget(len(ids), s.max_tokens, route.n_ctx), s.temperature, s.top_p, s.stop,
                                 req.single_line, s.seed)

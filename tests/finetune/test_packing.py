@@ -63,6 +63,19 @@ def test_encoding_pieces_matches_how_the_server_tokenizes_a_prompt(tokenizer):
     assert ids[0] == tokenizer.convert_tokens_to_ids("<|fim_prefix|>")
 
 
+def test_code_that_spells_special_tokens_trains_as_text(tokenizer):
+    """A tokenizer's own source spells "<|endoftext|>" and the FIM markers: they must not become a document end
+    or a second hole in the middle of a training example."""
+    code = 'EOT = "<|endoftext|>"\nMIDDLE = "<|fim_middle|>"\n'
+    examples = [Example("inline", prefix=code + "x = ", suffix="\n" + code, middle="1"), Example("plain", prefix=code)]
+    rows = packing.examples_to_rows(examples, tokenizer, QWEN_FIM, seq_len=512)
+    ids = rows.tokens.reshape(-1)[:rows.n_tokens].tolist()
+    count = {t: ids.count(tokenizer.convert_tokens_to_ids(t)) for t in ("<|endoftext|>", "<|fim_middle|>",
+                                                                        "<|fim_prefix|>", "<|fim_suffix|>")}
+    assert count == {"<|endoftext|>": 2, "<|fim_middle|>": 1, "<|fim_prefix|>": 1, "<|fim_suffix|>": 1}
+    assert tokenizer.decode(ids) == examples[0].text(QWEN_FIM) + examples[1].text(QWEN_FIM)
+
+
 def test_test_rows_are_deterministic_and_train_rows_change_with_the_epoch(tokenizer):
     train, test = _files(TRAIN_FILES[:4]), _files(TEST_FILES)
     kw = dict(seq_len=64, cpt=2.0, fim_rate=0.9)

@@ -61,6 +61,24 @@ def test_suffix_makes_a_fim_prompt(model_server, reference):
     assert out["usage"]["prompt_tokens"] == len(reference.tokenizer(fim).input_ids)
 
 
+def test_code_that_spells_special_tokens_stays_text(model_server, reference):
+    """Editing a tokenizer's source: "<|endoftext|>" in the file is text in the FIM prompt we build (from
+    `suffix` and from Tabby's segments), not the end of the document, so the prompt is the content's tokens."""
+    tok = reference.tokenizer
+    prefix, suffix = 'EOT = "<|endoftext|>"\nMID = "<|fim_middle|>"\nx = ', '\nprint("<|fim_prefix|>")\n'
+
+    def content(text):
+        return tok(text, add_special_tokens=False, split_special_tokens=True).input_ids
+
+    want = 3 + len(content(prefix)) + len(content(suffix))
+    assert len(tok(f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>").input_ids) < want
+    out = complete(model_server, prompt=prefix, suffix=suffix, max_tokens=8)
+    assert out["usage"]["prompt_tokens"] == want
+    status, tabby = call(model_server, "POST", "/v1/completions",
+                         {"language": "python", "segments": {"prefix": prefix, "suffix": suffix}})
+    assert status == 200 and isinstance(tabby["choices"][0]["text"], str)
+
+
 def test_a_cursor_inside_a_word_is_token_healed(model_server, reference):
     """The prompt's last prefix token is dropped and the completion made to continue it (models.healing); the
     text the user typed is not repeated. The same happens to a FIM prompt a client built itself (refact-lsp)."""
