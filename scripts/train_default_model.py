@@ -29,7 +29,7 @@ import shutil
 import sys
 import sysconfig
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 # The tokenizers library would otherwise start one thread per core for every encode call, competing with the
@@ -83,6 +83,13 @@ class Recipe:
     middle_loss_weight: float = 3.0
     long_span_rate: float = 0.3  # share of FIM rows whose middle is a random span up to a quarter of the row
     init_from: str = ""          # continue from a model folder made by this recipe (same seed and held-out)
+    # Sequence-level unlikelihood (Welleck et al. 2019, "Neural text generation with unlikelihood training"):
+    # every step the model completes `loop_prompts` single-line cursors greedily, and the tokens of any loop it
+    # falls into (the serving loop guard's definition) get loss -log(1 - p) with this weight. 0 turns it off.
+    unlikelihood_weight: float = 0.0
+    loop_prompts: int = 24
+    loop_prompt_tokens: int = 256
+    loop_new_tokens: int = 40
     # The standard library is a tenth of the characters but the most idiomatic Python on the machine (and the
     # held-out files come from it); sampling it 4x as often makes it about 30% of what the model sees.
     stdlib_weight: float = 4.0
@@ -344,6 +351,22 @@ class ExampleMaker:
         labels += [-100] * pad
         return ids, labels, weights
 
+    def cursor_prompt(self, n_tokens: int) -> list[int] | None:
+        """A single-line FIM prompt of exactly `n_tokens` at a random cursor, as an IDE asks (the suffix starts
+        after the cursor's line), or None when the file is too short or the rest of the line is blank."""
+        text = self._pick_text()
+        cursor = self.rng.randrange(len(text))
+        end = text.find("\n", cursor)
+        end = len(text) if end == -1 else end
+        if not text[cursor:end].strip():
+            return None
+        room = n_tokens - 3
+        suf = self._enc(text[end + 1:end + 1 + room * 2])[:room // 4]
+        pre = self._enc(text[max(0, cursor - room * 8):cursor])[-(room - len(suf)):]
+        if len(pre) + len(suf) != room:
+            return None
+        return [self.ids[QWEN_FIM.prefix]] + pre + [self.ids[QWEN_FIM.suffix]] + suf + [self.ids[QWEN_FIM.middle]]
+
     def batch(self, n: int):
         import torch
 
@@ -355,6 +378,91 @@ class ExampleMaker:
 
 
 # ------------------------------------------------------------------------------------------------ training
+
+
+def loop_tokens(decode, ids: list[int], context: str) -> int | None:
+    """Index of the first token of a loop's second copy in a single-line completion `ids`, or None.
+
+    A loop is what the serving loop guard cuts (refact_lab.serve.stops): a piece repeated three times that the
+    context does not repeat, or a runaway run of one character. Everything from the second copy on is the
+    model's mistake; the first copy may be fine code.
+    """
+    from refact_lab.serve.stops import find_loop, find_runaway_run
+
+    ends = [len(decode(ids[:j + 1])) for j in range(len(ids))]
+    for j in range(len(ids)):
+        text = decode(ids[:j + 1])
+        cut = find_loop(text, context)
+        if cut is None:
+            cut = find_runaway_run(text, context)
+        if cut is not None:
+            return next(k for k in range(j + 1) if ends[k] > cut)
+    return None
+
+
+def greedy_lines(model, prompts, ends_line, max_new: int):
+    """Greedy single-line completions of equal-length prompts, batched with the KV cache; each row is cut before
+    the first token that ends the line (a newline or a stop token)."""
+    import torch
+
+    from refact_lab.models.greedy import _cache_keyword
+
+    cache_kw = _cache_keyword(model)
+    rows = []
+    with torch.no_grad():
+        out = model(input_ids=prompts, use_cache=True, logits_to_keep=1)
+        past, nxt = out.get(cache_kw), out.logits[:, -1].argmax(-1)
+        done = torch.zeros(prompts.size(0), dtype=torch.bool, device=prompts.device)
+        for _ in range(max_new):
+            rows.append(nxt)
+            done |= ends_line[nxt]
+            if bool(done.all()):
+                break
+            out = model(input_ids=nxt[:, None], use_cache=True, **{cache_kw: past})
+            past, nxt = out.get(cache_kw), out.logits[:, -1].argmax(-1)
+    gen = torch.stack(rows, 1).tolist()
+    cut = []
+    for row in gen:
+        k = next((i for i, t in enumerate(row) if ends_line[t]), len(row))
+        cut.append(row[:k])
+    return cut
+
+
+def unlikelihood_loss(model, maker, recipe: Recipe, tok, ends_line, device: str, autocast_device: str):
+    """Sequence-level unlikelihood on the model's own looping completions: (loss or None, rows, looping rows)."""
+    import torch
+
+    prompts = []
+    while len(prompts) < recipe.loop_prompts:
+        p = maker.cursor_prompt(recipe.loop_prompt_tokens)
+        if p is not None:
+            prompts.append(p)
+    x = torch.tensor(prompts, device=device)
+    model.eval()
+    with torch.autocast(autocast_device, dtype=torch.bfloat16):
+        gens = greedy_lines(model, x, ends_line, recipe.loop_new_tokens)
+    model.train()
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+    looping = []
+    for prompt, gen in zip(prompts, gens):
+        k = loop_tokens(decode, gen, decode(prompt)) if gen else None
+        if k is not None:
+            looping.append((prompt, gen, k))
+    if not looping:
+        return None, len(prompts), 0
+    width = max(len(p) + len(g) for p, g, _ in looping)
+    eot = tok.token_to_id(QWEN_FIM.eot)
+    seqs = torch.full((len(looping), width), eot, dtype=torch.long)
+    mask = torch.zeros((len(looping), width), dtype=torch.bool)
+    for i, (p, g, k) in enumerate(looping):
+        seqs[i, :len(p) + len(g)] = torch.tensor(p + g)
+        mask[i, len(p) + k:len(p) + len(g)] = True
+    seqs, mask = seqs.to(device), mask.to(device)
+    with torch.autocast(autocast_device, dtype=torch.bfloat16):
+        logits = model(seqs[:, :-1]).logits
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, seqs[:, 1:, None])[..., 0]
+    p = logp.exp()[mask[:, 1:]].clamp(max=1 - 1e-5)
+    return -torch.log1p(-p).mean(), len(prompts), len(looping)
 
 
 def build_model(recipe: Recipe, tok):
@@ -511,10 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = Recipe(out="")
     p.add_argument("--out", required=True, help="output model folder (checkpoints go to OUT/checkpoint)")
-    for f in ("minutes", "threads", "device", "seed", "heldout_files", "val_files", "vocab_size", "hidden_size",
-              "layers", "heads", "kv_heads", "intermediate_size", "seq_len", "batch", "lr", "warmup_steps",
-              "fim_rate", "stdlib_weight", "middle_loss_weight", "long_span_rate", "init_from", "checkpoint_minutes", "eval_every", "max_steps", "tokenizer_chars",
-              "max_chars_per_package", "max_stdlib_chars", "weight_decay", "min_lr_ratio"):
+    for f in (f_.name for f_ in fields(Recipe) if f_.name not in ("out", "python")):
         p.add_argument("--" + f.replace("_", "-"), type=type(getattr(defaults, f)), default=getattr(defaults, f))
     args = p.parse_args(argv)
     recipe = Recipe(**vars(args))
@@ -610,6 +715,13 @@ def train(recipe: Recipe) -> int:
     autocast_device = "cuda" if device.startswith("cuda") else "cpu"
     device_name = torch.cuda.get_device_name(0) if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
 
+    ends_line = None
+    if recipe.unlikelihood_weight:
+        stops = {tok.token_to_id(t) for t in QWEN_FIM.stop_tokens} - {None}
+        ends_line = torch.tensor([i in stops or "\n" in tok.decode([i], skip_special_tokens=False)
+                                  for i in range(tok.get_vocab_size())], device=device)
+    loops_seen, loops_asked = 0, 0  # since the last log line
+
     budget_s = recipe.minutes * 60 - (time.time() - t_start)  # data prep counts against the budget
     t_train = time.time()
     next_ckpt = t_train + recipe.checkpoint_minutes * 60
@@ -638,18 +750,25 @@ def train(recipe: Recipe) -> int:
         # Loss in fp32, a weighted mean per token (pad has weight 0, FIM middles middle_loss_weight).
         ce = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y[:, 1:].reshape(-1),
                                                ignore_index=-100, reduction="none")
-        loss = (ce * w.reshape(-1)).sum() / w.sum()
+        loss = mle = (ce * w.reshape(-1)).sum() / w.sum()
+        if ends_line is not None:
+            ul, asked, looped = unlikelihood_loss(model, maker, recipe, tok, ends_line, device, autocast_device)
+            loops_seen, loops_asked = loops_seen + looped, loops_asked + asked
+            if ul is not None:
+                loss = loss + recipe.unlikelihood_weight * ul
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
         tokens += int((y[:, 1:] != -100).sum())
-        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
-        if step % 20 == 0:
+        loss_ema = mle.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * mle.item()
+        if step % 20 == 0 or step == recipe.max_steps:
             rate = tokens / max(1e-6, time.time() - t_train)
-            log(f"step {step} loss {loss.item():.3f} ema {loss_ema:.3f} lr {lr:.2e} {rate:,.0f} tok/s "
-                f"progress {progress:.1%}")
+            loops = f" loops {loops_seen}/{loops_asked}" if loops_asked else ""
+            log(f"step {step} loss {mle.item():.3f} ema {loss_ema:.3f} lr {lr:.2e} {rate:,.0f} tok/s "
+                f"progress {progress:.1%}{loops}")
+            loops_seen, loops_asked = 0, 0
         if step % recipe.eval_every == 0:
             val_bpc = bits_per_char(model, tok, val_texts[:8], recipe.seq_len, device)
             log(f"step {step} val {val_bpc:.3f} bits/char")

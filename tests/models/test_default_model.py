@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 import refact_lab
 from refact_lab.models.registry import EMBEDDED_DIR, QWEN_FIM, resolve
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +149,28 @@ def test_healed_completion_continues_the_partial_word(model_and_tokenizer):
                                heal=False)
     assert "\n" not in c.text and "\n" not in plain.text
     assert not c.text.startswith((" ret", "ret"))  # the removed text is not returned again
+
+
+def test_recipe_marks_the_repeated_copies_of_a_looping_completion(model_and_tokenizer, monkeypatch):
+    """The recipe's unlikelihood term pushes down the tokens from a loop's second copy on (the serving loop
+    guard's definition of a loop); a completion without a loop, or one the context repeats, is left alone."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe", ROOT / "scripts" / "train_default_model.py")
+    recipe = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "recipe", recipe)  # its dataclasses look their module up
+    spec.loader.exec_module(recipe)
+    _, tok = model_and_tokenizer
+
+    def decode(ids):
+        return tok.decode(ids, skip_special_tokens=False)
+
+    looping = tok.encode("t, pdict, pdict, pdict, pdict, pd", add_special_tokens=False)
+    k = recipe.loop_tokens(decode, looping, context="")
+    assert k is not None and decode(looping[:k]) == "t, pdict"
+    fine = tok.encode("t, pdict = parse_header(line)", add_special_tokens=False)
+    assert recipe.loop_tokens(decode, fine, context="") is None
+    assert recipe.loop_tokens(decode, looping, context="xs = [" + ", ".join(["pdict"] * 6) + "]") is None
+    run = tok.encode("0x" + "F" * 40, add_special_tokens=False)
+    k = recipe.loop_tokens(decode, run, context="")
+    assert k is not None and len(decode(run[:k])) <= 2 + 24
