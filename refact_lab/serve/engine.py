@@ -268,19 +268,50 @@ class Engine:
                 return lead_ids(tok) + fim_prompt_ids(tok, fim, prefix, suffix, max_prompt_tokens)
         return self.encode(fim.prompt(prefix, suffix))
 
-    def chat_prompt(self, messages: list[dict]) -> tuple[str, tuple[str, ...], bool]:
-        """A chat as one prompt: (text, extra stop strings, whether the tokenizer's chat template made it).
+    def encode_chat(self, messages: list[dict]) -> tuple[list[int], tuple[str, ...]]:
+        """A chat as prompt ids, plus extra stop strings.
 
-        A base model has no chat template; it gets a plain transcript ending in "Assistant:" and stops when it
-        starts writing the next "User:" turn.
+        With the tokenizer's chat template, the template's own text is parsed (its role markers are special
+        tokens) but every message's content is encoded as content: a pasted file that spells "<|im_end|>" or
+        "<|endoftext|>" cannot end a turn or the document. A base model has no chat template; it gets a plain
+        transcript ending in "Assistant:" and stops when it starts writing the next "User:" turn.
         """
+        from refact_lab.models.registry import content_ids, lead_ids
+
         with self._tok_lock:
             tok = self.tokenizer
-            if tok is not None and self._has_chat_template:
-                return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), (), True
-        names = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
-        lines = [f"{names.get(m['role'], m['role'].title())}: {m['content']}" for m in messages]
-        return "\n".join(lines) + "\nAssistant:", ("\nUser:", "\nSystem:"), False
+            if tok is None:
+                raise EngineError(f"the model is not ready (state: {self.state})", 503)
+            if self._has_chat_template:
+                return self._templated_chat_ids(tok, messages), ()
+            names = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
+            lines = [f"{names.get(m['role'], m['role'].title())}: {m['content']}" for m in messages]
+            return lead_ids(tok) + content_ids(tok, "\n".join(lines) + "\nAssistant:"), ("\nUser:", "\nSystem:")
+
+    @staticmethod
+    def _templated_chat_ids(tok, messages: list[dict]) -> list[int]:
+        from refact_lab.models.registry import content_ids
+
+        # Render with placeholders (private-use characters no client sends), then encode the template's pieces
+        # as special-token text and the messages' contents as content. A template that rewrites the content
+        # (Llama 3's `| trim`) would not give back the real rendering: then that is parsed whole, as any server does.
+        real = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        rendered = tok.apply_chat_template([{**m, "content": mark} for m, mark in zip(messages, marks)],
+                                           tokenize=False, add_generation_prompt=True)
+        pieces, rest = [], rendered
+        for mark in marks:
+            if rest.count(mark) != 1:
+                return tok(real, add_special_tokens=False)["input_ids"]
+            before, rest = rest.split(mark)
+            pieces.append(before)
+        if "".join(p + m["content"] for p, m in zip(pieces, messages)) + rest != real:
+            return tok(real, add_special_tokens=False)["input_ids"]
+        ids: list[int] = []
+        for template_text, message in zip(pieces, messages):
+            ids += tok(template_text, add_special_tokens=False)["input_ids"] if template_text else []
+            ids += content_ids(tok, message["content"])
+        return ids + (tok(rest, add_special_tokens=False)["input_ids"] if rest else [])
 
     def tokenizer_json(self) -> str:
         with self._tok_lock:

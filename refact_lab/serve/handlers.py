@@ -323,8 +323,7 @@ class ChatCompletionsHandler(JsonPostHandler):
                 return await proxy(self, up, "/chat/completions", body)
         req = parse_chat(body)
         route = self.engine.route(req.model)
-        prompt, extra_stops, templated = self.engine.chat_prompt(req.messages)
-        ids = self.engine.encode(prompt, special=not templated)
+        ids, extra_stops = self.engine.encode_chat(req.messages)
         s = req.sampling
         params = SamplingParams(check_budget(len(ids), s.max_tokens, route.n_ctx), s.temperature, s.top_p, s.stop,
                                 False, s.seed)

@@ -75,3 +75,32 @@ def test_unknown_model_and_cancel(engine):
     while (ev := events.get(timeout=30))["type"] != "done":
         pass
     assert ev["finish_reason"] == "cancelled" and ev["completion_tokens"] < 900
+
+
+def test_chat_content_that_spells_special_tokens_stays_text(engine, reference):
+    """A pasted tokenizer source in a chat must not end the document (base-model transcript) or a turn (chat
+    template): the template's own markers are special tokens, the messages' contents are text."""
+    tok = reference.tokenizer
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    sep = tok.convert_tokens_to_ids("<|file_sep|>")
+    pasted = 'EOT = "<|endoftext|>"  # and "<|file_sep|>"'
+    ids, stops = engine.encode_chat([{"role": "user", "content": pasted}])
+    assert eot not in ids and sep not in ids and stops == ("\nUser:", "\nSystem:")
+    assert tok.decode(ids) == f"User: {pasted}\nAssistant:"
+
+    # A chat model's template (turns end with <|file_sep|> here): its markers parse, the content does not.
+    tok.chat_template = ("{% for m in messages %}<|repo_name|>{{ m['role'] }}\n{{ m['content'] }}<|file_sep|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|repo_name|>assistant\n{% endif %}")
+    try:
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": pasted}]
+        ids = Engine._templated_chat_ids(tok, messages)
+        assert ids.count(sep) == 2 and ids.count(tok.convert_tokens_to_ids("<|repo_name|>")) == 3
+        assert eot not in ids
+        assert tok.decode(ids) == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # a template that rewrites the content (Llama 3 trims it) keeps its own rendering, parsed as a whole
+        for rewrite in ("upper", "trim"):
+            tok.chat_template = "{% for m in messages %}{{ m['content'] | " + rewrite + " }}<|file_sep|>{% endfor %}"
+            ids = Engine._templated_chat_ids(tok, [{"role": "user", "content": " x "}])
+            assert tok.decode(ids) == (" X " if rewrite == "upper" else "x") + "<|file_sep|>" and ids.count(sep) == 1
+    finally:
+        tok.chat_template = None
