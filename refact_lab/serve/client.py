@@ -106,8 +106,7 @@ class LocalInference:
         engine.wait_ready(timeout)
         try:
             route = engine.route(model)
-            text = route.fim.prompt(prefix, suffix) if suffix is not None else prefix
-            ids = engine.encode(text)
+            ids = engine.encode_fim(route.fim, prefix, suffix) if suffix is not None else engine.encode(prefix)
             if len(ids) >= route.n_ctx:
                 raise InferenceError(f"the prompt is {len(ids)} tokens; the model's context is {route.n_ctx}")
             params = SamplingParams(min(max_tokens, route.n_ctx - len(ids)), temperature, 1.0, (), single_line)
