@@ -568,6 +568,15 @@ def _stage1_line(stage1: dict | None) -> str:
     return "".join(lines)
 
 
+def _unlikelihood_line(recipe: Recipe) -> str:
+    if not recipe.unlikelihood_weight:
+        return ""
+    return (f"\nEvery step the model also completed {recipe.loop_prompts} single-line cursors greedily (prompts of "
+            f"{recipe.loop_prompt_tokens} tokens, up to {recipe.loop_new_tokens} new tokens); the tokens of any loop "
+            f"it fell into (from the second copy on, as the serving loop guard defines a loop) were pushed down with "
+            f"sequence-level unlikelihood, -log(1 - p), weight {recipe.unlikelihood_weight:g} (Welleck et al. 2019).")
+
+
 def model_card(recipe: Recipe, state: dict, sources: list[Source]) -> str:
     n_chars = sum(s.chars for s in sources)
     return f"""# refact-lab default model (small demo model)
@@ -595,7 +604,7 @@ validation during training.
 
 Files are sampled in proportion to their length, standard-library files {recipe.stdlib_weight:g}x as often.
 Training mix: {recipe.fim_rate:.0%} FIM rows (half rest-of-line, a quarter span-inside-a-line, a quarter a few whole
-lines), the rest plain left-to-right text.
+lines), the rest plain left-to-right text.{_unlikelihood_line(recipe)}
 
 ## Training
 
