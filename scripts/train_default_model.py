@@ -88,8 +88,11 @@ class Recipe:
     # falls into (the serving loop guard's definition) get loss -log(1 - p) with this weight. 0 turns it off.
     unlikelihood_weight: float = 0.0
     loop_prompts: int = 24
-    loop_prompt_tokens: int = 256
-    loop_new_tokens: int = 40
+    # Prompt lengths drawn per step from this range: the model loops far more often after long prompts (448
+    # tokens: 8% of held-out cursors) than after short ones (256: under 1%), and IDE clients send long ones.
+    loop_prompt_min: int = 128
+    loop_prompt_max: int = 464
+    loop_new_tokens: int = 48
     # The standard library is a tenth of the characters but the most idiomatic Python on the machine (and the
     # held-out files come from it); sampling it 4x as often makes it about 30% of what the model sees.
     stdlib_weight: float = 4.0
@@ -361,10 +364,13 @@ class ExampleMaker:
         if not text[cursor:end].strip():
             return None
         room = n_tokens - 3
-        suf = self._enc(text[end + 1:end + 1 + room * 2])[:room // 4]
-        pre = self._enc(text[max(0, cursor - room * 8):cursor])[-(room - len(suf)):]
-        if len(pre) + len(suf) != room:
+        pre = self._enc(text[max(0, cursor - room * 8):cursor])
+        suf = self._enc(text[end + 1:end + 1 + room * 8])
+        # the suffix gets 10-40% of the room, or more where the prefix is short (as fim_prompt_ids shares it)
+        n_suf = min(len(suf), max(int(room * self.rng.uniform(0.1, 0.4)), room - len(pre)))
+        if room - n_suf > len(pre):
             return None
+        pre, suf = pre[len(pre) - (room - n_suf):], suf[:n_suf]
         return [self.ids[QWEN_FIM.prefix]] + pre + [self.ids[QWEN_FIM.suffix]] + suf + [self.ids[QWEN_FIM.middle]]
 
     def batch(self, n: int):
@@ -433,8 +439,9 @@ def unlikelihood_loss(model, maker, recipe: Recipe, tok, ends_line, device: str,
     import torch
 
     prompts = []
+    n_tokens = maker.rng.randint(recipe.loop_prompt_min, recipe.loop_prompt_max)
     while len(prompts) < recipe.loop_prompts:
-        p = maker.cursor_prompt(recipe.loop_prompt_tokens)
+        p = maker.cursor_prompt(n_tokens)
         if p is not None:
             prompts.append(p)
     x = torch.tensor(prompts, device=device)
@@ -572,7 +579,7 @@ def _unlikelihood_line(recipe: Recipe) -> str:
     if not recipe.unlikelihood_weight:
         return ""
     return (f"\nEvery step the model also completed {recipe.loop_prompts} single-line cursors greedily (prompts of "
-            f"{recipe.loop_prompt_tokens} tokens, up to {recipe.loop_new_tokens} new tokens); the tokens of any loop "
+            f"{recipe.loop_prompt_min}-{recipe.loop_prompt_max} tokens, up to {recipe.loop_new_tokens} new tokens); the tokens of any loop "
             f"it fell into (from the second copy on, as the serving loop guard defines a loop) were pushed down with "
             f"sequence-level unlikelihood, -log(1 - p), weight {recipe.unlikelihood_weight:g} (Welleck et al. 2019).")
 

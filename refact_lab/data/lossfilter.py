@@ -116,9 +116,10 @@ def compute_losses(items: list[tuple[str, str]], *, model: str | None, cache_dir
         except (OSError, UnicodeDecodeError) as e:
             encoded.append((sha, None, f"cannot read: {e}"))
             continue
-        # Only the start is measured, so only the start is tokenized (a token is rarely over 16 characters).
-        ids = tokenizer(text[:max_tokens * 16], add_special_tokens=False, truncation=True,
-                        max_length=max_tokens)["input_ids"]
+        # Only the start is measured, so only the start is tokenized (a token is rarely over 16 characters);
+        # as content, as fine-tuning will see it: "<|endoftext|>" written in the code is text.
+        ids = tokenizer(text[:max_tokens * 16], add_special_tokens=False, truncation=True, max_length=max_tokens,
+                        split_special_tokens=True)["input_ids"]
         if len(ids) < 2:
             encoded.append((sha, None, f"too short for a loss ({len(ids)} token{'s' if len(ids) != 1 else ''})"))
         else:
