@@ -270,6 +270,8 @@ class ExampleMaker:
 
     def __init__(self, tok, texts: list[str], weights: list[float], recipe: Recipe, rng: random.Random):
         self.tok, self.texts, self.r, self.rng = tok, texts, recipe, rng
+        # Code that spells "<|endoftext|>" (a tokenizer's source) is text; the markers are inserted by id below.
+        tok.encode_special_tokens = True
         self.L = recipe.seq_len + 1
         self.ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
         self.eot = self.ids[QWEN_FIM.eot]
