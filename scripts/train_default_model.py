@@ -270,8 +270,6 @@ class ExampleMaker:
 
     def __init__(self, tok, texts: list[str], weights: list[float], recipe: Recipe, rng: random.Random):
         self.tok, self.texts, self.r, self.rng = tok, texts, recipe, rng
-        # Code that spells "<|endoftext|>" (a tokenizer's source) is text; the markers are inserted by id below.
-        tok.encode_special_tokens = True
         self.L = recipe.seq_len + 1
         self.ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
         self.eot = self.ids[QWEN_FIM.eot]
@@ -395,16 +393,13 @@ def loop_tokens(decode, ids: list[int], context: str) -> int | None:
     context does not repeat, or a runaway run of one character. Everything from the second copy on is the
     model's mistake; the first copy may be fine code.
     """
-    from refact_lab.serve.stops import find_loop, find_runaway_run
+    from refact_lab.serve.stops import find_loop_cut
 
-    ends = [len(decode(ids[:j + 1])) for j in range(len(ids))]
-    for j in range(len(ids)):
-        text = decode(ids[:j + 1])
-        cut = find_loop(text, context)
-        if cut is None:
-            cut = find_runaway_run(text, context)
+    texts = [decode(ids[:j + 1]) for j in range(len(ids))]  # the text after each token, as the server sees it
+    for text in texts:
+        cut = find_loop_cut(text, context)
         if cut is not None:
-            return next(k for k in range(j + 1) if ends[k] > cut)
+            return next(k for k, t in enumerate(texts) if len(t) > cut)
     return None
 
 
@@ -729,6 +724,9 @@ def train(recipe: Recipe) -> int:
                             fused=device.startswith("cuda"))
     weights = [len(t) * (recipe.stdlib_weight if s.name == "python-stdlib" else 1.0)
                for s in sources for _, t in s.files]
+    # Code that spells "<|endoftext|>" (a tokenizer's source) is text; ExampleMaker inserts the markers by id.
+    # (A runtime switch of this object only: the saved tokenizer.json parses special tokens as usual.)
+    tok.encode_special_tokens = True
     maker = ExampleMaker(tok, texts, weights, recipe, rng)
     autocast_device = "cuda" if device.startswith("cuda") else "cpu"
     device_name = torch.cuda.get_device_name(0) if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"

@@ -82,6 +82,12 @@ def find_runaway_run(text: str, context: str = "") -> int | None:
     return len(text) - run + cap if run > cap else None
 
 
+def find_loop_cut(text: str, context: str = "") -> int | None:
+    """What the loop guard cuts: a repeated piece (find_loop) or a runaway run of one character."""
+    cut = find_loop(text, context)
+    return find_runaway_run(text, context) if cut is None else cut
+
+
 @dataclass(frozen=True)
 class StopRules:
     stop: tuple[str, ...] = ()
@@ -103,9 +109,7 @@ class StopRules:
             if i >= 0 and (best is None or i < best):
                 best = i
         if best is None and self.loop_guard:
-            best = find_loop(text, self.context)
-            if best is None:
-                best = find_runaway_run(text, self.context)
+            best = find_loop_cut(text, self.context)
         return best
 
     def safe_length(self, text: str) -> int:
