@@ -9,10 +9,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
     REFACT_LAB_HOME=/data
 
 # Versions come from the pinned CUDA base image's Ubuntu release; pinning each apt package would break
-# on every Ubuntu security update.
+# on every Ubuntu security update. tini is PID 1 (see ENTRYPOINT).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv python3-pip git openssh-client \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-pip git openssh-client tini \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/refact_lab
@@ -32,4 +32,8 @@ USER 1000
 VOLUME ["/data"]
 EXPOSE 8008
 
+# PID 1 gets no default signal handling from the kernel and must reap orphans (kernels, training runs):
+# tini does both and passes docker stop's SIGTERM to the server, which ends within its 10 s grace period.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["refact-lab", "serve", "--host", "0.0.0.0", "--port", "8008"]

@@ -14,7 +14,7 @@ INSTALLED      := $(VENV)/.installed
 TEST_INSTALLED := $(VENV)/.installed-test
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install install-test chromium tabby-agent bench clean
+.PHONY: run test install install-test chromium tini tabby-agent bench clean
 
 run: $(INSTALLED)
 	$(VENV)/bin/refact-lab serve --host $(HOST) --port $(PORT) $(ARGS)
@@ -39,6 +39,11 @@ chromium:
 	@test -x /usr/bin/chromium || ( $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null )
 
+# The Docker image's PID 1, for the test that stops the server under it (tests/serve/test_shutdown.py).
+tini:
+	@test -x /usr/bin/tini || ( $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq tini >/dev/null )
+
 # Tabby's own client (the agent its IDE extensions run), from npm, for tests/clients/test_tabby_agent.py.
 TABBY_AGENT := .cache/tabby-agent/node_modules/tabby-agent/dist/index.js
 tabby-agent: $(TABBY_AGENT)
@@ -48,7 +53,7 @@ $(TABBY_AGENT):
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nodejs npm >/dev/null )
 	npm install --silent --no-audit --no-fund --prefix .cache/tabby-agent tabby-agent@1.5.0
 
-test: $(TEST_INSTALLED) chromium $(TABBY_AGENT)
+test: $(TEST_INSTALLED) chromium tini $(TABBY_AGENT)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(INSTALLED)

@@ -1,4 +1,4 @@
-"""The `refact-lab` command line: serve | scan | finetune | runs | complete.
+"""The `refact-lab` command line: serve | scan | finetune | resume | runs | complete | eval | deploy | update | export.
 
 Each subcommand parses its flags, builds the same settings dataclass the UI uses, and calls a service.
 Heavy imports (torch, jupyter_server) happen inside the handlers so `refact-lab --help` is instant.
@@ -121,7 +121,7 @@ def _cmd_scan(args) -> int:
 
     from refact_lab.config import ScanSettings, with_overrides
     from refact_lab.data.lossfilter import LossFilterError
-    from refact_lab.data.pipeline import ScanCancelled, ScanError, human_size, scan_files
+    from refact_lab.data.pipeline import ScanCancelled, ScanError, ScanWriteError, human_size, scan_files
     from refact_lab.data.service import ProjectService
     from refact_lab.data.sources import SourceError
     from refact_lab.home import Home
@@ -144,6 +144,8 @@ def _cmd_scan(args) -> int:
     progress, close = (None, lambda: None) if args.json else _scan_progress()
     try:
         stats = service.job.run(settings, progress=progress)
+    except ScanWriteError as e:  # a full disk: a failure while working, not bad input
+        return _fail(str(e), 1)
     except (ScanError, LossFilterError) as e:
         return _fail(str(e))
     except ScanCancelled:
@@ -172,12 +174,19 @@ def _cmd_scan(args) -> int:
         if stats.get("loss"):
             print(f"loss filter: {stats['loss']['model']}, {stats['loss']['computed']} computed, "
                   f"{stats['loss']['cached']} cached")
+        index = stats.get("index") or {}
+        if index:
+            print(f"retrieval index: {index['error']}" if index.get("error") else
+                  f"retrieval index: {index['files']} files, {index['chunks']} chunks, {human_size(index['bytes'])}, "
+                  f"built in {index['build_s']:.1f} s ({index['reused_files']} unchanged files reused)")
         print(f"logs: {paths['dir']}/{{accepted.jsonl, rejected.jsonl, stats.json}}")
     if stats["reasons"].get("loss_too_high") and stats["accepted"] == 0:
         print(f"refact-lab: every file that reached stage 2 is above loss_threshold "
               f"{stats['loss']['threshold']:g} under {stats['loss']['model']!r}: that model may be too weak "
               "for this code; use a stronger --model, raise --set loss_threshold=..., or --no-lm-filter",
               file=sys.stderr)
+    if stats.get("split_warning"):
+        print(f"refact-lab: warning: {stats['split_warning']}", file=sys.stderr)
     if stats.get("split_error"):
         return _fail(stats["split_error"], 1)
     return 0
@@ -207,7 +216,23 @@ def _add_finetune(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a hyperparameter (repeatable; listed below)")
     p.add_argument("--detach", action="store_true", help="start the run in the background and return")
+    from refact_lab.config import LaunchSettings, field_specs
+
+    launch = {spec["name"]: spec["help"] for spec in field_specs(LaunchSettings)}   # the panel's tooltips too
+    p.add_argument("--processes", default="auto", metavar="N|auto",
+                   help=f"{launch['processes']}; batch_size stays the global batch")
+    p.add_argument("--gpus", metavar="0,1,...", help=launch["gpus"])
+    p.add_argument("--cpu", action="store_true", help=launch["cpu"])
+    p.add_argument("--fsdp", action="store_true", help=launch["fsdp"])
     p.set_defaults(handler=_cmd_finetune)
+
+
+def _launch_settings(args):
+    """--processes/--gpus/--cpu/--fsdp as the LaunchSettings the panel also builds (SettingsError when bad)."""
+    from refact_lab.config import LaunchSettings, parse_value
+
+    return LaunchSettings(processes=parse_value(LaunchSettings, "processes", args.processes),
+                          gpus=args.gpus, cpu=args.cpu, fsdp=args.fsdp)
 
 
 def _cmd_finetune(args) -> int:
@@ -216,20 +241,114 @@ def _cmd_finetune(args) -> int:
 
     try:
         settings = with_overrides(FinetuneSettings(), args.overrides)
+        launch = _launch_settings(args)
     except (SettingsError, TypeError) as e:
         return _fail(str(e))
     from refact_lab.finetune import runs
 
     home = Home.resolve(args.home).ensure()
     model = args.model or home.load_settings().get("model") or "default"
-    run_id = runs.create_run(home, args.project, model, settings)
+    run_id = runs.create_run(home, args.project, model, settings, launch=launch)
+    block = runs.read_json(home.run_dir(run_id) / "settings.json", {}).get("launch") or {}
+    memory = (block.get("memory") or {}).get("message")
+    if memory and "switched" in memory:
+        print(f"refact-lab: {memory}", file=sys.stderr)
     if args.detach:
         proc = runs.start_run(home, run_id)
         print(run_id)
         print(f"started in the background (pid {proc.pid}); follow it with `refact-lab runs` or in "
               f"{home.run_dir(run_id) / 'log.txt'}", file=sys.stderr)
         return 0
+    if block.get("processes", 1) > 1 or block.get("fsdp") or launch.gpus is not None:
+        # several processes (or chosen GPUs: CUDA_VISIBLE_DEVICES) need the launcher: start it, follow its files
+        return _follow_launched(home, run_id, runs.start_run(home, run_id))
     return _finetune_foreground(home, run_id)
+
+
+def _follow_launched(home, run_id: str, proc, log_from: int = 0) -> int:
+    """A launched run in the foreground: its log from byte `log_from` on and a progress bar from its status;
+    Ctrl-C asks it to stop cleanly."""
+    import signal
+    import time
+
+    from tqdm import tqdm
+
+    from refact_lab.finetune import runs
+
+    path = runs.run_dir(home, run_id)
+    bar = tqdm(total=None, unit="step", desc=run_id, dynamic_ncols=True, file=sys.stderr)
+
+    def on_interrupt(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        runs.request_stop(path)
+        bar.write("stopping after this step (Ctrl-C again to abort)...", file=sys.stderr)
+
+    log_file, offset = path / "log.txt", log_from
+
+    def echo_log() -> None:
+        # the run's own log lines (process 0's messages, the launcher's), as the in-process run shows them
+        nonlocal offset
+        with open(log_file, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+        complete = data[:data.rfind(b"\n") + 1]
+        offset += len(complete)
+        for line in complete.decode("utf-8", errors="replace").splitlines():
+            if line.strip() and "it/s]" not in line:    # not the loaders' progress bars
+                bar.write(line, file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        while True:
+            ended = proc.poll() is not None
+            echo_log()
+            status = runs.read_status(home, run_id)
+            if status.get("total") and bar.total != status["total"]:
+                bar.reset(total=status["total"])
+            bar.update(max(0, (status.get("step") or 0) - bar.n))
+            if status.get("train_loss") is not None:
+                bar.set_postfix(loss=f"{status['train_loss']:.3f}", refresh=False)
+            if ended or status["state"] not in runs.ACTIVE:
+                if not ended:
+                    proc.wait(timeout=60)   # the other processes end with it
+                echo_log()
+                break
+            time.sleep(0.5)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        bar.close()
+    return _report_end(home, run_id, path)
+
+
+def _add_resume(sub) -> None:
+    p = sub.add_parser("resume", help="continue a stopped or failed fine-tuning run from its last checkpoint")
+    p.add_argument("run", metavar="RUN", help="the run id (as `refact-lab runs` lists it)")
+    p.add_argument("--home", help="state directory (default $REFACT_LAB_HOME or ~/.refact_lab)")
+    p.add_argument("--detach", action="store_true", help="continue the run in the background and return")
+    p.set_defaults(handler=_cmd_resume)
+
+
+def _cmd_resume(args) -> int:
+    from refact_lab.finetune import runs
+    from refact_lab.home import Home
+
+    home = Home.resolve(args.home)
+    try:
+        path = runs.run_dir(home, args.run)
+        block = runs.read_json(path / "settings.json", {}).get("launch") or {}
+        if not args.detach and (block.get("processes", 1) > 1 or block.get("fsdp") or block.get("gpus")):
+            # launched as several processes: resumed the same way, followed here
+            size = (path / "log.txt").stat().st_size if (path / "log.txt").exists() else 0
+            return _follow_launched(home, args.run, runs.resume_run(home, args.run), log_from=size)
+        proc = runs.resume_run(home, args.run, detach=args.detach)
+    except RuntimeError as e:   # not stopped or failed: nothing to resume
+        return _fail(str(e))
+    if proc is not None:
+        print(args.run)
+        print(f"resumed in the background (pid {proc.pid}); follow it with `refact-lab runs` or in "
+              f"{home.run_dir(args.run) / 'log.txt'}", file=sys.stderr)
+        return 0
+    return _finetune_foreground(home, args.run)
 
 
 def _finetune_foreground(home, run_id: str) -> int:
@@ -271,9 +390,22 @@ def _finetune_foreground(home, run_id: str) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
         bar.close()
+    from refact_lab.scoreboard.service import after_run
+
+    report = after_run(path)  # the scoreboard of the best checkpoint, as a detached run's worker does
+    for m in (report or {}).get("models", []):
+        print(f"scoreboard ({report['cursors']} held-out cursors): {m['name']}: edit similarity "
+              f"{m['overall']['edit_similarity']:.3f}, exact match {m['overall']['exact_match']:.3f}", file=sys.stderr)
+    return _report_end(home, run_id, path)
+
+
+def _report_end(home, run_id: str, path) -> int:
+    from refact_lab.finetune import runs
+
     status = runs.read_status(home, run_id)
     best = status.get("best")
     print(f"{run_id}: {status['state']} at step {status.get('step')}/{status.get('total')}"
+          + (f" ({status['stop_reason']})" if status.get("stop_reason") else "")
           + (f", best checkpoint {best['checkpoint']} (test loss {best['test_loss']:.4f})" if best else ""))
     if status["state"] == "failed":
         return _fail(f"run failed: {status.get('error')} (log: {path / 'log.txt'})", 1)
@@ -335,6 +467,7 @@ def _cmd_complete(args) -> int:
     from refact_lab.models.registry import resolve
     from refact_lab.serve import checkpoints
     from refact_lab.serve.client import InferenceError, LocalInference
+    from refact_lab.serve import state
     from refact_lab.serve.state import LoraChoice, lora_model_name
 
     prefix = sys.stdin.read() if args.prefix == "-" else args.prefix
@@ -345,7 +478,10 @@ def _cmd_complete(args) -> int:
     if args.model:
         resolve(args.model)  # unknown model: exit 2 with the registry's message
         overrides["model"] = args.model
-    choice = LoraChoice.parse(args.lora) if args.lora else LoraChoice.from_settings(home.load_settings())
+    saved, problems = state.load(home)
+    if not args.lora and state.LORA in problems:
+        return _fail(problems[state.LORA])
+    choice = LoraChoice.parse(args.lora) if args.lora else saved.lora
     if args.lora:
         overrides["lora"] = choice.to_dict()
     if choice.mode != "off":
@@ -370,13 +506,216 @@ def _cmd_complete(args) -> int:
     return 0
 
 
+# --- deploy ----------------------------------------------------------------------------------------------
+
+def _add_deploy(sub) -> None:
+    p = sub.add_parser("deploy", help="choose what the server offers: the LoRA checkpoint and repository context",
+                       description="Makes the Deploy panel's choices (saved in settings.json: a running server "
+                                   "applies them without a restart) and prints what is now deployed. "
+                                   "With no option it only prints.")
+    p.add_argument("--home", help="state directory (default $REFACT_LAB_HOME or ~/.refact_lab)")
+    p.add_argument("--run", help="the fine-tuning run (default: the most recent)")
+    p.add_argument("--checkpoint", help="'best', 'latest', a checkpoint name of --run, or 'off' (base model only)")
+    p.add_argument("--context", help="project whose files give completions context, 'off', or 'auto' (the "
+                                     "deployed run's project)")
+    p.add_argument("--context-tokens", type=int, help="at most this many prompt tokens of repository context")
+    p.set_defaults(handler=_cmd_deploy)
+
+
+def _cmd_deploy(args) -> int:
+    from refact_lab.home import Home, check_name
+    from refact_lab.serve.deploy import DeployService
+    from refact_lab.serve.state import LoraChoice
+
+    home = Home.resolve(args.home).ensure()
+    service = DeployService(home, inference=False)   # only saves: no engine is started here
+    if args.run is not None:
+        check_name(args.run, "run id")
+    if args.checkpoint is not None or args.run is not None:
+        ck = args.checkpoint or "best"
+        if ck == "off":
+            if args.run:
+                return _fail("--checkpoint off deploys no run: leave out --run")
+            choice = LoraChoice("off")
+        elif ck in ("best", "latest"):
+            choice = LoraChoice(ck, run_id=args.run)
+        elif args.run:
+            choice = LoraChoice("checkpoint", args.run, ck)
+        else:
+            return _fail(f"--checkpoint {ck} names a checkpoint: give its --run too")
+        service.deploy(choice, start=False, by="cli")
+    if args.context is not None or args.context_tokens is not None:
+        service.set_context(args.context, args.context_tokens)
+    now = service.summary()
+    print(f"model:      {now['model']}")
+    print(f"lora:       {now['lora']}" + (f" = {now['checkpoint']}" if now["checkpoint"] else "")
+          + (f" (cannot be served: {now['lora_error']})" if now["lora_error"] else ""))
+    print(f"context:    {now['context']}" + (" (the deployed run's project)" if now["context_choice"] == "auto"
+                                              and now["context"] != "off" else "")
+          + f", up to {now['context_tokens']} tokens")
+    return 0
+
+
+# --- eval ------------------------------------------------------------------------------------------------
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="the completion scoreboard: base model vs checkpoints at seeded cursors of the held-out files",
+        description="Complete seeded cursors from the project's held-out test files through the serving engine "
+                    "(prompt building, token healing, stop rules, loop guard) with the base model (LoRA off) and "
+                    "each checkpoint asked for; print exact match, edit similarity, identifier F1, degenerate "
+                    "share and p50 latency per kind of cursor. Results are saved under the run (eval.json) and "
+                    "the project (eval/history.jsonl).")
+    p.add_argument("--project", default="default", help="the scanned project (default: default)")
+    p.add_argument("--home", help="state directory (default $REFACT_LAB_HOME or ~/.refact_lab)")
+    p.add_argument("--run", help="the run whose checkpoints to evaluate (default: the project's newest)")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="best|latest|NAME|off",
+                   help="a checkpoint of the run (repeatable; default: best when the project has a run, else off)")
+    p.add_argument("--cursors", type=int, default=None, help="number of cursors (default 200)")
+    p.add_argument("--seed", type=int, default=None, help="cursor sampling seed (default 1234)")
+    p.add_argument("--json", action="store_true", help="print the scoreboard as one JSON object")
+    p.set_defaults(handler=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    import json
+
+    from refact_lab.home import Home
+    from refact_lab.scoreboard import cursors as sc
+    from refact_lab.scoreboard import results, runner
+
+    n = sc.DEFAULT_CURSORS if args.cursors is None else args.cursors
+    if n < 1:
+        return _fail(f"--cursors must be at least 1, got {n}")
+    seed = sc.DEFAULT_SEED if args.seed is None else args.seed
+    home = Home.resolve(args.home)
+    if not (home.project_dir(args.project) / "scan").is_dir():
+        return _fail(f"project {args.project!r} has not been scanned in {home.root}")
+    choices = args.checkpoint or (["best"] if args.run or any(r.checkpoints for r in
+                                                                runner.project_runs(home, args.project)) else [])
+    try:
+        model = runner.run_model(home, args.project)
+        targets = runner.resolve_targets(home, args.project, model, args.run, choices)
+        cursors = runner.project_cursors(home, args.project, n, seed)
+    except runner.EvalError as e:
+        return _fail(str(e))
+    # the scan's bar per stage serves as one bar per evaluated model
+    progress, close = (None, lambda: None) if args.json else _scan_progress()
+    try:
+        report, details = runner.evaluate(home, args.project, targets, cursors=cursors, progress=progress,
+                                          model=model)
+    except (runner.EvalError, RuntimeError, TimeoutError) as e:
+        return _fail(str(e), 1)
+    finally:
+        close()
+    results.save(home, report, details, seed=seed)
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+    else:
+        print(runner.format_table(report))
+    return 0
+
+
+# --- export ----------------------------------------------------------------------------------------------
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export", help="write a checkpoint as a PEFT adapter folder or a merged transformers model, with a card",
+        description="peft: adapter_config.json + adapter_model.safetensors (peft.PeftModel.from_pretrained, vLLM "
+                    "--lora-modules); merged: the base model with the adapter merged (safetensors, tokenizer, "
+                    "generation config). Both carry README.md (base model, sources and commits, training files and "
+                    "their sha256 manifest, filter stats, settings, metrics, scoreboard).")
+    p.add_argument("--run", required=True, help="the run id (see `refact-lab runs`)")
+    p.add_argument("--checkpoint", default="best", metavar="best|latest|NAME",
+                   help="which checkpoint (default best: the lowest test loss)")
+    p.add_argument("--format", dest="fmt", default="peft", choices=("peft", "merged"), help="default peft")
+    p.add_argument("--out", required=True, help="a new or empty folder to write")
+    p.add_argument("--home", help="state directory (default $REFACT_LAB_HOME or ~/.refact_lab)")
+    p.set_defaults(handler=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from refact_lab.finetune.export import ExportError, export_checkpoint
+    from refact_lab.home import Home
+
+    try:
+        result = export_checkpoint(Home.resolve(args.home), args.run, args.checkpoint, args.fmt, args.out,
+                                   log=lambda m: print(m, file=sys.stderr))
+    except ExportError as e:
+        return _fail(str(e))
+    except OSError as e:   # a full disk, a read-only folder: nothing was left behind
+        return _fail(f"cannot write the export: {e.strerror or e}", 1)
+    print(result.out)
+    return 0
+
+
+# --- update ----------------------------------------------------------------------------------------------
+
+def _add_update(sub) -> None:
+    p = sub.add_parser(
+        "update", help="fetch new commits, rescan, retrain from the deployed adapter, deploy if not worse",
+        description="Keep the model current: fetch the project's git sources, rescan (unchanged files from the "
+                    "cache), fine-tune a new run starting from the deployed adapter, score base, deployed and new "
+                    "checkpoint on the same held-out cursors, and deploy the new one only when its edit "
+                    "similarity is not lower (beyond 0.005) and its exact match not lower. --history lists the "
+                    "deploys with their scores; --rollback N re-deploys entry N.")
+    p.add_argument("--project", default="default", help="the scanned project (default: default)")
+    p.add_argument("--home", help="state directory (default $REFACT_LAB_HOME or ~/.refact_lab)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a fine-tuning setting of the new run (repeatable), e.g. train_steps=200")
+    p.add_argument("--cursors", type=int, default=None, help="scoreboard cursors (default: the run's eval_cursors)")
+    p.add_argument("--history", action="store_true", help="list the project's deploys with their scores")
+    p.add_argument("--rollback", type=int, metavar="N", help="re-deploy entry N of --history")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--job", action="store_true", help=argparse.SUPPRESS)  # launched by the schedule/app
+    p.set_defaults(handler=_cmd_update)
+
+
+def _cmd_update(args) -> int:
+    import json
+
+    from refact_lab.home import Home
+    from refact_lab.keep_current import deploys, schedule, update
+
+    home = Home.resolve(args.home)
+    if args.history or args.rollback is not None:
+        if args.rollback is not None:
+            entry = deploys.rollback(home, args.project, args.rollback)
+            print(json.dumps(entry, sort_keys=True) if args.json else f"deployed {entry['checkpoint'] or 'off'} "
+                  f"({entry['note']})")
+            return 0
+        entries = deploys.history(home, args.project)
+        print(json.dumps(entries, sort_keys=True) if args.json else deploys.format_history(entries))
+        return 0
+    if not (home.project_dir(args.project) / "scan").is_dir():
+        return _fail(f"project {args.project!r} has not been scanned in {home.root}")
+    if args.cursors is not None and args.cursors < 1:
+        return _fail(f"--cursors must be at least 1, got {args.cursors}")
+
+    def work(should_stop=None, on_run=None):
+        return update.run_update(home, args.project, overrides=args.set, cursors=args.cursors,
+                                 log=lambda m: print(m, file=sys.stderr, flush=True), should_stop=should_stop,
+                                 on_run=on_run)
+    try:
+        result = schedule.run_as_job(home, args.project, work) if args.job else work()
+    except update.UpdateStopped as e:
+        return _fail(str(e), 1)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(f"{result['changed_files']} changed file(s); run {result['run'] or '-'}; "
+              + ("deployed" if result["deployed"] else "not deployed") + f": {result['reason']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="refact-lab",
         description="Fine-tune a code-completion model on your repositories and serve it to your IDE.")
     parser.add_argument("--version", action="version", version=f"refact-lab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_serve, _add_scan, _add_finetune, _add_runs, _add_complete):
+    for add in (_add_serve, _add_scan, _add_finetune, _add_resume, _add_runs, _add_complete, _add_deploy, _add_eval,
+                _add_export, _add_update):
         add(sub)
     return parser
 

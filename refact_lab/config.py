@@ -22,12 +22,13 @@ class SettingsError(ValueError):
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, min: float | None = None,
             max: float | None = None, choices: tuple | None = None, auto: bool = False,
-            default_factory: Any = dataclasses.MISSING):
+            default_factory: Any = dataclasses.MISSING, label: str | None = None):
     """A dataclass field with its help text and bounds.
 
     `auto=True` means the value may be None, read as "derive it automatically" (shown as "auto").
+    `label` is what forms show (default: derived from the name by `field_label`).
     """
-    meta = {"help": help, "min": min, "max": max, "choices": choices, "auto": auto}
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "auto": auto, "label": label}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -115,15 +116,33 @@ def with_overrides(obj, pairs: list[str]):
     return dataclasses.replace(obj, **changes)
 
 
+# Words of field names that a form spells differently (abbreviations and units).
+_LABEL_WORDS = {"lm": "LM", "lora": "LoRA", "lr": "LR", "gpu": "GPU", "fim": "FIM", "mem": "memory",
+                "seq": "sequence", "len": "length", "kib": "(KiB)", "mb": "(MiB)", "dup": "duplicate"}
+
+
+def field_label(name: str, label: str | None = None) -> str:
+    """The human label of a field: its `label` metadata, else derived from the name
+    (`lr_decay_steps` -> "LR decay steps", `low_gpu_mem_mode` -> "Low GPU memory mode")."""
+    if label:
+        return label
+    words = [_LABEL_WORDS.get(w, w) for w in name.split("_") if w]
+    text = " ".join(words)
+    return text[:1].upper() + text[1:]
+
+
 def field_specs(cls) -> list[dict]:
-    """Field descriptions for building a form or a help table: name, type, default, help, bounds, choices."""
+    """Field descriptions for building a form or a help table: name, label, type, default, help, bounds,
+    choices."""
     out = []
     for f in dataclasses.fields(cls):
         if "help" not in f.metadata:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        out.append({"name": f.name, "type": _field_type(cls, f), "default": default, **f.metadata})
+        spec = {"name": f.name, "type": _field_type(cls, f), "default": default, **f.metadata}
+        spec["label"] = field_label(f.name, f.metadata.get("label"))
+        out.append(spec)
     return out
 
 
@@ -166,6 +185,9 @@ class ServeSettings:
         1.0, help="Share one GPU: the fraction of its memory this server may use (the rest stays free for "
                   "another model or process)", min=0.05, max=1.0)
     max_batch: int = setting(16, help="Requests decoded together in one batch on the model", min=1, max=256)
+    load_wait_s: float = setting(120.0, help="Seconds a request that needs the model waits while it loads (the server "
+                                             "just started, or another model was chosen) before a 503", min=0,
+                                 max=3600)
     loop_guard: bool = setting(True, help="Stop a completion that repeats one piece of text three times in a row "
                                           "and keep only the first copy (unless the code around the cursor "
                                           "repeats it too)")
@@ -186,8 +208,8 @@ class ServeSettings:
 class FinetuneSettings:
     """Hyperparameters of one LoRA fine-tuning run: the panel's form, `--set key=value` and the trainer read this.
 
-    Fields marked auto (None) are derived from the dataset size by `refact_lab.finetune.schedule.resolve`,
-    which also explains the numbers it chose.
+    Fields marked auto (None) are derived from the dataset size and the model's context by
+    `refact_lab.finetune.schedule.resolve`, which also explains the numbers it chose.
     """
 
     # LoRA
@@ -222,20 +244,32 @@ class FinetuneSettings:
     precision: str = setting("auto", help="auto: bf16 autocast where the hardware supports it, else fp32",
                              choices=("auto", "bf16", "fp32"))
     # data
-    seq_len: int = setting(1024, help="Tokens per packed training sequence (at most the model's context)",
-                           min=32, max=131072)
+    seq_len: int | None = setting(
+        None, auto=True, help="Tokens per packed training sequence, at most the model's context (auto: the "
+                              "smaller of 1024 and the model's context)", min=32, max=131072)
     fim_rate: float = setting(0.9, help="Share of examples in fill-in-the-middle form; the rest are plain text",
                               min=0.0, max=1.0)
     max_test_rows: int = setting(64, help="At most this many packed test sequences are evaluated (keeps "
                                           "evaluation quick)", min=1, max=100_000)
     # bookkeeping
-    eval_every: int = setting(50, help="Measure the test loss every N steps", min=1, max=10_000_000)
-    checkpoint_every: int = setting(100, help="Save a checkpoint every N steps (also whenever the test loss "
-                                              "improves, on stop and at the end)", min=1, max=10_000_000)
+    eval_every: int | None = setting(
+        None, auto=True, help="Measure the test loss every N steps (auto: about 20 evaluations over the run)",
+        min=1, max=10_000_000)
+    checkpoint_every: int | None = setting(
+        None, auto=True, help="Save a checkpoint every N steps, also whenever the test loss improves, on stop and "
+                              "at the end (auto: every second evaluation)", min=1, max=10_000_000)
     early_stop_patience: int = setting(
         5, help="Stop after this many evaluations without a lower test loss (0: never stop early)",
         min=0, max=100_000)
     seed: int = setting(42, help="Random seed for LoRA init, data order and FIM splits", min=0, max=2**31 - 1)
+    # judging (refact_lab.scoreboard)
+    eval_cursors: int = setting(
+        50, help="When the run finishes, complete this many held-out cursors with its best checkpoint and the base "
+                 "model, through the served engine (the scoreboard; 0: off)", min=0, max=5000)
+    best_by: str = setting(
+        "test_loss", help="Which checkpoint is 'best': the lowest test loss, or the highest scoreboard edit "
+                          "similarity among the lowest-loss ones (needs eval_cursors > 0)",
+        choices=("test_loss", "edit_similarity"))
 
     def __post_init__(self):
         validate(self)
@@ -252,6 +286,48 @@ class FinetuneSettings:
 
 
 @dataclass
+class LaunchSettings:
+    """How a fine-tuning run is launched: processes, devices, FSDP. `refact-lab finetune --processes --gpus --cpu
+    --fsdp`, the Fine-tune panel's device controls and the run's settings.json ("launch") read this.
+    `batch_size` stays the global batch: each process trains batch_size / processes rows of every step."""
+
+    processes: int | None = setting(None, auto=True, min=1, max=64,
+                                    help="Training processes (auto: one per chosen GPU, 1 on the CPU)")
+    gpus: list[int] | None = setting(None, auto=True, label="GPUs",
+                                     help="GPU ids to train on, e.g. 0,1 (CUDA_VISIBLE_DEVICES of the run; "
+                                          "auto: every visible GPU)")
+    cpu: bool = setting(False, label="CPU", help="Train on the CPU even where GPUs are present (several "
+                                                 "processes talk through gloo)")
+    fsdp: bool = setting(False, label="FSDP", help="Shard the base model over the GPUs with FSDP (accelerate): "
+                                                   "for models that do not fit one GPU even for LoRA")
+
+    def __post_init__(self):
+        if isinstance(self.gpus, str):   # the CLI and text fields give "0,1"
+            parts = [p.strip() for p in self.gpus.split(",") if p.strip()]
+            try:
+                self.gpus = [int(p) for p in parts]
+            except ValueError:
+                raise SettingsError(f"gpus: expected GPU ids like 0,1, got {self.gpus!r}") from None
+        if self.gpus is not None:
+            self.gpus = list(self.gpus)
+            if not self.gpus or any(isinstance(g, bool) or not isinstance(g, int) or g < 0 for g in self.gpus):
+                raise SettingsError(f"gpus: expected GPU ids like 0,1, got {self.gpus!r}")
+            if len(set(self.gpus)) != len(self.gpus):
+                raise SettingsError(f"gpus: {self.gpus} names a GPU twice")
+        validate(self)
+        if self.cpu and self.gpus:
+            raise SettingsError("gpus: cannot be chosen together with cpu")
+        if self.cpu and self.fsdp:
+            raise SettingsError("fsdp: shards over GPUs; it cannot be used with cpu")
+
+    @property
+    def process_count(self) -> int:
+        """The processes asked for: the number, else one per chosen GPU, else 1 (on a machine's every GPU,
+        finetune.memory.plan_launch settles "auto")."""
+        return self.processes or (len(self.gpus) if self.gpus and not self.cpu else 1)
+
+
+@dataclass
 class ScanSettings:
     """How sources are filtered into a dataset: the Scan panel's form, `refact-lab scan` and the pipeline read this.
 
@@ -260,42 +336,50 @@ class ScanSettings:
 
     # stage 1: rules
     max_file_kib: int = setting(512, help="Files larger than this (KiB) are rejected as too_large",
-                                min=1, max=1_048_576)
+                                min=1, max=1_048_576, label="Max file size (KiB)")
     digit_share: float = setting(0.3, help="Files whose share of digits among non-space characters is above this "
                                            "are rejected as lots_of_digits (data tables, hex dumps)",
-                                 min=0.0, max=1.0)
-    include: list[str] = setting(default_factory=list,
+                                 min=0.0, max=1.0, label="Max share of digits")
+    include: list[str] = setting(default_factory=list, label="Include patterns",
                                  help="Gitignore-style patterns a file must match to be kept (empty: every file)")
-    exclude: list[str] = setting(default_factory=list,
+    exclude: list[str] = setting(default_factory=list, label="Exclude patterns",
                                  help="Gitignore-style patterns of files to reject as excluded_by_mask "
                                       "(e.g. tests/, *.sql, !keep.sql)")
     file_types: list[str] | None = setting(
         None, auto=True, help="Languages to keep, e.g. Python, TypeScript (auto: the most common programming "
                               "language found in the sources)")
-    near_dup: bool = setting(False, help="Also reject near-duplicates (MinHash similarity), not only exact copies")
+    near_dup: bool = setting(False, help="Also reject near-duplicates (MinHash similarity), not only exact copies",
+                             label="Reject near-duplicates")
     near_dup_threshold: float = setting(0.85, help="Estimated Jaccard similarity above which a file is a "
-                                                   "near-duplicate of one kept before it", min=0.5, max=1.0)
+                                                   "near-duplicate of one kept before it", min=0.5, max=1.0,
+                                        label="Near-duplicate similarity")
+    secrets: str = setting("reject", choices=("reject", "redact", "off"), label="Files with secrets",
+                           help="Files holding credentials (keys, tokens, passwords): reject them as secret, "
+                                "redact (train on a copy with each secret replaced by a placeholder), or off")
     # stage 2: language model
     lm_filter: bool = setting(True, help="Stage 2: compute each file's loss under the base model and reject "
-                                         "files above the threshold")
+                                         "files above the threshold", label="Loss filter (stage 2)")
     model: str | None = setting(None, help="Base model for the loss filter: a registry name, hub id or local "
-                                           "folder (default: the active or embedded model)")
+                                           "folder (default: the active or embedded model)",
+                                label="Loss filter model")
     loss_threshold: float | None = setting(None, auto=True, min=0.0, max=100.0, help=(
         "Files whose mean per-token loss is above this are rejected as loss_too_high; auto: the model's own "
         "threshold from the registry (3.0 for hub models; the small embedded model is less sure of itself)"))
-    lm_batch_size: int = setting(8, help="Files per forward pass in the loss filter", min=1, max=1024)
+    lm_batch_size: int = setting(8, help="Files per forward pass in the loss filter", min=1, max=1024,
+                                 label="Loss filter batch size")
     lm_max_tokens: int = setting(1024, help="Tokens of each file (from its start) that the loss is measured on",
-                                 min=16, max=131072)
+                                 min=16, max=131072, label="Tokens per file (loss)")
     # split
     test_share: float = setting(0.05, help="Share of accepted files held out as the automatic test set when no "
                                            "source or file is marked test", min=0.0, max=0.5)
     max_test_files: int = setting(20, help="At most this many files in the automatic test set", min=1,
                                   max=100_000)
-    seed: int = setting(42, help="Seed of the automatic train/test split (same seed, same split)",
+    seed: int = setting(42, label="Split seed", help="Seed of the automatic train/test split (same seed, same split)",
                         min=0, max=2**31 - 1)
     # speed
     workers: int | None = setting(None, auto=True, help="Processes reading files in stage 1 (auto: up to 2 for "
-                                                        "large scans, else 1)", min=1, max=64)
+                                                        "large scans, else 1)", min=1, max=64,
+                                  label="Reader processes")
 
     def __post_init__(self):
         # The CLI and text fields give comma-separated strings; the pipeline wants lists.
@@ -319,3 +403,16 @@ class ScanSettings:
                 pathspec.GitIgnoreSpec.from_lines(getattr(self, name))
             except Exception as e:  # pathspec raises several types for a malformed pattern
                 raise SettingsError(f"{name}: invalid pattern ({e})") from None
+
+
+@dataclass
+class UpdateSchedule:
+    """Scheduled update-and-retrain (refact_lab.keep_current): kept in settings.json under "update_schedule",
+    set from the Settings panel; the server launches `refact-lab update` for `project` when one is due."""
+
+    every_hours: int = setting(0, min=0, max=24 * 365, label="Update every (hours)",
+                               help="Hours between scheduled updates of the project (0: off)")
+    project: str = setting("default", help="The project the scheduled update fetches, rescans, retrains and judges")
+
+    def __post_init__(self):
+        validate(self)

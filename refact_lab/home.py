@@ -4,7 +4,9 @@ Layout (see DESIGN.md)::
 
     settings.json                      server settings, active model and LoRA choice, credentials (0600)
     projects/<project>/sources/<id>/   cloned repos, unpacked archives, uploads; source.json
-    projects/<project>/scan/           accepted.jsonl, rejected.jsonl, stats.json, loss cache
+    projects/<project>/scan/           results/<id>/{accepted.jsonl, rejected.jsonl, stats.json} published as one
+                                       set behind the `current` symlink (data/results.py); loss and facts caches,
+                                       overrides.json, status.json
     runs/<run_id>/                     settings.json, status.json, metrics.jsonl, log.txt, checkpoints/
 
 Every JSON file is written atomically (temp file in the same folder, fsync, rename) so a crash or a
@@ -30,6 +32,22 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 def default_home_path() -> Path:
     return Path(os.environ.get(ENV_VAR) or Path.home() / ".refact_lab").expanduser()
+
+
+class HomeError(ValueError):
+    """The state directory cannot be used: an empty path, a file, a device, or a folder we cannot create."""
+
+
+def _check_home_root(root: Path) -> None:
+    """Refuse a state directory that is not a folder (a file, /dev/null) or lies under a non-folder."""
+    if root.exists() and not root.is_dir():
+        raise HomeError(f"the state directory {root} is not a folder (it is a file or a device); "
+                        "give a folder path to --home")
+    for parent in root.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise HomeError(f"the state directory {root} cannot be created: {parent} is not a folder")
+            break
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -167,14 +185,35 @@ class Home:
 
     @classmethod
     def resolve(cls, path: str | os.PathLike | None = None) -> "Home":
-        return cls(Path(path).expanduser().resolve() if path else default_home_path().resolve())
+        """The state directory at `path` (None: $REFACT_LAB_HOME or ~/.refact_lab). A path that is given but
+        empty, or that is (or lies under) something other than a folder, is a HomeError: falling back to the
+        default would silently write somewhere the user did not ask for. Nothing is created here."""
+        if path is None:
+            root = default_home_path()
+        else:
+            if not str(path).strip():
+                raise HomeError("the state directory (--home) is empty: give a folder path, or leave it out to "
+                                f"use ${ENV_VAR} or ~/.refact_lab")
+            root = Path(path).expanduser()
+        root = root.resolve()
+        _check_home_root(root)
+        return cls(root)
 
     def ensure(self) -> "Home":
-        for d in (self.root, self.projects_dir, self.runs_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        if not self.settings_file.exists():
-            atomic_write_json(self.settings_file, {}, mode=0o600)
+        _check_home_root(self.root)
+        try:
+            for d in (self.root, self.projects_dir, self.runs_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            if not self.settings_file.exists():
+                atomic_write_json(self.settings_file, {}, mode=0o600)
+        except OSError as e:
+            raise HomeError(f"cannot create the state directory {self.root}: {e.strerror or e}") from None
         return self
+
+    def contains(self, path: str | os.PathLike) -> bool:
+        """Whether `path` (resolved, links followed) is the state directory or inside it."""
+        resolved = Path(path).expanduser().resolve()
+        return resolved == self.root or self.root in resolved.parents
 
     @property
     def settings_file(self) -> Path:

@@ -7,6 +7,7 @@
 #   2. bench/serve.py --gpu     - ms per new token: generate, static cache + compile, our engine (#5 point 6)
 #   3. bench/finetune.py --gpu  - our trainer against a plain transformers + peft loop            (#4)
 #   4. the default-model recipe on CUDA for a few minutes, to see its speed there                 (#6 point 1)
+#   5. scripts/gpu_finetune_smoke.py - `refact-lab finetune --processes auto`: one process per GPU (#18)
 # Logs go to $OUT (the device tool brings them back) or ./gpu-checks. Each step has its own time limit, so one
 # that hangs cannot eat the others' time.
 #
@@ -38,6 +39,7 @@ if [ -n "$DRY" ]; then
   step serve_bench 300 $PY bench/serve.py --gpu --dry-run
   step recipe 300 $PY scripts/train_default_model.py --out /tmp/gpu-checks-recipe --minutes 1 --max-steps 3 \
     --tokenizer-chars 2000000 --max-stdlib-chars 3000000 --max-chars-per-package 200000
+  step finetune_multi 120 $PY scripts/gpu_finetune_smoke.py --cpu --steps 4
   exit 0
 fi
 
@@ -46,3 +48,5 @@ step serve_bench 200 $PY bench/serve.py --gpu
 step finetune_bench 150 $PY bench/finetune.py --gpu --rounds 1
 step recipe 100 $PY scripts/train_default_model.py --out /tmp/gpu-checks-recipe --device cuda --minutes 1.2 \
   --tokenizer-chars 5000000
+# every visible GPU, one training process each (multi-GPU when the machine has 2+; with one, a single process)
+step finetune_multi 120 $PY scripts/gpu_finetune_smoke.py --steps 20

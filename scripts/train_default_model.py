@@ -39,6 +39,7 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from refact_lab.models.boundary import cursor_boundary  # noqa: E402
 from refact_lab.models.registry import QWEN_FIM  # noqa: E402
 from refact_lab.models.tokenizer_build import SPECIAL_TOKENS, save_as_transformers, train_bpe_tokenizer  # noqa: E402
 
@@ -93,6 +94,9 @@ class Recipe:
     loop_prompt_min: int = 128
     loop_prompt_max: int = 464
     loop_new_tokens: int = 48
+    # FIM cursors snap to the token boundary token healing cuts prompts at (refact_lab.models.boundary), so the
+    # model learns the prompts it is served; the shipped stages 1-5 were trained before this (False reproduces them).
+    cursor_boundary: bool = True
     # The standard library is a tenth of the characters but the most idiomatic Python on the machine (and the
     # held-out files come from it); sampling it 4x as often makes it about 30% of what the model sees.
     stdlib_weight: float = 4.0
@@ -336,6 +340,8 @@ class ExampleMaker:
     def fim(self) -> tuple[list[int], list[int]]:
         text = self._pick_text()
         a, b = self._middle_span(text)
+        if self.r.cursor_boundary:
+            a = cursor_boundary(text, a)
         budget = self.L - 4  # four special tokens
         mid = self._enc(text[a:b])[: budget // 4]
         room = budget - len(mid)
@@ -359,6 +365,8 @@ class ExampleMaker:
         after the cursor's line), or None when the file is too short or the rest of the line is blank."""
         text = self._pick_text()
         cursor = self.rng.randrange(len(text))
+        if self.r.cursor_boundary:
+            cursor = cursor_boundary(text, cursor)
         end = text.find("\n", cursor)
         end = len(text) if end == -1 else end
         if not text[cursor:end].strip():
@@ -572,6 +580,13 @@ def _stage1_line(stage1: dict | None) -> str:
     return "".join(lines)
 
 
+def _boundary_line(recipe: Recipe) -> str:
+    if not recipe.cursor_boundary:
+        return ""
+    return ("\nFIM cursors were moved to the token boundary that serving's token healing cuts prompts at "
+            "(refact_lab.models.boundary), the same split the fine-tuning examples use.")
+
+
 def _unlikelihood_line(recipe: Recipe) -> str:
     if not recipe.unlikelihood_weight:
         return ""
@@ -608,7 +623,7 @@ validation during training.
 
 Files are sampled in proportion to their length, standard-library files {recipe.stdlib_weight:g}x as often.
 Training mix: {recipe.fim_rate:.0%} FIM rows (half rest-of-line, a quarter span-inside-a-line, a quarter a few whole
-lines), the rest plain left-to-right text.{_unlikelihood_line(recipe)}
+lines), the rest plain left-to-right text.{_unlikelihood_line(recipe)}{_boundary_line(recipe)}
 
 ## Training
 
@@ -633,7 +648,10 @@ def main(argv: list[str] | None = None) -> int:
     defaults = Recipe(out="")
     p.add_argument("--out", required=True, help="output model folder (checkpoints go to OUT/checkpoint)")
     for f in (f_.name for f_ in fields(Recipe) if f_.name not in ("out", "python")):
-        p.add_argument("--" + f.replace("_", "-"), type=type(getattr(defaults, f)), default=getattr(defaults, f))
+        kind = type(getattr(defaults, f))
+        # bool("false") is True: read yes/no words for the switches
+        parse = (lambda text: text.strip().lower() in ("1", "true", "yes", "on")) if kind is bool else kind
+        p.add_argument("--" + f.replace("_", "-"), type=parse, default=getattr(defaults, f))
     args = p.parse_args(argv)
     recipe = Recipe(**vars(args))
     return train(recipe)

@@ -76,3 +76,77 @@ def test_pid_alive_sees_a_dead_child_and_a_recycled_pid():
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     assert not pid_alive(child.pid)
+
+
+# --- a state directory that cannot be one: clear error, exit 2, nothing created --------------------------
+
+# Every subcommand that takes --home, with arguments that would otherwise get past argument parsing.
+SUBCOMMANDS = [["scan", "--no-lm-filter"], ["finetune"], ["runs"], ["complete", "def f("], ["resume", "run-1"]]
+
+
+def _bad_homes(tmp_path):
+    a_file = tmp_path / "state.txt"
+    a_file.write_text("not a folder\n")
+    return {"a file": (str(a_file), "is not a folder"), "/dev/null": ("/dev/null", "is not a folder"),
+            "under a file": (str(a_file / "sub"), "is not a folder"), "empty": ("", "is empty"),
+            "blank": ("  ", "is empty")}
+
+
+@pytest.mark.parametrize("args", SUBCOMMANDS, ids=lambda a: a[0])
+@pytest.mark.parametrize("which", ["a file", "/dev/null", "under a file", "empty", "blank"])
+def test_cli_refuses_a_home_that_is_not_a_folder(tmp_path, monkeypatch, capsys, args, which):
+    from refact_lab.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))          # where a silent fallback would write
+    monkeypatch.setenv("REFACT_LAB_HOME", str(tmp_path / "env-home"))
+    value, message = _bad_homes(tmp_path)[which]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = main([*args[:1], "--home", value, *args[1:]])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("refact-lab: error: the state directory") and message in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before          # nothing created anywhere
+
+
+def test_serve_refuses_a_bad_home_before_starting(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "f").write_text("x")
+    done = subprocess.run([sys.executable, "-m", "refact_lab.cli", "serve", "--home", str(tmp_path / "f"),
+                           "--port", "1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == f"refact-lab: error: the state directory {tmp_path / 'f'} is not a folder (it is " \
+                                  "a file or a device); give a folder path to --home"
+
+
+def test_home_resolve_and_ensure_validate(tmp_path):
+    from refact_lab.home import HomeError
+
+    (tmp_path / "f").write_text("x")
+    for bad in ("", "  ", tmp_path / "f", "/dev/null", tmp_path / "f" / "deeper"):
+        with pytest.raises(HomeError):
+            Home.resolve(bad)
+    with pytest.raises(HomeError, match="is not a folder"):
+        Home(tmp_path / "f").ensure()
+    assert Home.resolve(tmp_path / "new" / "deep").ensure().settings_file.is_file()
+
+
+def test_sources_inside_the_state_directory_are_refused(tmp_path, capsys):
+    import zipfile
+
+    from refact_lab.cli import main
+
+    home = Home.resolve(tmp_path / "state").ensure()
+    home.update_settings(openai_key="sk-secret")
+    archive = home.root / "code.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("a.py", "x = 1\n")
+    (home.root / "projects" / "mine").mkdir()
+    for spec in (home.settings_file, archive, home.root / "projects" / "mine", home.root, tmp_path):
+        code = main(["scan", str(spec), "--home", str(home.root), "--no-lm-filter"])
+        err = capsys.readouterr().err
+        assert code == 2, (spec, err)
+        assert "state directory" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not home.sources_dir().exists() or not any(home.sources_dir().iterdir())

@@ -16,5 +16,8 @@ def test_notebook_executes(path, home, tmp_path):
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, errors
+    # scratch files go to a temp folder or the state directory, never into the folder the notebook runs in
+    # (opened from /lab, that is the checkout)
+    assert {p.name for p in tmp_path.iterdir()} <= {"home"}
     # the notebooks display something (the panels), not just run silently
     assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code")

@@ -6,9 +6,12 @@ An archive comes from someone else, so nothing in it is trusted:
 * symbolic links are never created (the scan does not follow links anyway); one that points outside the
   archive is refused, since it only exists to trick an extractor;
 * a hard link may only name a file extracted before it, and becomes a copy of that file;
-* devices, FIFOs and other special members are skipped;
-* the total uncompressed size and the number of members are bounded while streaming (not only from the
-  headers, which can lie), so a zip bomb is stopped after at most `max_bytes` bytes written.
+* devices, FIFOs and other special members are skipped; every skipped member is reported with a reason code
+  (`symlink`, `special_file`) so the scan can list it among the rejected files;
+* memory and disk are bounded twice: from the declared sizes first (a member, a link target or a tar
+  extension header that says it is too big is refused before a byte of it is read), then by counting the
+  bytes actually written (headers can lie), so a bomb is stopped after at most `max_bytes` bytes written and
+  a link or header is never read whole into memory.
 
 Extraction goes into a temporary folder beside the destination and is renamed into place only when every
 member has passed; on any error the temporary folder is removed, so nothing half-extracted is left.
@@ -29,6 +32,15 @@ from pathlib import Path
 DEFAULT_MAX_BYTES = 2 * 1024**3      # 2 GiB uncompressed
 DEFAULT_MAX_FILES = 200_000
 _CHUNK = 1 << 20
+# A link target longer than PATH_MAX is not a link target; reading more would only feed a bomb.
+MAX_LINK_TARGET = 4096
+# tar extension headers (pax records, GNU long names) hold names and a few attributes: a megabyte is plenty,
+# and tarfile reads them whole into memory (several copies while parsing), so they are refused above this.
+MAX_TAR_HEADER_BYTES = 1 << 20
+
+# Reason codes of skipped members (the scan's rejected list uses the same strings).
+SYMLINK = "symlink"
+SPECIAL_FILE = "special_file"
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar", ".zip")
 
@@ -41,7 +53,8 @@ class ArchiveError(ValueError):
 class ExtractReport:
     files: int = 0
     bytes: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)   # (member, why): links inside, devices
+    # (member path, reason code, detail) of every member not extracted: links inside, devices, FIFOs
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def is_archive(name: str | os.PathLike) -> bool:
@@ -91,6 +104,13 @@ class _Budget:
             raise ArchiveError(f"{self.archive}: more than {self.max_files} members; refused (a bomb, or raise "
                                "the limit)")
 
+    def declared(self, name: str, size: int) -> None:
+        """Refuse a member from its header before reading it, when what it declares cannot fit."""
+        if self.report.bytes + size > self.max_bytes:
+            raise ArchiveError(f"{self.archive}: member {name!r} declares {_mib(size)}, more than the "
+                               f"{_mib(self.max_bytes - self.report.bytes)} left of the {_mib(self.max_bytes)} "
+                               "limit; refused (a bomb, or raise the limit)")
+
     def add(self, n: int) -> None:
         self.report.bytes += n
         if self.report.bytes > self.max_bytes:
@@ -132,16 +152,20 @@ def _extract_zip(path: Path, out: Path, budget: _Budget) -> None:
                 continue
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
-                target = zf.read(info)[:4096].decode("utf-8", "replace")
+                target = _zip_link_target(zf, info, path.name)
                 if not _link_target_inside(rel, target):
                     raise ArchiveError(f"{path.name}: symlink {info.filename!r} points outside ({target!r})")
-                budget.report.skipped.append((rel, "symlink"))
+                budget.report.skipped.append((rel, SYMLINK, f"symbolic link to {target!r}, not followed"))
+                continue
+            if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                budget.report.skipped.append((rel, SPECIAL_FILE, f"{file_kind(mode)} member, not extracted"))
                 continue
             if info.is_dir():
                 (out / rel).mkdir(parents=True, exist_ok=True)
                 continue
             if info.flag_bits & 0x1:
                 raise ArchiveError(f"{path.name}: member {info.filename!r} is encrypted")
+            budget.declared(info.filename, info.file_size)
             try:
                 with zf.open(info) as src:
                     _write_stream(src, out / rel, budget)
@@ -149,6 +173,45 @@ def _extract_zip(path: Path, out: Path, budget: _Budget) -> None:
                 if isinstance(e, ArchiveError):
                     raise
                 raise ArchiveError(f"{path.name}: cannot read member {info.filename!r} ({_why(e)})") from None
+
+
+def _zip_link_target(zf: zipfile.ZipFile, info: zipfile.ZipInfo, archive: str) -> str:
+    """A zip symlink's target, read at most MAX_LINK_TARGET + 1 bytes whatever its header says."""
+    if info.file_size > MAX_LINK_TARGET:
+        raise ArchiveError(f"{archive}: symlink {info.filename!r} declares a {_mib(info.file_size)} target, more "
+                           f"than the {MAX_LINK_TARGET} bytes a link can hold; refused")
+    try:
+        with zf.open(info) as src:
+            data = src.read(MAX_LINK_TARGET + 1)
+    except (zipfile.BadZipFile, EOFError, OSError, NotImplementedError, ValueError) as e:
+        raise ArchiveError(f"{archive}: cannot read symlink {info.filename!r} ({_why(e)})") from None
+    if len(data) > MAX_LINK_TARGET:
+        raise ArchiveError(f"{archive}: symlink {info.filename!r} has a target longer than {MAX_LINK_TARGET} "
+                           "bytes; refused")
+    return data.decode("utf-8", "replace")
+
+
+def file_kind(mode: int) -> str:
+    """What kind of not-a-regular-file a mode names, for the detail of a `special_file` rejection."""
+    for test, what in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symbolic link")):
+        if test(mode):
+            return what
+    return "special file"
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses an oversized extension header from its declared size, before tarfile reads
+    the header whole into memory (`_proc_member` is tarfile's documented hook for subclasses)."""
+
+    _EXTENSION_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                        tarfile.GNUTYPE_LONGLINK)
+
+    def _proc_member(self, tarfile_):
+        if self.type in self._EXTENSION_TYPES and self.size > MAX_TAR_HEADER_BYTES:
+            raise ArchiveError(f"an extension header (pax or long name) of {_mib(self.size)}, more than "
+                               f"{_mib(MAX_TAR_HEADER_BYTES)}; refused (a bomb)")
+        return super()._proc_member(tarfile_)
 
 
 def _tar_mode(name: str) -> tuple[str, str]:
@@ -167,7 +230,9 @@ def _why(e: BaseException) -> str:
 def _extract_tar(path: Path, out: Path, budget: _Budget) -> None:
     mode, what = _tar_mode(path.name.lower())
     try:
-        tf = tarfile.open(path, mode)
+        tf = tarfile.open(path, mode, tarinfo=_BoundedTarInfo)
+    except ArchiveError as e:
+        raise ArchiveError(f"{path.name}: {e}") from None
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ArchiveError(f"{path.name}: not a valid {what} archive ({_why(e)})") from None
     written: set[str] = set()
@@ -175,6 +240,8 @@ def _extract_tar(path: Path, out: Path, budget: _Budget) -> None:
         while True:
             try:
                 member = tf.next()
+            except ArchiveError as e:
+                raise ArchiveError(f"{path.name}: {e}") from None
             except (tarfile.TarError, OSError, EOFError, ValueError) as e:
                 raise ArchiveError(f"{path.name}: corrupt {what} archive ({_why(e)})") from None
             if member is None:
@@ -187,7 +254,7 @@ def _extract_tar(path: Path, out: Path, budget: _Budget) -> None:
                 if not _link_target_inside(rel, member.linkname):
                     raise ArchiveError(f"{path.name}: symlink {member.name!r} points outside "
                                        f"({member.linkname!r})")
-                budget.report.skipped.append((rel, "symlink"))
+                budget.report.skipped.append((rel, SYMLINK, f"symbolic link to {member.linkname!r}, not followed"))
             elif member.islnk():
                 try:
                     target = safe_member_path(member.linkname)
@@ -195,15 +262,17 @@ def _extract_tar(path: Path, out: Path, budget: _Budget) -> None:
                     raise ArchiveError(f"{path.name}: hard link {member.name!r} points outside "
                                        f"({member.linkname!r})") from None
                 if target not in written:
-                    budget.report.skipped.append((rel, f"hard link to {member.linkname!r}, not a file extracted "
-                                                       "before it"))
+                    budget.report.skipped.append((rel, SPECIAL_FILE, f"hard link to {member.linkname!r}, not a "
+                                                                     "file extracted before it"))
                     continue
+                budget.declared(member.name, (out / target).stat().st_size)
                 with open(out / target, "rb") as src:
                     _write_stream(src, out / rel, budget)
                 written.add(rel)
             elif member.isdir():
                 (out / rel).mkdir(parents=True, exist_ok=True)
             elif member.isfile():
+                budget.declared(member.name, member.size)
                 try:
                     src = tf.extractfile(member)
                     _write_stream(src, out / rel, budget)
@@ -213,7 +282,9 @@ def _extract_tar(path: Path, out: Path, budget: _Budget) -> None:
                     raise ArchiveError(f"{path.name}: cannot read member {member.name!r} ({_why(e)})") from None
                 written.add(rel)
             else:
-                budget.report.skipped.append((rel, "special file (device or FIFO)"))
+                what = ("FIFO" if member.isfifo() else "character device" if member.ischr()
+                        else "block device" if member.isblk() else f"type {member.type!r}")
+                budget.report.skipped.append((rel, SPECIAL_FILE, f"{what} member, not extracted"))
 
 
 def extract(archive: str | os.PathLike, dest: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES,

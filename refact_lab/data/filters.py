@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional, Tuple
 
-from refact_lab.data import languages
+from refact_lab.data import archives, languages
 
 Verdict = Optional[Tuple[str, str]]  # None keeps the file; (reason_code, detail) rejects it
 
@@ -36,12 +36,15 @@ EXCLUDED_BY_MASK = "excluded_by_mask"
 TYPE_OFF = "type_off"
 LOTS_OF_DIGITS = "lots_of_digits"
 DUPLICATE = "duplicate"
+SECRET = "secret"
 LOSS_TOO_HIGH = "loss_too_high"
 FILTER_EMPTY = "filter_empty"
 FORCED_EXCLUDE = "forced_exclude"
+# Not files at all: recorded by the listing (sources.walk_files, archives), never read.
+SYMLINK, SPECIAL_FILE = archives.SYMLINK, archives.SPECIAL_FILE
 
 REASONS = (EXCLUDED_BY_MASK, VENDORED, GENERATED, NOT_TEXT, TYPE_OFF, TOO_LARGE, LINGUIST_ERROR,
-           LOTS_OF_DIGITS, DUPLICATE, LOSS_TOO_HIGH, FILTER_EMPTY, FORCED_EXCLUDE)
+           LOTS_OF_DIGITS, DUPLICATE, SECRET, LOSS_TOO_HIGH, FILTER_EMPTY, FORCED_EXCLUDE, SYMLINK, SPECIAL_FILE)
 
 
 class Facts(NamedTuple):
@@ -72,6 +75,8 @@ class FileEntry:
     loss_error: str | None = None
     sketch: object = None           # MinHash of the content, only when near-dup detection is on
     forced: bool = False            # force-included by the user: verdicts are recorded, not applied
+    redaction: object = None        # secrets.SecretReport with the redacted text, until the runner stores it
+    redacted: dict | None = None    # the stored copy training reads instead: {"file", "sha256", "secrets", "detail"}
 
     @property
     def key(self) -> str:
@@ -95,6 +100,15 @@ class RuleContext:
     loss_threshold: float = 3.0
     force_exclude: frozenset = frozenset()  # "source/path" keys the user excluded
     near_index: object | None = None        # dedup.NearDupIndex when near-dup detection is on
+    source_names: dict = field(default_factory=dict)  # source id -> the name people know it by
+    secret_scanner: object | None = None    # secrets.SecretScanner while the secrets rule runs
+    secrets_mode: str = "reject"            # ScanSettings.secrets
+    secret_cache: dict = field(default_factory=dict)  # "sha256:.ext" -> [[kind, line], ...] of earlier scans
+
+    def describe(self, key: str) -> str:
+        """A "source_id/path" key as people read it: the path, and the source by its name, not its id."""
+        source, _, path = key.partition("/")
+        return f"{path} in {self.source_names.get(source, source)}"
 
     @classmethod
     def from_settings(cls, settings, types_on=None) -> "RuleContext":
@@ -368,7 +382,7 @@ def duplicate(e: FileEntry, ctx: RuleContext) -> Verdict:
     registers files that every other rule kept."""
     first = ctx.seen.get(e.facts.sha256)
     if first is not None:
-        return DUPLICATE, f"same content as {first}"
+        return DUPLICATE, f"same content as {ctx.describe(first)}"
     ctx.seen[e.facts.sha256] = e.key
     return None
 
@@ -381,8 +395,45 @@ def near_duplicate(e: FileEntry, ctx: RuleContext) -> Verdict:
         return None
     hit = ctx.near_index.check_and_add(e.key, e.sketch)
     if hit is not None:
-        return DUPLICATE, f"near-duplicate of {hit[0]} (similarity {hit[1]:.2f})"
+        return DUPLICATE, f"near-duplicate of {ctx.describe(hit[0])} (similarity {hit[1]:.2f})"
     return None
+
+
+def secret_cache_key(e: FileEntry) -> str:
+    """Findings depend on the content and on the file type (how keyword assignments are read), nothing else."""
+    return f"{e.facts.sha256}:{e.path.rsplit('/', 1)[-1].rpartition('.')[2].lower()}"
+
+
+def secret(e: FileEntry, ctx: RuleContext) -> Verdict:
+    """Credentials in the file (secrets.py). Runs after every other stage-1 rule, on what they kept, because
+    the detector is slow. With secrets = redact (and for a force-included file, which is never trained on with
+    its secrets) the file is kept and `e.redaction` holds the redacted text for the runner to store; a file
+    that cannot be redacted cleanly is rejected. The detail names kinds and lines, never a value."""
+    if ctx.secret_scanner is None:
+        return None
+    from refact_lab.data.secrets import Finding, SecretReport, decode
+
+    # The cache holds kinds and lines only, so a redaction (which needs the values) always reads the file.
+    key = secret_cache_key(e)
+    redact = ctx.secrets_mode == "redact" or e.forced
+    known = ctx.secret_cache.get(key)
+    if known == []:
+        return None
+    if known and not redact:
+        return SECRET, SecretReport([Finding(kind, line, "") for kind, line in known]).describe()
+    try:
+        with open(e.file, "rb") as f:
+            text = decode(f.read())
+    except OSError as err:
+        return LINGUIST_ERROR, f"cannot read: {err.strerror or err}"
+    report = ctx.secret_scanner.check(text, e.path, redact=redact)
+    ctx.secret_cache[key] = [[f.kind, f.line] for f in report.findings]
+    if not report.findings:
+        return None
+    if redact and report.redacted is not None:
+        e.redaction = report
+        return None
+    return SECRET, report.describe() + (" (could not be redacted cleanly)" if redact else "")
 
 
 # --- stage 2 rules (after the loss filter) ---------------------------------------------------------------

@@ -3,7 +3,8 @@
 State, stage, progress and error live on disk so any observer — the Scan panel's poller, another kernel,
 the CLI, a reloaded browser page — sees the same thing (STYLE.md point 6). Cancellation is cooperative: `stop()`
 sets an event and drops a `stop` file (for a scan started by another process); the pipeline checks between
-steps and then writes nothing. A status left "running" by a process that died reads as failed.
+steps and then writes nothing. A status left "queued" or "running" by a process that died (checked by pid and
+the process's start time, so a recycled pid does not keep it alive) reads as failed.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from typing import Callable
 
 from refact_lab.config import ScanSettings
 from refact_lab.data.pipeline import ScanCancelled, run_scan, scan_files
-from refact_lab.home import DEFAULT_PROJECT, Home, atomic_write_json, pid_alive, read_json
+from refact_lab.home import DEFAULT_PROJECT, Home, atomic_write_json, pid_alive, proc_start_ticks, read_json
 
 ACTIVE = ("queued", "running")
 STAGE_LABELS = {
     "listing": "Listing files", "rules": "Applying rules", "reading": "Reading files",
-    "near-duplicates": "Finding near-duplicates", "loss": "Computing per-file loss", "writing": "Writing results",
+    "near-duplicates": "Finding near-duplicates", "secrets": "Looking for secrets",
+    "loss": "Computing per-file loss", "writing": "Writing results",
     "done": "Done",
 }
 _WRITE_EVERY_S = 0.2
@@ -36,7 +38,7 @@ def _now() -> str:
 def read_status(home: Home, project: str = DEFAULT_PROJECT) -> dict:
     """The job's last written status; "idle" before any scan; "failed" if its process has died."""
     status = read_json(scan_files(home, project)["status"], None) or {"state": "idle"}
-    if status.get("state") in ACTIVE and status.get("pid") and not pid_alive(status["pid"]):
+    if status.get("state") in ACTIVE and status.get("pid") and not pid_alive(status["pid"], status.get("start_ticks")):
         status = {**status, "state": "failed", "error": "the process running the scan ended unexpectedly"}
     return status
 
@@ -55,6 +57,7 @@ class ScanJob:
         self._stop = threading.Event()
         self._status: dict = {}
         self._last_write = 0.0
+        self._unsaved = False
         self.stats: dict | None = None
 
     # --- observing ------------------------------------------------------------------------------------
@@ -64,6 +67,8 @@ class ScanJob:
         return self._thread is not None and self._thread.is_alive()
 
     def status(self) -> dict:
+        if self._unsaved and self._status:
+            return dict(self._status)
         return read_status(self.home, self.project)
 
     def wait(self, timeout: float | None = None) -> dict:
@@ -102,7 +107,8 @@ class ScanJob:
         self.paths["stop"].unlink(missing_ok=True)
         self.stats = None
         self._status = {"state": "queued", "stage": "listing", "done": 0, "total": 0,
-                        "message": "Queued", "error": None, "pid": os.getpid(), "started_at": _now(),
+                        "message": "Queued", "error": None, "pid": os.getpid(),
+                        "start_ticks": proc_start_ticks(os.getpid()), "started_at": _now(),
                         "finished_at": None, "summary": None}
         self._write(force=True)
 
@@ -114,7 +120,13 @@ class ScanJob:
         if force or now - self._last_write >= _WRITE_EVERY_S:
             self._last_write = now
             self._status["updated_at"] = _now()
-            atomic_write_json(self.paths["status"], self._status)
+            try:
+                atomic_write_json(self.paths["status"], self._status)
+                self._unsaved = False
+            except OSError:
+                # A full disk must not turn the scan's own outcome into a traceback: this job object still
+                # reports the status it could not save (see status()), and the caller gets the scan's error.
+                self._unsaved = True
 
     def _progress(self, stage: str, done: int, total: int) -> None:
         changed = stage != self._status.get("stage")

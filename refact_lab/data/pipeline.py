@@ -7,13 +7,17 @@ Stages, in order (each stage only sees what the previous kept, so cheap checks p
    count the detected file types and settle which are on; type and size rules;
 3. read each remaining file once (`filters.read_facts`, cached per file by size and mtime, optionally in
    worker processes) and apply the content rules, ending with the exact-duplicate check;
-4. near-duplicates (MinHash), when asked;
+4. near-duplicates (MinHash), when asked; then secrets (`secrets.py`), last because it is the slowest rule: a
+   file with credentials is rejected, or with `secrets = redact` kept as a redacted copy in `scan/redacted/`
+   that its record's `file` points to (so training and the scoreboard read the copy);
 5. stage 2: per-file loss under the base model (`lossfilter`), when asked;
 6. the user's force-includes, then the train/test split.
 
-The runner alone counts reasons, reports progress (`progress(stage, done, total)`) and writes
-`projects/<p>/scan/accepted.jsonl`, `rejected.jsonl` and `stats.json`, each atomically, stats last. A
-cancelled scan (`should_stop()` is checked between steps) writes nothing, so the previous results stand.
+The runner alone counts reasons, reports progress (`progress(stage, done, total)`) and publishes
+`accepted.jsonl`, `rejected.jsonl` and `stats.json` as one set (`results.publish`: a new folder, then one atomic
+switch). Links and special files in the sources are rejected with their own reason codes, so every file of
+every source is in one list or the other. A cancelled scan (`should_stop()` is checked between steps) or one
+that cannot write (a full disk) publishes nothing, so the previous results stand.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from refact_lab.config import ScanSettings, SettingsError, to_dict
-from refact_lab.data import filters, languages
+from refact_lab.context.index import index_for_scan
+from refact_lab.data import filters, languages, results
 from refact_lab.data.filters import FileEntry, Facts, RuleContext, first_rejection
 from refact_lab.data.sources import SourceStore
 from refact_lab.data.split import SplitError, assign_sets
-from refact_lab.home import DEFAULT_PROJECT, Home, atomic_write_json, atomic_write_text, read_json, read_jsonl
+from refact_lab.home import DEFAULT_PROJECT, Home, atomic_write_json, read_json
 
 ProgressFn = Callable[[str, int, int], None]
 _FACTS_CACHE_VERSION = 3
@@ -44,6 +49,10 @@ _POOL_CHUNK = 400
 
 class ScanError(ValueError):
     """The scan cannot run: no sources, a source vanished, a bad file type, another scan running."""
+
+
+class ScanWriteError(ScanError):
+    """The results could not be written (a full disk, a read-only folder); the previous ones are unchanged."""
 
 
 class ScanCancelled(Exception):
@@ -60,10 +69,12 @@ def human_size(n: float) -> str:
 
 
 def scan_files(home: Home, project: str = DEFAULT_PROJECT) -> dict[str, Path]:
+    """The scan's own files. accepted/rejected/stats are links through the current set: for reading the
+    published results use `results` (`read_results` resolves the set once, so its three files agree)."""
     d = home.scan_dir(project)
-    return {"dir": d, "accepted": d / "accepted.jsonl", "rejected": d / "rejected.jsonl", "stats": d / "stats.json",
+    return {"dir": d, "accepted": d / results.ACCEPTED, "rejected": d / results.REJECTED, "stats": d / results.STATS,
             "overrides": d / "overrides.json", "facts": d / "facts_cache.json", "loss_cache": d / "loss_cache",
-            "status": d / "status.json", "stop": d / "stop", "lock": d / ".scan.lock"}
+            "status": d / "status.json", "stop": d / "stop", "lock": d / ".scan.lock", "redacted": d / "redacted"}
 
 
 # --- user overrides: force-include, force-exclude, per-file test marks ---------------------------------
@@ -94,8 +105,26 @@ def set_override(home: Home, project: str, key: str, *, include: bool | None = N
 
 def load_results(home: Home, project: str = DEFAULT_PROJECT) -> tuple[list[dict], list[dict], dict | None]:
     """(accepted, rejected, stats) of the last finished scan; empty lists and None before the first."""
-    paths = scan_files(home, project)
-    return read_jsonl(paths["accepted"]), read_jsonl(paths["rejected"]), read_json(paths["stats"])
+    res = results.read_results(home, project)
+    return res.accepted, res.rejected, res.stats
+
+
+def source_names(sources: list) -> dict[str, str]:
+    """Source id -> the name people know it by; two sources of the same name are told apart by origin."""
+    counts = Counter(s.name for s in sources)
+    return {s.id: s.name if counts[s.name] == 1 else f"{s.name} ({s.origin})" for s in sources}
+
+
+def source_state(source) -> dict:
+    """What a scan saw of a source: if any of it changes, the published results are stale."""
+    return {"test": source.test, "commit": source.commit, "archive_sha256": source.archive_sha256,
+            "updated_at": source.updated_at}
+
+
+def overrides_digest(overrides: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def resolve_types(wanted: list[str] | None, counts: Counter) -> list[str]:
@@ -121,8 +150,12 @@ def resolve_types(wanted: list[str] | None, counts: Counter) -> list[str]:
 @contextlib.contextmanager
 def _exclusive(lock_path: Path) -> Iterator[None]:
     """One scan per project at a time, across processes (the app, a notebook, the CLI)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock_path, "a")
+    except OSError as e:  # a full disk or a read-only state directory: one line, not a traceback
+        raise ScanWriteError(f"cannot write in {lock_path.parent}: {e.strerror or e}") from None
+    with f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -149,8 +182,12 @@ def _write_cache(path: Path, text: str) -> None:
     """Temp file + rename like every state file, but without fsync: a cache lost in a crash is only rebuilt
     (a torn one fails to parse and is ignored), and the fsync would cost more than a small scan."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _read_head(file: str) -> bytes:
@@ -200,6 +237,94 @@ def _auto_workers(settings: ScanSettings, n: int) -> int:
     return min(4, cores // 2) if cores >= 4 and n >= _POOL_MIN_FILES else 1
 
 
+# --- secrets (after every other stage-1 rule) -----------------------------------------------------------
+
+def _text_of(e: FileEntry) -> tuple[str, str]:
+    """(sha256, path) of the text training will read: the redacted copy when there is one."""
+    return (e.redacted["sha256"], e.redacted["file"]) if e.redacted else (e.facts.sha256, e.file)
+
+
+def _check_secrets(entries: list[FileEntry], verdicts: list, ctx: RuleContext, mode: str, folder: Path,
+                   report: ProgressFn, stop: Callable[[], bool]) -> dict:
+    """Apply `filters.secret` to every file still kept; store redacted copies (content-addressed, so an
+    unchanged file is written once). Returns the stats entry: counts and seconds, never a secret."""
+    from refact_lab.data.secrets import SecretScanner
+
+    started = time.perf_counter()
+    keep = [i for i, v in enumerate(verdicts) if v is None]
+    flagged = redacted = 0
+    cache_path = folder.parent / "secrets_cache.json"
+    with SecretScanner() as scanner:
+        tag = scanner.version
+        try:
+            old = json.loads(cache_path.read_text(encoding="utf-8"))
+            ctx.secret_cache = dict(old["files"]) if old.get("v") == tag else {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            ctx.secret_cache = {}
+        ctx.secret_scanner, ctx.secrets_mode = scanner, mode
+        try:
+            for k, i in enumerate(keep):
+                if k % 64 == 0:
+                    report("secrets", k, len(keep))
+                    if stop():
+                        raise ScanCancelled()
+                e = entries[i]
+                verdict = filters.secret(e, ctx)
+                if verdict is not None:
+                    flagged += verdict[0] == filters.SECRET
+                    if e.forced and verdict[0] == filters.SECRET:
+                        verdict = (verdict[0], verdict[1] + " (force-include ignored: secrets are never trained on)")
+                    verdicts[i] = verdict
+                elif e.redaction is not None:
+                    flagged += 1
+                    redacted += 1
+                    e.redacted = _store_redacted(folder, e.redaction)
+                    e.redaction = None   # the text (and the values in memory) go now
+        finally:
+            ctx.secret_scanner = None
+        lines, scanned = scanner.lines_checked, scanner.files_scanned
+    # Only this scan's files are kept, so the cache never outgrows the sources.
+    used = {filters.secret_cache_key(entries[i]) for i in keep}
+    with contextlib.suppress(OSError):
+        _write_cache(cache_path, json.dumps({"v": tag, "files": {k: v for k, v in ctx.secret_cache.items()
+                                                                 if k in used}}, separators=(",", ":")))
+    report("secrets", len(keep), len(keep))
+    return {"mode": mode, "files_checked": len(keep), "files_with_secrets": flagged, "redacted": redacted,
+            "from_cache": len(keep) - scanned, "lines_to_detector": lines, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _store_redacted(folder: Path, report) -> dict:
+    import hashlib
+
+    data = report.redacted.encode("utf-8")
+    sha = hashlib.sha256(data).hexdigest()
+    path = folder / f"{sha}.txt"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            _write_cache(path, report.redacted)
+        except OSError as e:
+            raise ScanWriteError(f"cannot write a redacted copy in {folder}: {e.strerror or e}; the previous "
+                                 "results are unchanged") from None
+    return {"file": str(path), "sha256": sha, "secrets": len(report.findings), "detail": report.describe()}
+
+
+def _prune_redacted(home: Home, project: str, folder: Path) -> None:
+    """Delete redacted copies no kept result set points to (the current one and the previous, which
+    results.publish keeps for readers that resolved it just before the switch)."""
+    if not folder.is_dir():
+        return
+    from refact_lab.home import read_jsonl
+
+    used = set()
+    for accepted in (home.scan_dir(project) / results.SETS).glob(f"*/{results.ACCEPTED}"):
+        used.update(r.get("file") for r in read_jsonl(accepted) if r.get("redacted"))
+    for p in folder.glob("*.txt"):
+        if str(p) not in used:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
 # --- the run ------------------------------------------------------------------------------------------
 
 def run_scan(home: Home, project: str = DEFAULT_PROJECT, settings: ScanSettings | None = None, *,
@@ -220,16 +345,20 @@ def run_scan(home: Home, project: str = DEFAULT_PROJECT, settings: ScanSettings 
 
         # 1. list
         entries: list[FileEntry] = []
+        not_files: list[tuple[object, str, str, str]] = []   # (source, path, reason, detail): links, FIFOs
         per_source = Counter()
         for src in sources:
+            skipped: list = []
             try:
-                for rel, file, size, mtime in store.files(src):
+                for rel, file, size, mtime in store.files(src, skipped):
                     key = f"{src.id}/{rel}"
                     entries.append(FileEntry(src.id, rel, file, size, mtime, test=src.test or key in test_keys,
                                              forced=key in forced_in))
                     per_source[src.id] += 1
             except ValueError as e:
                 raise ScanError(str(e)) from None
+            not_files.extend((src, rel, reason, detail) for rel, reason, detail in skipped)
+            per_source[src.id] += len(skipped)
             report("listing", len(entries), 0)
             if stop():
                 raise ScanCancelled()
@@ -243,6 +372,8 @@ def run_scan(home: Home, project: str = DEFAULT_PROJECT, settings: ScanSettings 
 
         # 2. name rules, type selection, size
         ctx = RuleContext.from_settings(settings)
+        names = source_names(sources)
+        ctx.source_names = names
         ctx.force_exclude = frozenset(overrides["exclude"])
         verdicts: list = [first_rejection(filters.NAME_RULES, e, ctx) for e in entries]
         for e, v in zip(entries, verdicts):
@@ -319,13 +450,18 @@ def run_scan(home: Home, project: str = DEFAULT_PROJECT, settings: ScanSettings 
                     if stop():
                         raise ScanCancelled()
 
+        # 4b. secrets
+        secret_info = None
+        if settings.secrets != "off":
+            secret_info = _check_secrets(entries, verdicts, ctx, settings.secrets, paths["redacted"], report, stop)
+
         # 5. stage 2: loss
         loss_info = None
         if settings.lm_filter:
             from refact_lab.data.lossfilter import compute_losses
 
             survivors = [i for i, v in enumerate(verdicts) if v is None]
-            items = [(entries[i].facts.sha256, entries[i].file) for i in survivors]
+            items = [_text_of(entries[i]) for i in survivors]
             # No model named: the one the workbench serves (settings.json), else the embedded default.
             model = settings.model or home.load_settings().get("model")
             losses, loss_info = compute_losses(
@@ -337,9 +473,10 @@ def run_scan(home: Home, project: str = DEFAULT_PROJECT, settings: ScanSettings 
             if settings.loss_threshold is None:
                 ctx.loss_threshold = loss_info["model_threshold"]
             loss_info["threshold"] = ctx.loss_threshold
+            loss_info["threshold_auto"] = settings.loss_threshold is None
             for i in survivors:
                 e = entries[i]
-                e.loss, e.loss_error = losses.get(e.facts.sha256, (None, "not computed"))
+                e.loss, e.loss_error = losses.get(_text_of(e)[0], (None, "not computed"))
                 verdict = first_rejection(filters.LOSS_RULES, e, ctx)
                 if verdict is not None and e.forced:
                     overridden.setdefault(i, verdict)
@@ -349,10 +486,14 @@ def run_scan(home: Home, project: str = DEFAULT_PROJECT, settings: ScanSettings 
         # 6. records, split, write
         accepted, rejected = [], []
         for i, e in enumerate(entries):
-            rec = {"source": e.source, "path": e.path, "file": e.file, "size": e.size,
+            rec = {"source": e.source, "source_name": names[e.source], "path": e.path, "file": e.file, "size": e.size,
                    "sha256": e.facts.sha256 if e.facts else None, "language": e.language,
                    "set": "test" if e.test else "train", "loss": None if e.loss is None else round(e.loss, 4)}
             if verdicts[i] is None:
+                if e.redacted:   # training reads the redacted copy; the original's hash stays for reference
+                    rec.update(file=e.redacted["file"], sha256=e.redacted["sha256"], redacted={
+                        "secrets": e.redacted["secrets"], "detail": e.redacted["detail"],
+                        "source_sha256": e.facts.sha256})
                 rec["held_out"] = e.test
                 if e.forced:
                     rec["forced"] = True
@@ -362,10 +503,15 @@ def run_scan(home: Home, project: str = DEFAULT_PROJECT, settings: ScanSettings 
             else:
                 rec["reason"], rec["detail"] = verdicts[i]
                 rejected.append(rec)
-        split_error = None
+        for src, rel, reason, detail in not_files:
+            rejected.append({"source": src.id, "source_name": names[src.id], "path": rel,
+                             "file": os.path.join(src.root, rel), "size": 0, "sha256": None, "language": None,
+                             "set": "test" if src.test else "train", "loss": None, "reason": reason,
+                             "detail": detail})
+        split_error = split_warning = None
         try:
-            assign_sets(accepted, test_share=settings.test_share, max_test_files=settings.max_test_files,
-                        seed=settings.seed)
+            split_warning = assign_sets(accepted, test_share=settings.test_share,
+                                        max_test_files=settings.max_test_files, seed=settings.seed)
         except SplitError as e:
             split_error = str(e)
         for rec in accepted:
@@ -380,9 +526,11 @@ def run_scan(home: Home, project: str = DEFAULT_PROJECT, settings: ScanSettings 
             "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "elapsed_s": round(time.perf_counter() - started, 3),
             "settings": to_dict(settings),
-            "sources": [{"id": s.id, "kind": s.kind, "name": s.name, "origin": s.origin, "test": s.test,
-                         "commit": s.commit, "files": per_source[s.id]} for s in sources],
-            "files": len(entries),
+            "sources": [{"id": s.id, "kind": s.kind, "name": s.name, "display_name": names[s.id],
+                         "origin": s.origin, "test": s.test, "commit": s.commit, "files": per_source[s.id],
+                         "state": source_state(s)} for s in sources],
+            "overrides_digest": overrides_digest(overrides),
+            "files": len(entries) + len(not_files),   # = accepted + rejected: links and FIFOs count too
             "accepted": len(accepted),
             "rejected": len(rejected),
             "reasons": {code: reasons[code] for code in filters.REASONS if reasons[code]},
@@ -395,15 +543,32 @@ def run_scan(home: Home, project: str = DEFAULT_PROJECT, settings: ScanSettings 
             "files_cached": sum(1 for e in entries if e.facts is not None) - len(jobs),
             "workers": workers,
             "loss": loss_info,
+            "secrets": secret_info,
+            # the threshold stage 2 applied (the model's own under "auto"); None when stage 2 was off
+            "loss_threshold": loss_info["threshold"] if loss_info else None,
             "split_error": split_error,
+            "split_warning": split_warning,
         }
+        # The retrieval index of the accepted files, for repository context in completions (incremental: only
+        # changed files are chunked again); its build time and size are part of the scan's stats.
+        report("index", 0, 1)
+        stats["index"] = index_for_scan(home, project, accepted)
         # ASCII escapes: a file name that is not UTF-8 (a lone surrogate in Python) still writes as valid JSON.
         enc = json.JSONEncoder().encode
-        atomic_write_text(paths["accepted"], "".join(enc(r) + "\n" for r in accepted))
-        atomic_write_text(paths["rejected"], "".join(enc(r) + "\n" for r in rejected))
-        _write_cache(paths["facts"], json.dumps({"v": _FACTS_CACHE_VERSION, "files": cache_new},
-                                                separators=(",", ":")))
-        atomic_write_json(paths["stats"], stats)
+        try:
+            results.publish(home, project, {
+                results.ACCEPTED: "".join(enc(r) + "\n" for r in accepted),
+                results.REJECTED: "".join(enc(r) + "\n" for r in rejected),
+                results.STATS: json.dumps(stats, indent=2, sort_keys=True, default=str) + "\n"})
+        except OSError as e:
+            raise ScanWriteError(f"cannot write the scan results in {paths['dir']}: {e.strerror or e}; the "
+                                 "previous results are unchanged") from None
+        _prune_redacted(home, project, paths["redacted"])
+        try:
+            _write_cache(paths["facts"], json.dumps({"v": _FACTS_CACHE_VERSION, "files": cache_new},
+                                                    separators=(",", ":")))
+        except OSError:
+            pass  # only a cache: the next scan reads the files again
         report("done", 1, 1)
         return stats
 

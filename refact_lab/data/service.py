@@ -9,27 +9,19 @@ The service never imports ipywidgets.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 from typing import Callable
 
 from refact_lab.config import ScanSettings
-from refact_lab.data import archives, pipeline, sshkeys
+from refact_lab.data import archives, pipeline, results as scan_results, sshkeys
 from refact_lab.data.jobs import ScanJob, read_status
+from refact_lab.data.results import ScanResults
 from refact_lab.data.sources import Source, SourceStore
 from refact_lab.home import DEFAULT_PROJECT, Home
 
 EVENTS = ("sources", "scan-started", "scan-finished", "overrides")
 
 
-@dataclass
-class ScanResults:
-    accepted: list[dict] = field(default_factory=list)
-    rejected: list[dict] = field(default_factory=list)
-    stats: dict | None = None
-
-    @property
-    def all(self) -> list[dict]:
-        return self.accepted + self.rejected
+__all__ = ["EVENTS", "ProjectService", "ScanResults"]
 
 
 class ProjectService:
@@ -142,8 +134,56 @@ class ProjectService:
         return self.job.running or self.scan_status().get("state") in ("queued", "running")
 
     def results(self) -> ScanResults:
-        accepted, rejected, stats = pipeline.load_results(self.home, self.project)
-        return ScanResults(accepted, rejected, stats)
+        """The last published scan: accepted and rejected records (each with `source`, the source's id, and
+        `source_name`, its name) and the stats, read from one set."""
+        return scan_results.read_results(self.home, self.project)
+
+    def stale_reasons(self) -> list[str]:
+        """Why the published results no longer describe the sources (empty: they do, or there are none):
+        sources added, removed or changed (new commits, a re-extracted archive, a test mark) or per-file
+        overrides changed since that scan. A local folder is read live, so its edits are not seen here."""
+        stats = scan_results.read_stats(self.home, self.project)
+        if not stats:
+            return []
+        seen = {s.get("id"): s for s in stats.get("sources") or []}
+        now = {s.id: s for s in self.list_sources()}
+        why = [f"source {now[i].name!r} was added" for i in now if i not in seen]
+        why += [f"source {s.get('display_name') or s.get('name') or i!r} was removed" for i, s in seen.items()
+                if i not in now]
+        for i, source in now.items():
+            old = seen.get(i)
+            if old is None:
+                continue
+            state = pipeline.source_state(source)
+            # stats from before "state" was recorded still compare on what they have
+            before = old.get("state") or {"test": old.get("test"), "commit": old.get("commit")}
+            if any(before.get(k, state[k]) != state[k] for k in state):
+                why.append(f"source {source.name!r} changed ({self._what_changed(before, state)})")
+        digest = stats.get("overrides_digest")
+        if digest is not None and digest != pipeline.overrides_digest(self.overrides()):
+            why.append("files were force-included, excluded or marked test")
+        return why
+
+    @staticmethod
+    def _what_changed(before: dict, now: dict) -> str:
+        labels = {"test": "test mark", "commit": "new commits", "archive_sha256": "archive changed",
+                  "updated_at": "updated"}
+        changed = [labels[k] for k in now if k in before and before[k] != now[k]]
+        if "updated" in changed and len(changed) > 1:
+            changed.remove("updated")
+        return ", ".join(changed)
+
+    def results_stale(self) -> bool:
+        """True when the sources or overrides changed since the last published scan: show a "rescan" hint."""
+        return bool(self.stale_reasons())
+
+    def applied_loss_threshold(self) -> float | None:
+        """The loss threshold the last scan applied (the model's own under "auto"); None without stage 2."""
+        stats = scan_results.read_stats(self.home, self.project) or {}
+        value = stats.get("loss_threshold")
+        if value is None and stats.get("loss"):
+            value = stats["loss"].get("threshold")
+        return value
 
     # --- per-file overrides ---------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -50,6 +51,8 @@ class Source:
     updated_at: str | None = None
     last_update: dict | None = None    # {"from", "to", "changed": n}
     files: list[str] = field(default_factory=list)   # upload: the names it holds
+    # archive: members not extracted, as [path, reason code, detail] (links, devices), so the scan lists them
+    skipped: list[list[str]] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -79,11 +82,24 @@ def _safe_upload_name(name: str) -> str:
     return base
 
 
-def walk_files(root: Path) -> Iterator[tuple[str, str, int, int]]:
+def _not_a_file(path: str, mode: int) -> tuple[str, str]:
+    """(reason code, detail) of something in a source that is not a regular file: a link or a special file."""
+    if stat.S_ISLNK(mode):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        return archives.SYMLINK, f"symbolic link to {target!r}, not followed"
+    return archives.SPECIAL_FILE, f"{archives.file_kind(mode)}, not a regular file"
+
+
+def walk_files(root: Path, skipped: list | None = None) -> Iterator[tuple[str, str, int, int]]:
     """Regular files under root as (relative path, absolute path, size, mtime_ns).
 
     Symlinks are not followed (a link in someone's repository may point at ~/.ssh), and VCS folders are
     skipped. One scandir per folder and one lstat per file: the listing must not cost more than reading.
+    Links and special files (FIFOs, sockets, devices) are appended to `skipped` as (relative path, reason
+    code, detail), so the scan can say why they are not in the dataset.
     """
     stack = [("", str(root))]
     while stack:
@@ -101,6 +117,9 @@ def walk_files(root: Path) -> Iterator[tuple[str, str, int, int]]:
                     elif entry.is_file(follow_symlinks=False):
                         st = entry.stat(follow_symlinks=False)
                         yield rel + entry.name, entry.path, st.st_size, st.st_mtime_ns
+                    elif skipped is not None:
+                        mode = entry.stat(follow_symlinks=False).st_mode
+                        skipped.append((rel + entry.name, *_not_a_file(entry.path, mode)))
                 except OSError:
                     continue
 
@@ -140,8 +159,10 @@ class SourceStore:
         known = Source.__dataclass_fields__
         return Source(**{k: v for k, v in data.items() if k in known})
 
-    def files(self, source: Source) -> Iterator[tuple[str, str, int, int]]:
-        """The source's files as (relative path, absolute path, size, mtime_ns)."""
+    def files(self, source: Source, skipped: list | None = None) -> Iterator[tuple[str, str, int, int]]:
+        """The source's files as (relative path, absolute path, size, mtime_ns). What is not a regular file
+        (links, FIFOs, devices; for an archive, the members not extracted) is appended to `skipped` as
+        (relative path, reason code, detail)."""
         root = Path(source.root)
         if not root.is_dir():
             raise SourceError(f"{source.name}: folder {root} does not exist any more")
@@ -155,10 +176,14 @@ class SourceStore:
                         st = path.lstat()
                     except OSError:
                         continue  # deleted but still in the index
-                    if (st.st_mode & 0o170000) == 0o100000:
+                    if stat.S_ISREG(st.st_mode):
                         yield rel, str(path), st.st_size, st.st_mtime_ns
+                    elif skipped is not None and not stat.S_ISDIR(st.st_mode):  # a submodule is a folder
+                        skipped.append((rel, *_not_a_file(str(path), st.st_mode)))
                 return
-        yield from walk_files(root)
+        if skipped is not None:
+            skipped.extend(tuple(item) for item in source.skipped)
+        yield from walk_files(root, skipped)
 
     def find(self, spec: str, branch: str | None = None) -> Source | None:
         """The existing source added from the same URL or path (and branch), if any."""
@@ -167,6 +192,26 @@ class SourceStore:
             if s.origin == origin and (branch is None or s.branch == branch):
                 return s
         return None
+
+    def _refuse_duplicate(self, origin: str, branch: str | None = None, sha256: str | None = None) -> None:
+        """Adding the same repository (and branch), folder, file or archive twice is an error that names the
+        existing source: two copies would only be rejected as duplicates of each other."""
+        for s in self.list():
+            same = (s.origin == origin and (s.kind != "git" or s.branch == branch)) or \
+                   (sha256 is not None and s.archive_sha256 == sha256)
+            if same:
+                raise SourceError(f"{origin} is already a source of this project ({s.label}, id {s.id}); "
+                                  "update or remove that one instead")
+
+    def _refuse_state_path(self, path: Path) -> Path:
+        """A path inside the state directory (settings.json with its credentials, another source's clone) is
+        never a source: it would copy secrets into a dataset or scan the workbench's own files."""
+        resolved = path.resolve()
+        if self.home.contains(resolved):
+            raise SourceError(f"{path}: inside the state directory {self.home.root}, which cannot be a source")
+        if resolved in self.home.root.parents:
+            raise SourceError(f"{path}: holds the state directory {self.home.root}, which cannot be a source")
+        return resolved
 
     @staticmethod
     def _origin_of(spec: str) -> str:
@@ -241,6 +286,7 @@ class SourceStore:
             raise SourceError(str(e)) from None
         token = token or parsed.token
         branch = (branch or "").strip() or None
+        self._refuse_duplicate(parsed.url, branch)
         with self._building("git", parsed.url) as (sid, folder):
             env = self._git_env(parsed.transport, token)
             try:
@@ -269,30 +315,37 @@ class SourceStore:
         path = Path(path).expanduser()
         if not path.is_file():
             raise SourceError(f"{path}: no such file")
+        origin = str(self._refuse_state_path(path))
+        self._refuse_duplicate(origin)
         with self._building("archive", path.name) as (sid, folder):
-            self._extract(path, folder / "files")
+            skipped = self._extract(path, folder / "files")
             return self._save(Source(
-                id=sid, kind="archive", origin=str(path.resolve()), name=path.name, root=str(folder / "files"),
-                test=test, archive_sha256=_file_sha256(path), added_at=_now()))
+                id=sid, kind="archive", origin=origin, name=path.name, root=str(folder / "files"),
+                test=test, archive_sha256=_file_sha256(path), added_at=_now(), skipped=skipped))
 
     def add_archive_bytes(self, name: str, data: bytes, *, test: bool = False) -> Source:
         """An archive uploaded through the browser: kept beside its extraction so it can be re-extracted."""
         name = _safe_upload_name(name)
         if not archives.is_archive(name):
             raise SourceError(f"{name}: not a supported archive ({', '.join(archives.ARCHIVE_SUFFIXES)})")
+        sha = hashlib.sha256(data).hexdigest()
+        self._refuse_duplicate(f"upload:{name}", sha256=sha)
         with self._building("archive", name) as (sid, folder):
             kept = folder / name
             atomic_write_bytes(kept, data)
-            self._extract(kept, folder / "files")
+            skipped = self._extract(kept, folder / "files")
             return self._save(Source(
                 id=sid, kind="archive", origin=f"upload:{name}", name=name, root=str(folder / "files"),
-                test=test, archive_sha256=hashlib.sha256(data).hexdigest(), added_at=_now()))
+                test=test, archive_sha256=sha, added_at=_now(), skipped=skipped))
 
-    def _extract(self, archive: Path, dest: Path) -> None:
+    def _extract(self, archive: Path, dest: Path) -> list[list[str]]:
+        """Extract; return the members not extracted as [path, reason code, detail]."""
         try:
-            archives.extract(archive, dest, max_bytes=self.max_archive_bytes, max_files=self.max_archive_files)
+            report = archives.extract(archive, dest, max_bytes=self.max_archive_bytes,
+                                      max_files=self.max_archive_files)
         except archives.ArchiveError as e:
             raise SourceError(str(e)) from None
+        return [list(item) for item in report.skipped]
 
     def add_files(self, files: list[tuple[str, bytes]], *, test: bool = False) -> Source:
         """Uploaded single files (name, content): one source holding them all."""
@@ -315,21 +368,22 @@ class SourceStore:
         path = Path(path).expanduser()
         if not path.is_file():
             raise SourceError(f"{path}: no such file")
+        origin = str(self._refuse_state_path(path))
+        self._refuse_duplicate(origin)
         with self._building("file", path.name) as (sid, folder):
             root = folder / "files"
             root.mkdir()
             shutil.copyfile(path, root / path.name)
             return self._save(Source(
-                id=sid, kind="file", origin=str(path.resolve()), name=path.name, root=str(root), test=test,
+                id=sid, kind="file", origin=origin, name=path.name, root=str(root), test=test,
                 files=[path.name], added_at=_now()))
 
     def add_folder(self, path: str | os.PathLike, *, test: bool = False) -> Source:
         path = Path(path).expanduser()
         if not path.is_dir():
             raise SourceError(f"{path}: no such folder")
-        resolved = path.resolve()
-        if resolved == self.home.root or self.home.root in resolved.parents or resolved in self.home.root.parents:
-            raise SourceError(f"{path}: the state directory cannot be scanned as a source")
+        resolved = self._refuse_state_path(path)
+        self._refuse_duplicate(str(resolved))
         with self._building("folder", resolved.name or "root") as (sid, folder):
             return self._save(Source(
                 id=sid, kind="folder", origin=str(resolved), name=resolved.name or str(resolved),
@@ -365,7 +419,7 @@ class SourceStore:
             if sha != source.archive_sha256:
                 d = self.dir / source.id
                 fresh = d / f"files.new-{secrets.token_hex(3)}"
-                self._extract(path, fresh)
+                source.skipped = self._extract(path, fresh)
                 old = d / f"files.old-{secrets.token_hex(3)}"
                 os.rename(source.root, old)
                 os.rename(fresh, source.root)

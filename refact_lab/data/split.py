@@ -5,6 +5,10 @@ chosen by hashing (seed, content hash, path): the same files and seed give the s
 files were listed in, and adding a file moves at most a few others. Files of at least 1 KiB (or the median
 size, if smaller) are preferred, so the test loss is not measured on stubs. A test file never has the same content
 as a training file, or the test loss would measure memorisation.
+
+A test set of a file or two judges the "best" checkpoint on noise, so the automatic set grows past its share
+until it holds about MIN_TEST_BYTES (never past a fifth of the files or `max_test_files`); when the test set is
+still that small, `assign_sets` returns a warning saying how small, for the stats and the Scan panel.
 """
 
 from __future__ import annotations
@@ -14,6 +18,21 @@ from collections import Counter
 
 
 MIN_TEST_FILE_BYTES = 1024
+# About 4,000 tokens of code (~4 bytes a token): below this a test loss moves more with the choice of files
+# than with training, and the "best" checkpoint is picked on noise.
+MIN_TEST_BYTES = 16 * 1024
+BYTES_PER_TOKEN = 4
+
+
+def small_test_warning(records: list[dict]) -> str | None:
+    """A warning when the test set is too small for a stable test loss; None when it is large enough."""
+    test = [r for r in records if r.get("set") == "test"]
+    size = sum(r.get("size") or 0 for r in test)
+    if not test or size >= MIN_TEST_BYTES:
+        return None
+    return (f"only {len(test)} test file{'' if len(test) == 1 else 's'}, ~{size // BYTES_PER_TOKEN:,} tokens: "
+            f"the test loss will be noisy and the best checkpoint picked on noise (about "
+            f"{MIN_TEST_BYTES // BYTES_PER_TOKEN:,} tokens are needed); add sources or mark more files as test")
 
 
 class SplitError(ValueError):
@@ -25,9 +44,10 @@ def _rank(seed: int, rec: dict) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()  # names need not be UTF-8
 
 
-def assign_sets(records: list[dict], *, test_share: float, max_test_files: int, seed: int) -> None:
+def assign_sets(records: list[dict], *, test_share: float, max_test_files: int, seed: int) -> str | None:
     """Set `rec["set"]` to "train" or "test" on every accepted record. `rec["held_out"]` marks the user's
-    test files. Raises SplitError when no split with at least one file on each side exists."""
+    test files. Raises SplitError when no split with at least one file on each side exists; returns a warning
+    when the test set is too small for a stable test loss (else None)."""
     held = [r for r in records if r.get("held_out")]
     n = len(records)
     if held:
@@ -43,7 +63,7 @@ def assign_sets(records: list[dict], *, test_share: float, max_test_files: int, 
         if n_test == 0:
             raise SplitError("every held-out test file duplicates a training file; at least 1 distinct test "
                              "file is needed")
-        return
+        return small_test_warning(records)
     if n < 2:
         raise SplitError(f"{n} file{'' if n == 1 else 's'} accepted; at least 2 are needed (1 to train on, 1 to "
                          "test on): add sources or relax the filters")
@@ -57,6 +77,13 @@ def assign_sets(records: list[dict], *, test_share: float, max_test_files: int, 
     if not candidates:
         raise SplitError(f"{n} files accepted but all share their content with another; at least 2 distinct "
                          "files are needed")
+    # Grow a small test set towards MIN_TEST_BYTES, but never past a fifth of the files or max_test_files.
+    cap = min(max_test_files, max(want, n // 5), n - 1)
+    size = sum(r.get("size") or 0 for r in candidates[:want])
+    while want < min(cap, len(candidates)) and size < MIN_TEST_BYTES:
+        size += candidates[want].get("size") or 0
+        want += 1
     test_ids = {id(r) for r in candidates[:want]}
     for r in records:
         r["set"] = "test" if id(r) in test_ids else "train"
+    return small_test_warning(records)

@@ -4,7 +4,8 @@ The scan (refact_lab.data) writes `projects/<project>/scan/accepted.jsonl`, one 
 at least `path`, `source`, `sha256`, `size`, `language` and `set` ("train" or "test"), and `file`, where it
 read the file: a clone or unpacked archive under `projects/<project>/sources/<source>/`, or a local folder
 left where it is (its root is in the source's source.json). This module is the one place that turns those
-records into texts, so when the data package grows an API for it only `_resolve_text` changes.
+records into texts; the records themselves are read through `refact_lab.data.results`, which owns the
+scan's layout.
 
 A file that has disappeared or changed since the scan (its sha256 differs) is skipped and counted, not fatal:
 the run's log says how many. With no test files at all, a deterministic tenth of the training files (chosen
@@ -18,9 +19,8 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from refact_lab.home import Home, read_json, read_jsonl
+from refact_lab.home import Home, read_json
 
-ACCEPTED = "accepted.jsonl"
 HOLDOUT_SHARE = 0.1
 
 
@@ -53,7 +53,9 @@ class Dataset:
 
 
 def accepted_path(home: Home, project: str) -> Path:
-    return home.scan_dir(project) / ACCEPTED
+    from refact_lab.data.results import accepted_file  # the data package owns the scan's layout
+
+    return accepted_file(home, project)
 
 
 def available_projects(home: Home) -> list[str]:
@@ -99,8 +101,10 @@ def load_dataset(home: Home, project: str) -> Dataset:
     if not path.is_file():
         raise FileNotFoundError(f"project {project!r} has no scanned dataset ({path} is missing): "
                                 f"run a scan first (refact-lab scan SOURCE --project {project})")
+    from refact_lab.data.results import read_accepted
+
     ds = Dataset(project)
-    for record in read_jsonl(path):
+    for record in read_accepted(home, project):
         key = f"{record.get('source', '')}/{record.get('path', '')}".lstrip("/")
         text, why = _resolve_text(home, project, record)
         if text is None:

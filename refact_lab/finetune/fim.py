@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from refact_lab.models.boundary import cursor_boundary
 from refact_lab.models.registry import FimFormat
 
 # How often each kind of split is drawn among FIM examples. IDE completion is mostly "rest of this line" and
@@ -90,6 +91,9 @@ def _line_spans(window: str) -> list[tuple[int, int]]:
 
 
 def _split(window: str, start: int, end: int, kind: str) -> Example:
+    # The prefix ends at the cursor's token boundary, where token healing cuts a prompt at inference (one
+    # definition: refact_lab.models.boundary), so the model learns the prompts it is asked with.
+    start = cursor_boundary(window, start)
     return Example(kind, window[:start], window[end:], window[start:end])
 
 

@@ -45,6 +45,31 @@ def add_lora(model, settings: FinetuneSettings, targets: Sequence[str]):
     return peft_model
 
 
+def load_adapter_weights(peft_model, folder) -> None:
+    """Start from a saved adapter (adapter_model.safetensors in `folder`) instead of fresh LoRA weights.
+    The adapter must have the same rank and target layers: a mismatch is a ValueError naming both."""
+    import json
+    from pathlib import Path
+
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"init adapter {folder}: no adapter_model.safetensors")
+    saved = json.loads((folder / "adapter_config.json").read_text()) if (folder / "adapter_config.json").is_file() \
+        else {}
+    config = peft_model.peft_config["default"]
+    if saved and (saved.get("r") != config.r or set(saved.get("target_modules") or ()) != set(config.target_modules)):
+        raise ValueError(f"init adapter {folder}: LoRA r={saved.get('r')} on {sorted(saved.get('target_modules') or ())}"
+                         f" does not match this run's r={config.r} on {sorted(config.target_modules)}")
+    result = set_peft_model_state_dict(peft_model, load_file(str(weights)))
+    # peft names the LoRA tensors it did not find as unexpected keys: none may be missing from the file
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"init adapter {folder}: {len(result.unexpected_keys)} tensors do not fit this model")
+
+
 def trainable_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts, for the log."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

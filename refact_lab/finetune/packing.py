@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from refact_lab.finetune.fim import Example, file_examples
+from refact_lab.models.prompt import fim_layout_ids
 from refact_lab.models.registry import FimFormat, token_id
 
 # Windows are sized in characters before tokenizing; this margin keeps an example (plus its 3–4 FIM control
@@ -86,17 +87,15 @@ def example_ids(examples: Sequence[Example], tokenizer, fmt: FimFormat) -> list[
     markers, eot = fmt.marker_ids(tokenizer), token_id(tokenizer, fmt.eot)
     if markers is None or eot is None:
         return _encode(tokenizer, [ex.text(fmt) for ex in examples])
-    p, s, m = markers
     enc = _encode(tokenizer, [piece for ex in examples for piece in (ex.prefix, ex.suffix, ex.middle)], content=True)
     out = []
     for i, ex in enumerate(examples):
         pre, suf, mid = enc[3 * i:3 * i + 3]
         if ex.kind == "plain":
             out.append(pre + [eot])
-        elif fmt.order == "spm":
-            out.append([s] + suf + [p] + pre + [m] + mid + [eot])
         else:
-            out.append([p] + pre + [s] + suf + [m] + mid + [eot])
+            # the prompt the server builds (models/prompt.py), then the middle the model learns to write
+            out.append(fim_layout_ids(fmt, markers, pre, suf) + mid + [eot])
     return out
 
 

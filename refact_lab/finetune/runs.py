@@ -8,9 +8,11 @@
     checkpoints/step-NNNNNN/   adapter + settings.json + metrics.json (+ optimizer state in the latest)
     stop                 a flag file: the trainer checks it at every step boundary, saves and stops
 
-A run is started detached (its own session, so it outlives the notebook kernel or the server that started it)
-and its launcher pid recorded. Reading a status checks that pid: a run that claims to be running but whose
-process is gone is marked failed, its log kept, and can be resumed from its last checkpoint.
+A run is started detached (its own session, so it outlives the notebook kernel or the server that started it).
+Who owns an active run is recorded from its creation on: the creating process's pid and start time when the
+run folder is written, the launched process's once it is started, and the worker's own once it runs. Reading
+a status checks those: a queued or running run none of whose owners is alive (killed before it was started,
+or while it ran) is marked failed, its log kept, and can be resumed from its last checkpoint.
 
 Panels and the CLI use `RunService`; the trainer never sees this module's files except through the sinks
 defined here (STYLE.md points 4 and 6).
@@ -28,11 +30,13 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from refact_lab.config import FinetuneSettings, SettingsError, from_dict
+from refact_lab.config import FinetuneSettings, LaunchSettings, SettingsError, from_dict
+from refact_lab.finetune.checkpoints import latest_resumable, run_checkpoints
+from refact_lab.finetune.checkpoints import best_name as _best_name
 from refact_lab.home import (Home, append_jsonl, atomic_write_json, atomic_write_text, file_lock, pid_alive,
                              proc_start_ticks, read_json, read_jsonl)
 
@@ -40,6 +44,8 @@ STATES = ("queued", "running", "finished", "failed", "stopped")
 ACTIVE = ("queued", "running")
 STOP_FLAG = "stop"
 STATUS_WRITE_INTERVAL_S = 1.0
+# A queued run that names no owner process at all (written by an older version) is failed after this long.
+UNOWNED_QUEUED_GRACE_S = 120.0
 
 
 # --- small helpers ---------------------------------------------------------------------------------------------
@@ -82,41 +88,117 @@ def append_log(path: Path, message: str) -> None:
         f.write(f"[{_stamp()}] {message}\n")
 
 
-def create_run(home: Home, project: str, model: str, settings: FinetuneSettings, *, num_processes: int = 1,
-               cpu: bool = False, run_id: str | None = None) -> str:
-    """Check the inputs and write a queued run folder; nothing starts yet."""
-    from refact_lab.finetune.dataset import accepted_path
+def one_line(error: BaseException) -> str:
+    """An exception as the one line a user reads first (a settings error already names its field)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if isinstance(error, SettingsError):
+        return text or type(error).__name__
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def check_settings(model: str, settings: FinetuneSettings) -> FinetuneSettings:
+    """Refuse settings that cannot work with this model, before a run exists: the settings with the sequence
+    length the run will use. Raises ValueError (unknown model) or SettingsError (one line naming the field)."""
+    from refact_lab.finetune.schedule import fit_to_model
     from refact_lab.models.registry import resolve
 
     if not isinstance(settings, FinetuneSettings):
         raise TypeError("settings must be a FinetuneSettings")
+    return fit_to_model(settings, resolve(model).n_ctx)
+
+
+def create_run(home: Home, project: str, model: str, settings: FinetuneSettings, *, num_processes: int = 1,
+               cpu: bool = False, run_id: str | None = None, launch: LaunchSettings | None = None,
+               gpus: list | None = None, init_adapter: str | None = None) -> str:
+    """Check the inputs and write a queued run folder, owned by this process until it is started.
+
+    `init_adapter`: an adapter folder whose weights the run starts from (update-and-retrain continues the
+    deployed adapter); recorded in settings.json, the trainer's log says so.
+
+    `launch` (else `num_processes` and `cpu`) says how the run is launched; it is settled on this machine
+    (memory.plan_launch; `gpus` replaces the GPU listing, for tests) and the run's memory need is estimated
+    against the free memory of its devices: a run that cannot fit is refused (MemoryPlanError, with the
+    numbers), one that fits only with low_gpu_mem_mode gets it, and the run's log says which."""
+    from refact_lab.finetune.dataset import accepted_path
+    from refact_lab.models.registry import resolve
+
+    check_settings(model, settings)
     spec = resolve(model)   # ValueError with a clear message for an unknown model
     if not accepted_path(home, project).is_file():
         raise FileNotFoundError(f"project {project!r} has no scanned dataset: run a scan first")
     if num_processes < 1:
         raise SettingsError("num_processes must be at least 1")
+    launch_plan, decision, settings = plan_run(model, settings, launch or LaunchSettings(processes=num_processes,
+                                                                                          cpu=cpu), gpus)
     home.ensure()
     run_id = run_id or new_run_id(spec.name)
     path = home.run_dir(run_id)
     if path.exists():
         raise FileExistsError(f"run {run_id!r} already exists")
     path.mkdir(parents=True)
+    memory = None if decision is None else {"need_gib": round(decision.need / 2 ** 30, 2),
+                                            "free_gib": round(decision.free / 2 ** 30, 2),
+                                            "low_gpu_mem_mode": decision.low_gpu_mem_mode,
+                                            "message": decision.message}
     atomic_write_json(path / "settings.json", {
         "run_id": run_id, "project": project, "model": model, "model_name": spec.name,
-        "finetune": asdict(settings), "launch": {"num_processes": num_processes, "cpu": cpu},
-        "created_at": _now()})
+        "finetune": asdict(settings), "launch": {**launch_plan.to_dict(), "memory": memory},
+        **({"init_adapter": str(init_adapter)} if init_adapter else {}), "created_at": _now()})
     atomic_write_json(path / "status.json", {
         "run_id": run_id, "state": "queued", "step": 0, "total": settings.train_steps, "eta_s": None,
-        "error": None, "best": None, "last_checkpoint": None, "pid": None, "created_at": _now(),
-        "updated_at": _now(), "model": spec.name, "project": project})
+        "error": None, "best": None, "last_checkpoint": None, "created_at": _now(),
+        # the creator owns the queued run until a process is started for it: if the creator dies first,
+        # readers see a queued run with no live owner and mark it failed (resumable)
+        "pid": os.getpid(), "pid_started": proc_start_ticks(os.getpid()),
+        "updated_at": _now(), "model": spec.name, "project": project, "world_size": launch_plan.processes,
+        "launch": launch_plan.describe()})
     (path / "log.txt").touch()
+    append_log(path, f"launch: {launch_plan.describe()}; "
+               + ", ".join(d.describe() for d in launch_plan.devices))
+    append_log(path, memory_line(spec.source, decision))
     return run_id
 
 
-def _launch_command(path: Path, num_processes: int, cpu: bool) -> tuple[list[str], dict]:
+def plan_run(model: str, settings: FinetuneSettings, launch: LaunchSettings, gpus: list | None = None):
+    """How a run would launch here and whether it fits: (memory.LaunchPlan, memory.FitDecision or None, the
+    settings it will use, low_gpu_mem_mode switched on when only that fits). Raises SettingsError (MemoryPlanError
+    with the numbers when it cannot fit)."""
+    from refact_lab.finetune.memory import memory_check, plan_launch
+    from refact_lab.models.registry import resolve
+
+    fitted = check_settings(model, settings)
+    spec = resolve(model)
+    launch_plan = plan_launch(launch, gpus)
+    if settings.batch_size % launch_plan.processes:
+        raise SettingsError(f"batch_size: {settings.batch_size} (the global batch) does not divide evenly over "
+                            f"{launch_plan.processes} processes")
+    decision = memory_check(spec.source, fitted, launch_plan, spec.lora_targets)
+    if decision is not None and decision.low_gpu_mem_mode != settings.low_gpu_mem_mode:
+        settings = replace(settings, low_gpu_mem_mode=decision.low_gpu_mem_mode)
+    return launch_plan, decision, settings
+
+
+def memory_line(source: str, decision) -> str:
+    return decision.message if decision else \
+        f"memory: no estimate (the config of {source} is not available here); starting anyway"
+
+
+# accelerate's FSDP flags (1.x names; `accelerate launch --help`): full sharding of every decoder layer,
+# original parameters kept so LoRA's trainable and frozen tensors can share a shard, full state dicts for
+# the adapter checkpoints. Each process loads the model into CPU RAM (the trainer moves only shards to its
+# GPU): rank-0-only loading would need meta-device loading the shared model loader does not do.
+FSDP_FLAGS = ("--use_fsdp", "--fsdp_version", "1", "--fsdp_sharding_strategy", "FULL_SHARD",
+              "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_use_orig_params", "true",
+              "--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false",
+              "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_backward_prefetch", "BACKWARD_PRE")
+
+
+def _launch_command(path: Path, num_processes: int, cpu: bool, gpus=(), fsdp: bool = False) -> tuple[list[str], dict]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if gpus and not cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
     worker = ["-m", "refact_lab.finetune.worker", str(path)]
-    if num_processes <= 1:
+    if num_processes <= 1 and not fsdp:
         return [sys.executable, *worker], env
     import socket
 
@@ -128,29 +210,51 @@ def _launch_command(path: Path, num_processes: int, cpu: bool) -> tuple[list[str
         # variable gives the same gloo-backed multi-CPU setup
         env["ACCELERATE_USE_CPU"] = "true"
         env.setdefault("OMP_NUM_THREADS", "1")
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+    mode = list(FSDP_FLAGS) if fsdp else ["--multi_gpu"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes",
             str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(port), *worker], env
 
 
-def start_run(home: Home, run_id: str) -> subprocess.Popen:
+def _claim(home: Home, run_id: str, resume: bool) -> None:
+    """Under the start lock: refuse a run that is active (or, to resume, not stopped or failed)."""
+    status = read_status(home, run_id)
+    if resume and status["state"] not in ("stopped", "failed"):
+        raise RuntimeError(f"run {run_id} is {status['state']}: only a stopped or failed run can be resumed")
+    if status["state"] in ACTIVE and _owner_alive(status) and status.get("pid") != os.getpid():
+        raise RuntimeError(f"run {run_id} is already {status['state']} (pid {status['pid']})")
+    if resume:
+        path = home.run_dir(run_id)
+        with contextlib.suppress(FileNotFoundError):
+            (path / STOP_FLAG).unlink()
+        ckpt = latest_resumable(path)
+        append_log(path, f"resume requested: continuing from {ckpt.name if ckpt else 'the start (no checkpoint)'}")
+
+
+def start_run(home: Home, run_id: str, *, resume: bool = False) -> subprocess.Popen:
     """Start the run's process, detached; record its pid. Returns the Popen (callers may keep it to reap it)."""
     path = run_dir(home, run_id)
     doc = read_json(path / "settings.json", {})
     launch = doc.get("launch") or {}
-    cmd, env = _launch_command(path, int(launch.get("num_processes", 1)), bool(launch.get("cpu")))
+    cmd, env = _launch_command(path, int(launch.get("processes") or launch.get("num_processes") or 1),
+                               bool(launch.get("cpu")), launch.get("gpus") or (), bool(launch.get("fsdp")))
     with file_lock(path / ".start.lock"):
-        status = read_status(home, run_id)
-        if status["state"] in ACTIVE and pid_alive(status.get("pid"), status.get("pid_started")):
-            raise RuntimeError(f"run {run_id} is already {status['state']} (pid {status['pid']})")
+        _claim(home, run_id, resume)
+        _own(path)    # queued and owned by this process until the child's pid is known
         with open(path / "log.txt", "a", encoding="utf-8") as log:
             log.write(f"[{_stamp()}] starting: {' '.join(cmd)}\n")
             log.flush()
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=str(path), env=env, start_new_session=True, close_fds=True)
-        update_status(path, state="queued", pid=proc.pid, pid_started=proc_start_ticks(proc.pid), error=None,
-                      finished_at=None)
+        # only the owner changes: the child may already have written "running"
+        update_status(path, pid=proc.pid, pid_started=proc_start_ticks(proc.pid))
     return proc
+
+
+def _own(path: Path) -> None:
+    """Mark the run queued and owned by this process, forgetting the previous attempt's processes and end."""
+    update_status(path, state="queued", pid=os.getpid(), pid_started=proc_start_ticks(os.getpid()),
+                  worker_pid=None, worker_started=None, error=None, finished_at=None, stop_reason=None)
 
 
 def stop_run(home: Home, run_id: str) -> dict:
@@ -168,34 +272,53 @@ def request_stop(path: Path) -> None:
     atomic_write_text(Path(path) / STOP_FLAG, f"{_now()}\n")
 
 
-def resume_run(home: Home, run_id: str) -> subprocess.Popen:
-    """Continue a stopped or failed run from its latest checkpoint (from the start if it has none)."""
-    from refact_lab.finetune.trainer import latest_resumable
+def resume_run(home: Home, run_id: str, *, detach: bool = True) -> subprocess.Popen | None:
+    """Continue a stopped or failed run from its latest checkpoint (from the start if it has none).
 
+    Detached: starts the run's process and returns it. Otherwise the run is claimed for this process (queued,
+    owned by it) and the caller trains it in the foreground with `execute_run`."""
+    if detach:
+        return start_run(home, run_id, resume=True)
     path = run_dir(home, run_id)
-    status = read_status(home, run_id)
-    if status["state"] not in ("stopped", "failed"):
-        raise RuntimeError(f"run {run_id} is {status['state']}: only a stopped or failed run can be resumed")
-    with contextlib.suppress(FileNotFoundError):
-        (path / STOP_FLAG).unlink()
-    ckpt = latest_resumable(path)
-    append_log(path, f"resume requested: continuing from {ckpt.name if ckpt else 'the start (no checkpoint)'}")
-    return start_run(home, run_id)
+    with file_lock(path / ".start.lock"):
+        _claim(home, run_id, resume=True)
+        _own(path)
+    return None
+
+
+def _owner_alive(status: dict) -> bool:
+    """Whether a process that owns the run is alive: its creator or launcher (pid), or the worker training it."""
+    return (pid_alive(status.get("pid"), status.get("pid_started"))
+            or pid_alive(status.get("worker_pid"), status.get("worker_started")))
+
+
+def _orphaned(status: dict) -> bool:
+    if status.get("state") not in ACTIVE:
+        return False
+    if status.get("pid") or status.get("worker_pid"):
+        return not _owner_alive(status)
+    # no owner recorded at all (a run folder from an older version): failed once it has waited too long
+    return status.get("state") == "queued" and _now() - float(status.get("created_at") or 0) > UNOWNED_QUEUED_GRACE_S
 
 
 def read_status(home: Home, run_id: str) -> dict:
-    """status.json, after checking that an active run's process still exists (else it is marked failed)."""
+    """status.json, after checking that an active run still has a live owner process (else it is marked failed)."""
     path = run_dir(home, run_id)
     status = read_json(path / "status.json", {}) or {}
     status.setdefault("run_id", run_id)
     status.setdefault("state", "queued")
-    if status["state"] in ACTIVE and status.get("pid") and not pid_alive(status["pid"], status.get("pid_started")):
+    if _orphaned(status):
         with file_lock(path / ".status.lock"):
             again = read_json(path / "status.json", {}) or {}
-            # re-check under the lock: the process may have written its final state meanwhile
-            if again.get("state") in ACTIVE and again.get("pid") == status["pid"]:
-                error = (f"the run process (pid {status['pid']}) ended without finishing (killed or crashed) at step "
-                         f"{again.get('step', 0)}; see the log. Resume continues from the last checkpoint.")
+            # re-check under the lock: the process may have written its final state (or a new owner) meanwhile
+            if _orphaned(again):
+                who = again.get("worker_pid") or again.get("pid")
+                if again.get("state") == "queued":
+                    error = (f"the run's owner process{f' (pid {who})' if who else ''} ended before the run "
+                             "started (killed or crashed); resume starts it")
+                else:
+                    error = (f"the run process (pid {who}) ended without finishing (killed or crashed) at step "
+                             f"{again.get('step', 0)}; see the log. Resume continues from the last checkpoint.")
                 again.update(state="failed", error=error, finished_at=_now(), updated_at=_now(), eta_s=None)
                 atomic_write_json(path / "status.json", again)
                 append_log(path, error)
@@ -221,17 +344,11 @@ def read_metrics(home: Home, run_id: str) -> list[dict]:
 
 def list_checkpoints(home: Home, run_id: str) -> list[dict]:
     """Checkpoints with step, test loss and whether each is the best (lowest test loss)."""
-    from refact_lab.finetune.trainer import list_checkpoints as _list
-
-    out = []
-    for ckpt in _list(run_dir(home, run_id)):
-        metrics = read_json(ckpt / "metrics.json", {}) or {}
-        out.append({"name": ckpt.name, "path": str(ckpt), "step": metrics.get("step"),
-                    "test_loss": metrics.get("test_loss"), "train_loss": metrics.get("train_loss"), "best": False})
-    scored = [c for c in out if c["test_loss"] is not None]
-    if scored:
-        min(scored, key=lambda c: (c["test_loss"], c["step"]))["best"] = True
-    return out
+    path = run_dir(home, run_id)
+    cks = run_checkpoints(path, run_id)
+    best = _best_name(read_json(path / "status.json", {}) or {}, cks)
+    return [{"name": c.name, "path": str(c.path), "step": c.step, "test_loss": c.test_loss,
+             "train_loss": c.train_loss, "best": c.name == best} for c in cks]
 
 
 def log_tail(home: Home, run_id: str, lines: int = 40) -> str:
@@ -311,8 +428,8 @@ def execute_run(path: Path, *, log: Callable[[str], None] | None = None, extra_s
 
     log = log or default_log
     if is_main:
-        changes = {"state": "running", "worker_pid": os.getpid(), "started_at": _now(), "error": None,
-                   "finished_at": None}
+        changes = {"state": "running", "worker_pid": os.getpid(), "worker_started": proc_start_ticks(os.getpid()),
+                   "started_at": _now(), "error": None, "finished_at": None, "stop_reason": None}
         if pid is not None:  # in the foreground (CLI) the run's process is this one
             changes.update(pid=pid, pid_started=proc_start_ticks(pid))
         update_status(path, **changes)
@@ -321,12 +438,21 @@ def execute_run(path: Path, *, log: Callable[[str], None] | None = None, extra_s
         dataset = load_dataset(home, doc["project"])
         sinks = [MetricsFileSink(path), StatusSink(path), *extra_sinks] if is_main else []
         result = fit(doc["model"], dataset, settings, path, sinks=sinks, should_stop=(path / STOP_FLAG).exists,
-                     log=log, extra_record={"run_id": doc.get("run_id"), "project": doc.get("project")})
+                     log=log, extra_record={"run_id": doc.get("run_id"), "project": doc.get("project")},
+                     init_adapter=doc.get("init_adapter"))
     except BaseException as e:  # noqa: BLE001 - a failed run must say why, whatever it was
         if is_main:
-            log("run failed:\n" + traceback.format_exc())
-            update_status(path, state="failed", error=f"{type(e).__name__}: {e}".strip(), finished_at=_now(),
-                          eta_s=None)
+            error = one_line(e)
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(
+                    word in error for word in ("closed by peer", "Connection reset", "DistBackendError")):
+                # gloo / NCCL name the socket, not the reason: a peer process died (the launcher's lines follow)
+                error = ("another training process of this run ended (killed or crashed); see the log. Resume "
+                         f"continues from the last checkpoint. ({error[:160]})")
+            # the reason first, on one line; the traceback (for whoever debugs it) below
+            log(f"run failed: {error}")
+            if not isinstance(e, SettingsError):
+                log("traceback of the failure:\n" + traceback.format_exc())
+            update_status(path, state="failed", error=error, finished_at=_now(), eta_s=None)
         if isinstance(e, KeyboardInterrupt):
             raise
         return None
@@ -334,12 +460,13 @@ def execute_run(path: Path, *, log: Callable[[str], None] | None = None, extra_s
         with contextlib.suppress(FileNotFoundError):
             (path / STOP_FLAG).unlink()
         update_status(path, state=result.state, step=result.step, total=result.total, best=result.best,
-                      early_stopped=result.early_stopped, eta_s=0 if result.state == "finished" else None,
+                      early_stopped=result.early_stopped, stop_reason=result.stop_reason,
+                      eta_s=0 if result.state == "finished" else None,
                       finished_at=_now(), low_gpu_mem_mode=result.low_gpu_mem_mode,
                       **({"last_checkpoint": result.last_checkpoint} if result.last_checkpoint else {}))
         best = result.best
         log(f"run {result.state} at step {result.step}/{result.total}"
-            + (" (early stop)" if result.early_stopped else "")
+            + (f" ({result.stop_reason})" if result.stop_reason else "")
             + (f"; best checkpoint {best['checkpoint']} (test loss {best['test_loss']:.4f})" if best else ""))
     return result
 
@@ -352,7 +479,8 @@ def install_stop_on_signal(path: Path, signals=(signal.SIGTERM,)) -> None:
         signal.signal(sig, handler)
 
 
-def preview(home: Home, project: str, model: str, settings: FinetuneSettings, *, tokenizer=None) -> dict:
+def preview(home: Home, project: str, model: str, settings: FinetuneSettings, *, tokenizer=None,
+            processes: int = 1) -> dict:
     """The numbers a run would use, before it starts: the schedule with "auto" resolved, and the data plan."""
     from refact_lab.finetune.dataset import load_dataset
     from refact_lab.finetune.trainer import plan
@@ -361,7 +489,7 @@ def preview(home: Home, project: str, model: str, settings: FinetuneSettings, *,
 
     spec = resolve(model)
     dataset = load_dataset(home, project)
-    the_plan = plan(dataset, tokenizer or load_tokenizer(spec), spec, settings)
+    the_plan = plan(dataset, tokenizer or load_tokenizer(spec), spec, settings, processes)
     return {"schedule": the_plan.schedule.to_dict(), "explanation": the_plan.schedule.explanation,
             "summary": the_plan.summary, "dataset": dataset.summary(), "notes": list(dataset.notes),
             "train_tokens": the_plan.schedule.train_tokens}
@@ -404,7 +532,7 @@ class RunService:
     def default_settings(self) -> FinetuneSettings:
         return FinetuneSettings()
 
-    def preview(self, project: str, model: str, settings: FinetuneSettings) -> dict:
+    def preview(self, project: str, model: str, settings: FinetuneSettings, processes: int = 1) -> dict:
         """`preview`, remembering the tokenized dataset: a form edit that only touches the schedule (batch
         size, epochs, steps) is answered without tokenizing the dataset again."""
         from refact_lab.finetune.dataset import accepted_path
@@ -422,14 +550,37 @@ class RunService:
                 self._tokenizers[spec.source] = load_tokenizer(spec)
             cached = preview(self.home, project, model, settings, tokenizer=self._tokenizers[spec.source])
             self._previews = {key: cached}          # one dataset at a time is enough for a form
-        schedule = resolve_schedule(settings, cached["train_tokens"])
+        schedule = resolve_schedule(settings, cached["train_tokens"], spec.n_ctx, processes)
         return {**cached, "schedule": schedule.to_dict(), "explanation": schedule.explanation}
 
     # lifecycle
+    def devices(self) -> list:
+        """The GPUs a run can train on, with their free memory (memory.Device); [] on a CPU-only machine."""
+        from refact_lab.finetune.memory import gpu_devices
+
+        return gpu_devices()
+
+    def launch_preview(self, model: str, settings: FinetuneSettings, launch: LaunchSettings,
+                       gpus: list | None = None) -> str:
+        """One line: how a run with these settings would launch here and its memory estimate against free
+        memory. Raises SettingsError (MemoryPlanError with the numbers when it cannot fit)."""
+        from refact_lab.models.registry import resolve
+
+        launch_plan, decision, _ = plan_run(model, settings, launch, gpus)
+        return f"{launch_plan.describe()}; {memory_line(resolve(model).source, decision)}"
+
     def start(self, project: str, model: str, settings: FinetuneSettings, *, num_processes: int = 1,
-              cpu: bool = False) -> str:
-        run_id = create_run(self.home, project, model, settings, num_processes=num_processes, cpu=cpu)
-        self._procs[run_id] = start_run(self.home, run_id)
+              cpu: bool = False, launch: LaunchSettings | None = None) -> str:
+        run_id = create_run(self.home, project, model, settings, num_processes=num_processes, cpu=cpu,
+                            launch=launch)
+        try:
+            self._procs[run_id] = start_run(self.home, run_id)
+        except Exception as e:
+            # this process owns the queued run and stays alive: it must not stay queued
+            update_status(self.home.run_dir(run_id), state="failed", error=f"could not start: {one_line(e)}",
+                          finished_at=_now())
+            append_log(self.home.run_dir(run_id), f"could not start: {one_line(e)}")
+            raise
         return run_id
 
     def stop(self, run_id: str) -> dict:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import os
 import shutil
@@ -29,14 +28,13 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from refact_lab.config import FinetuneSettings, SettingsError
+from refact_lab.finetune.checkpoints import TRAINER_STATE, checkpoint_dirs, checkpoint_name, latest_resumable
 from refact_lab.finetune.dataset import Dataset
-from refact_lab.finetune.schedule import Schedule, resolve
+from refact_lab.finetune.schedule import Schedule, fit_to_model, resolve
 from refact_lab.models.registry import ModelSpec
 from refact_lab.models.registry import resolve as resolve_model
 
 Sink = Callable[[dict], None]
-CHECKPOINT_PREFIX = "step-"
-TRAINER_STATE = "trainer_state.pt"
 MAX_GRAD_NORM = 1.0
 # Rows of logits computed at once in the fused loss. On a GPU this bounds its memory to ~2**26 floats (256 MiB)
 # whatever the vocabulary (Qwen's 152k tokens would need 5 GiB of fp32 logits for a 4 x 2048 batch). On a CPU
@@ -56,6 +54,7 @@ class FitResult:
     last_checkpoint: str | None
     early_stopped: bool = False
     low_gpu_mem_mode: bool = False  # as it ended up (an out-of-memory retry turns it on)
+    stop_reason: str | None = None  # why a run ended before its last step (early stop, a stop request)
 
 
 @dataclass
@@ -69,19 +68,21 @@ class Plan:
     summary: str
 
 
-def plan(dataset: Dataset, tokenizer, spec: ModelSpec, settings: FinetuneSettings) -> Plan:
-    """Tokenize and pack the dataset and derive the schedule ("auto" numbers) from its size."""
+def plan(dataset: Dataset, tokenizer, spec: ModelSpec, settings: FinetuneSettings, processes: int = 1) -> Plan:
+    """Tokenize and pack the dataset and derive the schedule ("auto" numbers) from its size (and the processes
+    that share each step's global batch)."""
     from refact_lab.finetune import packing
 
-    if settings.seq_len > spec.n_ctx:
-        raise SettingsError(f"seq_len: {settings.seq_len} is longer than the model's context ({spec.n_ctx} tokens)")
+    auto_seq_len = settings.seq_len is None       # kept so the explanation says how the length was chosen
+    settings = fit_to_model(settings, spec.n_ctx)   # SettingsError when a set seq_len does not fit the model
     train_files, test_files = dataset.pairs("train"), dataset.pairs("test")
     cpt = packing.chars_per_token(tokenizer, [text for _, text in sorted(train_files)])
     epoch0 = packing.train_rows(train_files, tokenizer, spec.fim, seq_len=settings.seq_len, cpt=cpt,
                                 seed=settings.seed, epoch=0, fim_rate=settings.fim_rate)
     test = packing.test_rows(test_files, tokenizer, spec.fim, seq_len=settings.seq_len, cpt=cpt,
                              fim_rate=settings.fim_rate, max_rows=settings.max_test_rows)
-    schedule = resolve(settings, len(epoch0) * settings.seq_len)
+    schedule = resolve(replace(settings, seq_len=None) if auto_seq_len else settings,
+                       len(epoch0) * settings.seq_len, spec.n_ctx, processes)
     summary = (f"{len(train_files)} train files -> {epoch0.n_examples:,} examples, {len(epoch0):,} rows of "
                f"{settings.seq_len} tokens ({epoch0.n_tokens:,} tokens); {len(test_files)} test files -> "
                f"{len(test):,} rows ({cpt:.2f} characters per token)")
@@ -226,29 +227,13 @@ class _TrainStream:
         return {"epoch": self.epoch, "offset": self.offset}
 
 
-# --- checkpoints ---------------------------------------------------------------------------------------------
-
-def checkpoint_name(step: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{step:06d}"
-
-
-def list_checkpoints(out_dir: Path) -> list[Path]:
-    folder = Path(out_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
-
-
-def latest_resumable(out_dir: Path) -> Path | None:
-    for ckpt in reversed(list_checkpoints(out_dir)):
-        if (ckpt / TRAINER_STATE).is_file() and (ckpt / "adapter_model.safetensors").is_file():
-            return ckpt
-    return None
-
+# --- checkpoints (names and listing: refact_lab.finetune.checkpoints) ---------------------------------
 
 def _save_checkpoint(out_dir: Path, step: int, peft_model, optimizer, scheduler, trainer_state: dict,
-                     settings_record: dict, metrics: dict) -> Path:
-    """Write into a temporary folder and rename, so a kill mid-save never leaves a half checkpoint."""
+                     settings_record: dict, metrics: dict, adapter_state: dict | None = None) -> Path:
+    """Write into a temporary folder and rename, so a kill mid-save never leaves a half checkpoint.
+    `adapter_state`: the gathered full state dict under FSDP (the module itself holds only a shard there);
+    the optimizer's state is then sharded too and not saved."""
     import torch
 
     from refact_lab.home import atomic_write_json
@@ -258,16 +243,18 @@ def _save_checkpoint(out_dir: Path, step: int, peft_model, optimizer, scheduler,
     tmp = folder / f".tmp-{checkpoint_name(step)}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    peft_model.save_pretrained(str(tmp), safe_serialization=True)
+    peft_model.save_pretrained(str(tmp), safe_serialization=True,
+                               **({"state_dict": adapter_state} if adapter_state is not None else {}))
     atomic_write_json(tmp / "settings.json", settings_record)
     atomic_write_json(tmp / "metrics.json", metrics)
-    torch.save({**trainer_state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+    torch.save({**trainer_state, "optimizer": None if adapter_state is not None else optimizer.state_dict(),
+                "scheduler": scheduler.state_dict()},
                tmp / TRAINER_STATE)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     # Only the latest checkpoint needs optimizer state to resume; older ones keep adapter, settings, metrics.
-    for other in list_checkpoints(out_dir):
+    for other in checkpoint_dirs(out_dir):
         if other != final:
             with contextlib.suppress(FileNotFoundError):
                 (other / TRAINER_STATE).unlink()
@@ -278,16 +265,18 @@ def _save_checkpoint(out_dir: Path, step: int, peft_model, optimizer, scheduler,
 
 def fit(model: str | ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir: Path | None = None, *,
         sinks: Sequence[Sink] = (), should_stop: Callable[[], bool] | None = None,
-        log: Callable[[str], None] = print, extra_record: dict | None = None) -> FitResult:
+        log: Callable[[str], None] = print, extra_record: dict | None = None,
+        init_adapter: str | Path | None = None) -> FitResult:
     """Train a LoRA adapter on `dataset`. With `out_dir`, checkpoints go to out_dir/checkpoints and a run that
-    has one resumes from the latest. If CUDA runs out of memory with low_gpu_mem_mode off, the run is retried
+    has one resumes from the latest; otherwise `init_adapter` (an adapter folder with the same LoRA shape, e.g.
+    the deployed checkpoint) gives the starting LoRA weights instead of peft's fresh ones. If CUDA runs out of memory with low_gpu_mem_mode off, the run is retried
     once with it on (from its last checkpoint), and the log says so."""
     import torch
 
     spec = model if isinstance(model, ModelSpec) else resolve_model(model)
     oom = None
     try:
-        return _fit(spec, dataset, settings, out_dir, sinks, should_stop, log, extra_record or {})
+        return _fit(spec, dataset, settings, out_dir, sinks, should_stop, log, extra_record or {}, init_adapter)
     except torch.cuda.OutOfMemoryError as e:
         if settings.low_gpu_mem_mode:
             raise
@@ -301,7 +290,7 @@ def fit(model: str | ModelSpec, dataset: Dataset, settings: FinetuneSettings, ou
     for sink in sinks:
         sink({"kind": "info", "message": message, "low_gpu_mem_mode": True})
     return _fit(spec, dataset, replace(settings, low_gpu_mem_mode=True), out_dir, sinks, should_stop, log,
-                extra_record or {})
+                extra_record or {}, init_adapter)
 
 
 def _use_bf16(precision: str, device) -> bool:
@@ -323,13 +312,13 @@ def _use_bf16(precision: str, device) -> bool:
 
 
 def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir: Path | None,
-         sinks: Sequence[Sink], should_stop, log, extra_record: dict) -> FitResult:
+         sinks: Sequence[Sink], should_stop, log, extra_record: dict, init_adapter=None) -> FitResult:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from refact_lab.finetune import packing
-    from refact_lab.finetune.lora import add_lora, target_modules, trainable_parameters
+    from refact_lab.finetune.lora import add_lora, load_adapter_weights, target_modules, trainable_parameters
     from refact_lab.models.loading import load_model, load_tokenizer
 
     # ---- setup ------------------------------------------------------------------------------------------
@@ -337,6 +326,8 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
     # that choice in process-wide state, and a kernel may train several times with different settings.
     accelerator = Accelerator(mixed_precision="no")
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    # FSDP (runs.FSDP_FLAGS, untested here: no GPUs) shards the model in accelerator.prepare
+    fsdp = accelerator.distributed_type == "FSDP"
     is_main = accelerator.is_main_process
 
     def emit(record: dict) -> None:
@@ -348,6 +339,8 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
         if is_main:
             log(message)
 
+    requested = settings                            # with its auto fields, for the schedule's explanation
+    settings = fit_to_model(settings, spec.n_ctx)   # an auto seq_len becomes a number, recorded as used
     if settings.batch_size % world:
         raise SettingsError(f"batch_size: {settings.batch_size} does not divide evenly over {world} processes")
     per_process = settings.batch_size // world
@@ -358,7 +351,7 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     tokenizer = load_tokenizer(spec)
-    the_plan = plan(dataset, tokenizer, spec, settings)
+    the_plan = plan(dataset, tokenizer, spec, requested, processes=world)
     schedule = the_plan.schedule
     if len(the_plan.test) == 0:
         raise ValueError("the test set is empty after formatting: no test loss can be measured")
@@ -369,7 +362,8 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
                                   fim_rate=settings.fim_rate)
 
     set_seed(settings.seed)
-    model = load_model(spec, device=str(device), dtype="bfloat16" if bf16 else "float32")
+    # under FSDP the full model is loaded on the CPU and only its shards reach the GPU, in prepare()
+    model = load_model(spec, device="cpu" if fsdp else str(device), dtype="bfloat16" if bf16 else "float32")
     model.config.use_cache = False
     if settings.low_gpu_mem_mode:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -396,6 +390,10 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
     # ---- resume -----------------------------------------------------------------------------------------
     step, stream_state, best, evals_since_best, tokens_seen = 0, {"epoch": 0, "offset": 0}, None, 0, 0
     resume_from = latest_resumable(out_dir) if out_dir else None
+    if init_adapter and resume_from is None:
+        # continue an adapter (update-and-retrain): its weights, fresh optimizer and schedule
+        load_adapter_weights(peft_model, init_adapter)
+        extra_record = {**extra_record, "init_adapter": str(init_adapter)}
     if resume_from is not None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -403,7 +401,8 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
         state = torch.load(resume_from / TRAINER_STATE, map_location="cpu", weights_only=False)
         set_peft_model_state_dict(peft_model, load_file(str(resume_from / "adapter_model.safetensors")))
         # the saved schedule wins: the dataset may have been re-scanned since, the run continues as it began
-        schedule = Schedule(**state["schedule"])
+        # (fields an older version did not save come from today's resolution)
+        schedule = Schedule(**{**schedule.to_dict(), **state["schedule"]})
         step, stream_state = state["step"], state["stream"]
         best, evals_since_best, tokens_seen = state.get("best"), state.get("evals_since_best", 0), state.get(
             "tokens_seen", 0)
@@ -412,7 +411,10 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
     loss_module = _make_loss_module(peft_model)
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
     if resume_from is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if state.get("optimizer") is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        else:
+            say("resumed without optimizer state (an FSDP checkpoint): AdamW's moments start afresh")
         scheduler.load_state_dict(state["scheduler"])
     plain_module = accelerator.unwrap_model(loss_module)
 
@@ -439,6 +441,8 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
         say(f"data: skipped {len(dataset.skipped)} files: " + "; ".join(dataset.skipped[:5])
             + (" ..." if len(dataset.skipped) > 5 else ""))
     say(f"schedule: {schedule.explanation}")
+    if init_adapter and resume_from is None:
+        say(f"LoRA weights initialised from adapter {init_adapter}")
     if resume_from is not None:
         say(f"resumed from {resume_from.name} (step {step}, epoch {stream.epoch_progress:.2f})")
     emit({"kind": "start", "step": step, "total": schedule.train_steps, "resumed_from": step if resume_from else None,
@@ -466,6 +470,12 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
         if is_best:
             best = {"step": at_step, "test_loss": test_loss, "checkpoint": checkpoint_name(at_step)}
         path = None
+        # under FSDP every process holds a shard: gathering the full state dict is a collective (every process
+        # takes part), then process 0 writes the adapter from it
+        adapter_state = None
+        if fsdp:
+            full = accelerator.get_state_dict(loss_module)
+            adapter_state = {k.removeprefix("peft_model."): v for k, v in full.items()} if is_main else None
         if is_main:
             path = _save_checkpoint(
                 out_dir, at_step, accelerator.unwrap_model(loss_module).peft_model, optimizer, scheduler,
@@ -473,7 +483,7 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
                  "tokens_seen": tokens_seen, "schedule": schedule.to_dict()},
                 settings_record,
                 {"step": at_step, "test_loss": test_loss, "train_loss": train_loss, "tokens_seen": tokens_seen,
-                 "time": time.time()})
+                 "time": time.time()}, adapter_state)
             emit({"kind": "checkpoint", "step": at_step, "checkpoint": path.name, "test_loss": test_loss,
                   "best": best})
         accelerator.wait_for_everyone()
@@ -492,7 +502,7 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
         reference = best["test_loss"] if best else math.inf
 
     # ---- fit ----------------------------------------------------------------------------------------------
-    state_name, early_stopped, last_ckpt = "finished", False, None
+    state_name, early_stopped, last_ckpt, stop_reason = "finished", False, None, None
     recent: list[float] = []
     train_losses: list[float] = []
     while step < schedule.train_steps:
@@ -527,9 +537,9 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
         tokens_seen += int(tokens.numel())
         dt = time.perf_counter() - t0
         recent = (recent + [dt])[-20:]
-        train_losses = (train_losses + [train_loss])[-settings.eval_every:]
+        train_losses = (train_losses + [train_loss])[-schedule.eval_every:]
         remaining = schedule.train_steps - step
-        evals_left = remaining // settings.eval_every
+        evals_left = remaining // schedule.eval_every
         eta = remaining * (sum(recent) / len(recent)) + evals_left * eval_seconds
         emit({"kind": "train", "step": step, "total": schedule.train_steps, "loss": train_loss, "lr": lr,
               "tokens_per_s": tokens.numel() / dt, "step_s": dt, "epoch": round(stream.epoch_progress, 4),
@@ -540,7 +550,7 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
             flag = torch.tensor(float(stop_now), device=device)
             stop_now = float(accelerator.reduce(flag, "sum")) > 0
         last = step >= schedule.train_steps
-        due_eval = step % settings.eval_every == 0 or step % settings.checkpoint_every == 0 or last or stop_now
+        due_eval = step % schedule.eval_every == 0 or step % schedule.checkpoint_every == 0 or last or stop_now
         if not due_eval:
             continue
         t_eval = time.perf_counter()
@@ -556,33 +566,25 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
             + (" (best so far)" if improved else "")
             + (f" ({evals_since_best} evaluations without improvement)" if evals_since_best else ""))
         patience_out = settings.early_stop_patience and evals_since_best >= settings.early_stop_patience
-        if improved or last or stop_now or patience_out or step % settings.checkpoint_every == 0:
+        if improved or last or stop_now or patience_out or step % schedule.checkpoint_every == 0:
             last_ckpt = save(step, test_loss, mean_train)
         if stop_now:
             state_name = "stopped"
+            stop_reason = f"stopped by request at step {step} of {schedule.train_steps}"
             say(f"stopped at step {step} on request; checkpoint {checkpoint_name(step)} written")
             break
         if patience_out:
             early_stopped = True
+            stop_reason = (f"stopped early at step {step} of {schedule.train_steps}: no lower test loss in "
+                           f"{evals_since_best} evaluations (early_stop_patience {settings.early_stop_patience})")
             say(f"early stop at step {step}: no lower test loss in {evals_since_best} evaluations")
             break
 
     result = FitResult(state_name, step, schedule.train_steps, best,
-                       last_ckpt.name if last_ckpt else None, early_stopped, settings.low_gpu_mem_mode)
+                       last_ckpt.name if last_ckpt else None, early_stopped, settings.low_gpu_mem_mode,
+                       stop_reason)
     emit({"kind": "end", **asdict(result)})
     return result
-
-
-def read_checkpoint(path: Path) -> dict:
-    """The settings and metrics a checkpoint folder was saved with."""
-    path = Path(path)
-    out = {"name": path.name, "path": str(path)}
-    for name in ("metrics.json", "settings.json"):
-        try:
-            out[name.split(".")[0]] = json.loads((path / name).read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
-            out[name.split(".")[0]] = {}
-    return out
 
 
 def iter_records(records: Iterable[dict], kind: str) -> list[dict]:

@@ -22,7 +22,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path} is not a run folder (no settings.json)", file=sys.stderr)
         return 2
     install_stop_on_signal(path)
-    return 0 if execute_run(path) is not None else 1
+    if execute_run(path) is None:
+        return 1
+    from refact_lab.scoreboard.service import after_run
+
+    import os
+
+    if os.environ.get("RANK", "0") == "0":  # once per run, not once per process of a multi-process launch
+        after_run(path)  # the scoreboard of the best checkpoint, when the run's eval_cursors ask for it
+    return 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from refact_lab.models.healing import heal_fim_prompt
-from refact_lab.models.registry import FimFormat, content_ids
+from refact_lab.models.prompt import build_fim_ids
+from refact_lab.models.registry import FimFormat
 
 
 @dataclass
@@ -21,32 +22,12 @@ class Completion:
 
 
 def fim_prompt_ids(tok, fim: FimFormat, prefix: str, suffix: str, max_prompt_tokens: int | None,
-                   prefix_share: float = 0.75) -> list[int]:
+                   prefix_share: float = 0.75, snippets=(), path: str = "") -> list[int]:
     """Token ids of the FIM prompt, keeping the end of the prefix and the start of the suffix when too long
-    (`max_prompt_tokens` None: never cut).
-
-    The markers are inserted by id and the code is encoded as content, so a file that spells a marker in its
-    text cannot open a second hole. The prefix gets `prefix_share` of the room (the text before the cursor
-    predicts most of what follows); whatever one side does not use is given to the other.
-    """
-    special = fim.marker_ids(tok)
-    if special is None:
-        raise ValueError(f"this tokenizer does not have the FIM markers {fim.prefix!r}, {fim.suffix!r}, "
-                         f"{fim.middle!r} as single tokens")
-    if max_prompt_tokens is None:
-        pre, suf = content_ids(tok, prefix), content_ids(tok, suffix)
-    else:
-        room = max_prompt_tokens - 3
-        # A token is rarely longer than 8 characters, so this much text always covers the room.
-        pre = content_ids(tok, prefix[-room * 8:])
-        suf = content_ids(tok, suffix[:room * 8])
-        n_pre = min(len(pre), max(int(room * prefix_share), room - len(suf)))
-        n_suf = min(len(suf), room - n_pre)
-        pre = pre[len(pre) - n_pre:] if n_pre else []
-        suf = suf[:n_suf]
-    if fim.order == "spm":
-        return [special[1]] + suf + [special[0]] + pre + [special[2]]
-    return [special[0]] + pre + [special[1]] + suf + [special[2]]
+    (`max_prompt_tokens` None: never cut); context `snippets` go before the cursor's file. Built by the one
+    prompt builder (models/prompt.py), so this decoder sees what training and the server lay out."""
+    return build_fim_ids(tok, fim, prefix, suffix, snippets, max_prompt_tokens=max_prompt_tokens, path=path,
+                         prefix_share=prefix_share).ids
 
 
 def greedy_complete(model, tok, prompt_ids: list[int], *, max_new_tokens: int = 32, stop_ids=(),

@@ -1,9 +1,17 @@
-"""Token healing for FIM prompts: let the model choose how the word under the cursor continues.
+"""Token healing for FIM prompts: let the model choose how the text at the cursor continues.
 
 An IDE cursor often sits inside a word ("    ret|"). The prefix then ends in a token (" ret") that byte-level
 BPE almost never produces before "urn": the finished line would be tokenized " return". Healing drops that
 last prefix token from the prompt and makes the first generated token start with its text, so the model sees
 the line the way it saw code in training. The removed text is not part of the completion returned.
+
+The same holds after whitespace. At a fresh line's indentation ("):\n        |") the prefix ends in the token
+"\n        ", which training only saw before a blank line: with code after it, the text is "\n       " +
+" self". After "s = |" the prefix ends in " ", a token training saw only before more whitespace. Healing cuts
+the prompt at the cursor's token boundary (`refact_lab.models.boundary`, the definition FIM training splits
+use too), re-encodes what lies between the removed tokens and that boundary, and makes the first token start
+with the rest; where that rest ends in whitespace, the first token must put code after it, so a completion
+never starts with indentation the line already has.
 
 Used by the serving engine (every FIM-shaped prompt, whoever built it) and by the reference greedy decoder.
 """
@@ -13,7 +21,8 @@ from __future__ import annotations
 import bisect
 import weakref
 
-from refact_lab.models.registry import FimFormat
+from refact_lab.models.boundary import cursor_boundary
+from refact_lab.models.registry import FimFormat, content_ids
 
 _VOCABS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _VOCABS_BY_ID: dict[int, "Vocabulary"] = {}
@@ -67,11 +76,16 @@ def vocabulary(tok) -> Vocabulary:
     return v
 
 
-def heal_fim_prompt(tok, fim: FimFormat, prompt_ids: list[int]) -> tuple[list[int], str, list[int]]:
-    """(prompt without the prefix's last token, that token's text, the token ids the completion may start with).
+HEAL_TOKENS = 8  # the prefix's last tokens read to find the cursor's boundary
 
-    Only a FIM prompt asking for the middle (ending in the middle token) is healed; anything else, a prefix that
-    ends at a line break or a special token, or a partial UTF-8 character, is returned unchanged with ("", []).
+
+def heal_fim_prompt(tok, fim: FimFormat, prompt_ids: list[int]) -> tuple[list[int], str, list[int]]:
+    """(prompt cut at the cursor's token boundary, the text between that boundary and the cursor, the token ids
+    the completion may start with).
+
+    Only a FIM prompt asking for the middle (ending in the middle token) is healed; anything else, a prefix
+    whose boundary is the cursor itself (after a newline or a tab), a special token or a partial UTF-8
+    character near the cursor, is returned unchanged with ("", []).
     """
     unchanged = (prompt_ids, "", [])
     markers = fim.marker_ids(tok)
@@ -89,11 +103,31 @@ def heal_fim_prompt(tok, fim: FimFormat, prompt_ids: list[int]) -> tuple[list[in
     vocab = vocabulary(tok)
     if not vocab.concatenates:
         return unchanged
-    last = prompt_ids[end - 1]
-    text = vocab.texts[last] if last < len(vocab.texts) else ""
-    if not text or "\n" in text or "\ufffd" in text or last in vocab.special:
+    tail_ids = prompt_ids[max(start + 1, end - HEAL_TOKENS):end]
+    texts = [vocab.texts[i] if i < len(vocab.texts) else "" for i in tail_ids]
+    if any(i in vocab.special or not t or "\ufffd" in t for i, t in zip(tail_ids, texts)):
         return unchanged
-    allowed = vocab.starting_with(text)
-    if not allowed:
+    tail = "".join(texts)
+    cut = cursor_boundary(tail)
+    if cut == len(tail) or cut == 0:  # the cursor is a boundary already, or the chunk is longer than the tail
         return unchanged
-    return prompt_ids[:end - 1] + prompt_ids[end:], text, allowed
+    # Drop the tokens that reach past the boundary; the part of them before it is encoded again as content. When
+    # no token starts with the whole text after the boundary (a word the vocabulary splits, " Soft" = " So" +
+    # "ft"), the cut moves forward to the next token start that some token continues.
+    starts = [len(tail) - sum(len(t) for t in texts[j:]) for j in range(len(texts))]
+    for cut in [cut] + [p for p in starts if p > cut]:
+        healed = tail[cut:]
+        allowed = vocab.starting_with(healed)
+        if healed[-1].isspace():
+            # the text at the cursor is code: after the healed space comes something else than more whitespace
+            n = len(healed)
+            allowed = [i for i in allowed if len(vocab.texts[i]) > n and not vocab.texts[i][n].isspace()]
+        if allowed:
+            break
+    else:
+        return unchanged
+    # the last k tokens end after the cut: they go, and what they held before the cut is encoded again
+    k = sum(1 for j, t in enumerate(texts) if starts[j] + len(t) > cut)
+    kept = tail[starts[len(texts) - k]:cut]
+    kept_ids = content_ids(tok, kept) if kept else []
+    return prompt_ids[:end - k] + kept_ids + prompt_ids[end:], healed, allowed

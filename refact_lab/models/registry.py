@@ -26,10 +26,15 @@ class FimFormat:
     order: str = "psm"
     extra_stops: tuple[str, ...] = ()
 
-    def prompt(self, prefix: str, suffix: str) -> str:
+    def layout(self, p, prefix, s, suffix, m):
+        """The FIM order, written once: works on text and on token-id lists alike (models/prompt.py builds
+        prompts with context through it)."""
         if self.order == "spm":
-            return f"{self.suffix}{suffix}{self.prefix}{prefix}{self.middle}"
-        return f"{self.prefix}{prefix}{self.suffix}{suffix}{self.middle}"
+            return s + suffix + p + prefix + m
+        return p + prefix + s + suffix + m
+
+    def prompt(self, prefix: str, suffix: str) -> str:
+        return self.layout(self.prefix, prefix, self.suffix, suffix, self.middle)
 
     @property
     def special_tokens(self) -> tuple[str, ...]:

@@ -1,7 +1,8 @@
 """Serving: the inference engine, protocol adapters and the jupyter_server extension that exposes them.
 
     engine.py       one scheduler thread owns the model; queued requests decode in batches (batch.py, stops.py)
-    state.py        what is served is decided in settings.json; why the panels and the server meet there
+    state.py        what is served is decided in settings.json (ServingChoice: its one reader and writer)
+    prepare.py      one path from a request to token ids, budget and sampling (HTTP and in-process)
     checkpoints.py  runs and LoRA checkpoints as serving sees them; best / latest / specific / off
     protocol.py     OpenAI, Refact caps and Tabby wire formats, request checks with clear errors
     upstream.py     GPT models with an OpenAI key, any OpenAI-compatible engine by URL (proxied)

@@ -100,20 +100,23 @@ class LocalInference:
 
     def complete(self, prefix: str, suffix: str | None = None, *, model: str | None = None, max_tokens: int = 32,
                  temperature: float = 0.0, single_line: bool = False, timeout: float = 300) -> dict:
-        from refact_lab.serve.engine import EngineError, SamplingParams
+        from refact_lab.serve.engine import EngineError
+        from refact_lab.serve.prepare import prepare_completion
+        from refact_lab.serve.protocol import ApiError, Sampling
 
         engine = self.start()
         engine.wait_ready(timeout)
+        sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=1.0, stop=(), n=1, stream=False,
+                            seed=None)
         try:
-            route = engine.route(model)
-            ids = engine.encode_fim(route.fim, prefix, suffix) if suffix is not None else engine.encode(prefix)
-            if len(ids) >= route.n_ctx:
-                raise InferenceError(f"the prompt is {len(ids)} tokens; the model's context is {route.n_ctx}")
-            params = SamplingParams(min(max_tokens, route.n_ctx - len(ids)), temperature, 1.0, (), single_line)
-            done = engine.generate(ids, params, model=route.name, timeout=timeout)
+            # the same preparation as the HTTP API's (size check, encoding, budget, sampling)
+            prep = prepare_completion(engine, model, prefix, suffix, sampling, single_line)
+            done = engine.generate(prep.ids, prep.params, model=prep.route.name, timeout=timeout)
+        except ApiError as e:
+            raise InferenceError(e.message) from None
         except EngineError as e:
             raise InferenceError(str(e)) from None
-        return {"text": done["text"], "finish_reason": done["finish_reason"], "model": route.name}
+        return {"text": done["text"], "finish_reason": done["finish_reason"], "model": prep.route.name}
 
 
 def default_inference(home: Home):

@@ -15,7 +15,7 @@ import os
 import time
 
 from refact_lab.home import Home
-from refact_lab.serve import checkpoints
+from refact_lab.serve import checkpoints, state
 from refact_lab.serve.client import InferenceError, default_inference
 from refact_lab.serve.state import LoraChoice, lora_model_name
 
@@ -33,21 +33,52 @@ class DeployService:
         return checkpoints.list_runs(self.home)
 
     def choice(self) -> LoraChoice:
-        return LoraChoice.from_settings(self.home.load_settings())
+        return state.load(self.home)[0].lora
 
     def resolve(self, choice: LoraChoice | None = None) -> checkpoints.Checkpoint | None:
         """What a choice means on disk now (ValueError if it cannot be served)."""
         return checkpoints.resolve(self.home, choice or self.choice())
 
-    def deploy(self, choice: LoraChoice | str) -> LoraChoice:
-        """Save the choice ('best', 'latest', 'off', 'RUN', 'RUN/CHECKPOINT' or a LoraChoice)."""
+    def deploy(self, choice: LoraChoice | str, start: bool = True, by: str = "deploy") -> LoraChoice:
+        """Save the choice ('best', 'latest', 'off', 'RUN', 'RUN/CHECKPOINT' or a LoraChoice). `start`: start
+        the in-process engine when there is no server (the CLI only saves: a running server applies it)."""
+        from refact_lab.keep_current.deploys import deploy
+
         choice = LoraChoice.parse(choice) if isinstance(choice, str) else choice
-        if choice.mode != "off":
-            self.resolve(choice)  # refuse now what the engine could not load, with the reason
-        self.home.update_settings(lora=choice.to_dict())
-        if hasattr(self.inference, "start"):
+        # refuses what the engine could not load (with the reason), saves it and records it in the history
+        deploy(self.home, choice, by=by)
+        if start and hasattr(self.inference, "start"):
             self.inference.start()
         return choice
+
+    def set_context(self, project: str | None = None, tokens: int | None = None) -> state.ServingChoice:
+        """Repository context for FIM prompts: a project's index, "off", or "auto" (the deployed run's project);
+        `tokens`: its budget. None leaves a value as it is."""
+        changes = {}
+        if project is not None:
+            changes["context"] = None if project == "auto" else project
+            if project not in ("auto", state.CONTEXT_OFF) and project not in self.home.projects():
+                raise ValueError(f"no project {project!r}; projects: {', '.join(self.home.projects()) or 'none'}")
+        if tokens is not None:
+            changes["context_tokens"] = tokens
+        return state.save(self.home, **changes) if changes else state.load(self.home)[0]
+
+    def summary(self) -> dict:
+        """What is deployed now, as settings.json says: the model, the LoRA checkpoint and the context."""
+        from refact_lab.context.serving import RepoContext
+
+        choice = state.load(self.home)[0]
+        try:
+            ck = self.resolve(choice.lora) if choice.lora.mode != "off" else None
+        except ValueError as e:
+            ck, error = None, str(e)
+        else:
+            error = None
+        project = RepoContext(self.home).project(choice, ck.run_id if ck else None)
+        return {"model": choice.model or "default", "lora": choice.lora.label(),
+                "checkpoint": ck.key if ck else None, "lora_error": error,
+                "context": project or state.CONTEXT_OFF, "context_choice": choice.context or "auto",
+                "context_tokens": choice.context_tokens}
 
     def status(self) -> dict:
         try:
@@ -70,21 +101,32 @@ class DeployService:
 
     # ---- the playground ------------------------------------------------------------------------------------
 
-    def playground(self, prefix: str, suffix: str = "", max_tokens: int = 32, single_line: bool = False) -> dict:
-        """Complete at the cursor with the base model and, when a LoRA is deployed, the fine-tuned one."""
+    def playground(self, prefix: str, suffix: str = "", max_tokens: int = 32, single_line: bool = False,
+                   wait_s: float = 60) -> dict:
+        """Complete at the cursor with the base model and, when a LoRA is deployed, the fine-tuned one.
+
+        Waits (up to `wait_s`) until the engine has applied the saved choice, so a completion right after a
+        deploy uses what was just deployed, not the adapter before it. `base_ms` / `lora_ms`: wall time of each.
+        """
         snap = self.status()
+        if wait_s and snap.get("state") != "unreachable":
+            snap = self.wait_applied(timeout=wait_s)
         models = snap.get("models") or []
         if not models:
             raise InferenceError(f"the model is not ready (state: {snap.get('state')}"
                                  + (f": {snap['error']}" if snap.get("error") else "") + ")")
         base = models[0]
-        out = {"base_model": base, "lora_model": None, "base": None, "lora": None}
+        out = {"base_model": base, "lora_model": None, "base": None, "lora": None, "base_ms": None, "lora_ms": None}
+        t0 = time.perf_counter()
         out["base"] = self.inference.complete(prefix, suffix, model=base, max_tokens=max_tokens,
                                               single_line=single_line)["text"]
+        out["base_ms"] = (time.perf_counter() - t0) * 1000
         if lora_model_name(base) in models:
             out["lora_model"] = lora_model_name(base)
+            t0 = time.perf_counter()
             out["lora"] = self.inference.complete(prefix, suffix, model=out["lora_model"], max_tokens=max_tokens,
                                                   single_line=single_line)["text"]
+            out["lora_ms"] = (time.perf_counter() - t0) * 1000
         return out
 
     # ---- connecting an IDE ---------------------------------------------------------------------------------
@@ -123,7 +165,7 @@ class DeployService:
         try:
             from refact_lab.models.registry import resolve
 
-            spec = resolve(self.home.load_settings().get("model") or "default")
+            spec = resolve(state.load(self.home)[0].model or "default")
             return spec.fim.prompt("{{{prefix}}}", "{{{suffix}}}")
         except ValueError:
             return "<|fim_prefix|>{{{prefix}}}<|fim_suffix|>{{{suffix}}}<|fim_middle|>"

@@ -29,15 +29,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from refact_lab.config import ServeSettings, SettingsError, from_dict
+from refact_lab.context.serving import RepoContext
 from refact_lab.home import Home
 from refact_lab.models.healing import heal_fim_prompt, vocabulary
-from refact_lab.serve import checkpoints
+from refact_lab.serve import checkpoints, state
 from refact_lab.serve.batch import Batch, sample
-from refact_lab.serve.state import SERVING_KEYS, UPSTREAM_KEYS, LoraChoice, lora_model_name
+from refact_lab.serve.state import LoraChoice, ServingChoice, lora_model_name
 from refact_lab.serve.stops import REPLACEMENT_CHAR, StopRules
 
 log = logging.getLogger("refact_lab.engine")
+SHUTTING_DOWN = "the server is shutting down"
 
 Event = dict
 Sink = Callable[[Event], None]
@@ -107,6 +108,8 @@ class Generation:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The model part of the serving choice with the model resolved: what a load is asked for / applied."""
+
     model: str
     device: str
     dtype: str
@@ -114,12 +117,8 @@ class ModelConfig:
     max_batch: int
 
 
-def serving_config(settings: dict, fallback_model: str | None = None) -> ModelConfig:
-    """The serving fields of settings.json, validated by ServeSettings (bad values raise SettingsError)."""
-    data = {k: settings[k] for k in SERVING_KEYS if settings.get(k) is not None}
-    data.setdefault("model", fallback_model or "default")
-    s = from_dict(ServeSettings, data)
-    return ModelConfig(s.model or "default", s.device, s.dtype, s.gpu_memory_fraction, s.max_batch)
+def model_config(choice: ServingChoice, fallback_model: str | None = None) -> ModelConfig:
+    return ModelConfig(**{**choice.part(state.MODEL), "model": choice.model or fallback_model or "default"})
 
 
 class _Group:
@@ -145,6 +144,7 @@ class Engine:
         self.home = home
         self.fallback_model = model
         self.overrides = dict(overrides or {})
+        self.repo_context = RepoContext(home)   # FIM prompts' snippets from other files of the project
         self.poll_interval = poll_interval
         self.rescan_interval = rescan_interval
         self._inbox: queue.Queue[Generation] = queue.Queue()
@@ -164,6 +164,7 @@ class Engine:
         self.dtype_label = ""
         self.weights_bytes = 0
         self.load_seconds: float | None = None
+        self._loading_name: str | None = None  # the registry name of the model being loaded
         self._stop_ids: set[int] = set()
         self._has_chat_template = False
         # LoRA state
@@ -174,7 +175,8 @@ class Engine:
         self._adapter_names: dict[str, str] = {}   # checkpoint key -> peft adapter name
         self._adapter_seq = itertools.count()
         # settings watching
-        self.settings: dict = {}
+        self.choice = ServingChoice()
+        self.settings_problems: dict[str, str] = {}  # {part: message}: bad values in settings.json, shown in status
         self._settings_stamp = None
         self._requested: ModelConfig | None = None
         self._last_poll = 0.0
@@ -226,6 +228,19 @@ class Engine:
                                  self.spec.fim))
             return out
 
+    def is_loading(self) -> bool:
+        """Whether a model is on its way (the engine is starting, or loading one): worth waiting for."""
+        return self.state in ("starting", "loading")
+
+    def loading_model(self) -> dict | None:
+        """{"name", "state"} of the model being loaded, or None when none is."""
+        with self._lock:
+            if self.state not in ("starting", "loading"):
+                return None
+            cfg = self.config or self._requested
+            name = self._loading_name or (cfg.model if cfg else self.fallback_model) or "default"
+            return {"name": name, "state": self.state}
+
     def default_model(self) -> str | None:
         """What a request without a model gets: the fine-tuned variant when one is deployed."""
         models = self.served_models()
@@ -253,11 +268,22 @@ class Engine:
                 raise EngineError(f"the model is not ready (state: {self.state})", 503)
             return tok(text, add_special_tokens=special)["input_ids"]
 
-    def encode_fim(self, fim, prefix: str, suffix: str, max_prompt_tokens: int | None = None) -> list[int]:
+    def decode_prompt(self, ids: list[int]) -> str:
+        """A prompt as text with its markers spelled out (what Tabby's `debug_options.return_prompt` shows)."""
+        with self._tok_lock:
+            tok = self.tokenizer
+            if tok is None:
+                raise EngineError(f"the model is not ready (state: {self.state})", 503)
+            return tok.decode(ids, skip_special_tokens=False)
+
+    def encode_fim(self, fim, prefix: str, suffix: str, max_prompt_tokens: int | None = None, *,
+                   snippets=(), context_tokens: int | None = None, path: str = "", repo: str = "",
+                   fit_tokens: int | None = None) -> list[int]:
         """A FIM prompt, cut to the end of the prefix and the start of the suffix when `max_prompt_tokens` is
-        given (what an IDE plugin that sends whole files expects). The code is content: a marker spelled in it
+        given (what an IDE plugin that sends whole files expects), with context `snippets` from other files
+        laid out by the one prompt builder (models/prompt.py). The code is content: a marker spelled in it
         stays text. Falls back to parsing the joined text when the FIM markers are not single tokens."""
-        from refact_lab.models.greedy import fim_prompt_ids
+        from refact_lab.models.prompt import build_fim_ids, build_fim_text
         from refact_lab.models.registry import lead_ids
 
         with self._tok_lock:
@@ -265,8 +291,12 @@ class Engine:
             if tok is None:
                 raise EngineError(f"the model is not ready (state: {self.state})", 503)
             if fim.marker_ids(tok) is not None:
-                return lead_ids(tok) + fim_prompt_ids(tok, fim, prefix, suffix, max_prompt_tokens)
-        return self.encode(fim.prompt(prefix, suffix))
+                lead = lead_ids(tok)
+                return lead + build_fim_ids(
+                    tok, fim, prefix, suffix, snippets, max_prompt_tokens=max_prompt_tokens,
+                    context_tokens=context_tokens, path=path, repo=repo,
+                    fit_tokens=None if fit_tokens is None else fit_tokens - len(lead)).ids
+        return self.encode(build_fim_text(fim, prefix, suffix, snippets, path))
 
     def encode_chat(self, messages: list[dict]) -> tuple[list[int], tuple[str, ...]]:
         """A chat as prompt ids, plus extra stop strings.
@@ -323,6 +353,8 @@ class Engine:
             return backend.to_str()
 
     def submit(self, gen: Generation) -> Generation:
+        if self._stopping.is_set():
+            raise EngineError(SHUTTING_DOWN, 503)
         if gen.route is None:
             gen.route = self.route(None)
         if not gen.prompt_ids:
@@ -373,11 +405,14 @@ class Engine:
                 "load_seconds": self.load_seconds,
                 "memory": self._memory(),
                 "models": [r.name for r in self.served_models()],
+                "settings_errors": dict(self.settings_problems),
                 "lora": {"choice": self.lora_choice.to_dict(), "label": self.lora_choice.label(),
                          "applied": self.lora_applied.to_dict() if self.lora_applied else None,
                          "deployed": {"run_id": dep.run_id, "checkpoint": dep.name, "path": str(dep.path)}
                          if dep else None,
-                         "error": self.lora_error, "loaded": sorted(self._adapter_names)},
+                         # a choice settings.json cannot express is an error too, not only a log line
+                         "error": self.settings_problems.get(state.LORA) or self.lora_error,
+                         "loaded": sorted(self._adapter_names)},
                 "caps_version": self.caps_version,
                 "active": active, "waiting": waiting,
                 "counters": dict(self.counters),
@@ -406,6 +441,13 @@ class Engine:
             except Exception as exc:  # the loop must survive anything one request or one change does
                 log.exception("engine step failed")
                 self._fail_all(f"internal error: {type(exc).__name__}: {exc}")
+        # stopping: every request still running or queued gets an error event, so its stream ends (issue 17)
+        self._fail_all(SHUTTING_DOWN)
+        while True:
+            try:
+                self._emit_error(self._inbox.get_nowait(), SHUTTING_DOWN)
+            except queue.Empty:
+                break
 
     def _any_rows(self) -> bool:
         return any(len(g.batch) for g in self._groups.values())
@@ -489,7 +531,7 @@ class Engine:
         import torch
 
         special = tuple(self.spec.fim.stop_tokens) if self.spec else ()
-        loop_guard = self.settings.get("loop_guard", True) is not False
+        loop_guard = self.choice.loop_guard
         context = ""
         if loop_guard:
             with self._tok_lock:
@@ -566,11 +608,13 @@ class Engine:
         self._emit(g, {"type": "done", **record})
 
     def _drop_cancelled(self, group: _Group) -> None:
-        gone = [g for g in group.batch.rows if g.cancelled]
-        for g in gone:
-            self._finish(g, "cancelled")
+        # Each flag is read once: a client may cancel at any moment (another thread), and a row cancelled
+        # between two reads would leave the batch without being finished (no "done" event, not counted).
+        gone = [i for i, g in enumerate(group.batch.rows) if g.cancelled]
+        for i in gone:
+            self._finish(group.batch.rows[i], "cancelled")
         if gone:
-            group.batch.keep([i for i, r in enumerate(group.batch.rows) if not r.cancelled])
+            group.batch.keep([i for i in range(len(group.batch.rows)) if i not in set(gone)])
         for g in [g for g in group.waiting if g.cancelled]:
             group.waiting.remove(g)
             self._finish(g, "cancelled")
@@ -605,29 +649,25 @@ class Engine:
         if stamp == self._settings_stamp and not force:
             return False
         self._settings_stamp = stamp
-        try:
-            data = {**self.home.load_settings(), **self.overrides}
-        except ValueError as e:
-            log.warning("ignoring settings.json: %s", e)
-            return False
-        old = self.settings
-        try:
-            requested = serving_config(data, self.fallback_model)
-        except (SettingsError, TypeError) as e:
-            log.warning("ignoring invalid serving settings: %s", e)
+        old = self.choice
+        # a part with a bad value keeps what was applied before (the defaults at the first read)
+        choice, problems = state.load(self.home, self.overrides, previous=old)
+        for part, message in problems.items():
+            if self.settings_problems.get(part) != message:
+                log.warning("ignoring invalid %s settings: %s", part, message)
+        requested = model_config(choice, self.fallback_model)
+        if state.MODEL in problems and self._requested is None:
+            requested = None  # nothing valid to load yet: the engine reports the problem as its failure
+        elif state.MODEL in problems:
             requested = self._requested
-        try:
-            choice = LoraChoice.from_settings(data)
-        except (ValueError, TypeError) as e:
-            log.warning("ignoring invalid lora choice: %s", e)
-            choice = self.lora_choice
         with self._lock:
-            self.settings = data
+            self.choice = choice
+            self.settings_problems = problems
             self._requested = requested
-            if choice != self.lora_choice:
-                self.lora_choice = choice
+            if choice.lora != self.lora_choice:
+                self.lora_choice = choice.lora
                 self._lora_dirty = True  # resolve it at once
-            if any(old.get(k) != data.get(k) for k in UPSTREAM_KEYS):
+            if choice.part(state.UPSTREAM) != old.part(state.UPSTREAM):
                 self._bump_caps()
         return True
 
@@ -725,7 +765,8 @@ class Engine:
 
         if cfg is None:
             with self._lock:
-                self.state, self.error = "failed", "settings.json has invalid serving settings (see the server log)"
+                self.state = "failed"
+                self.error = self.settings_problems.get(state.MODEL, "settings.json has invalid serving settings")
             return
         with self._lock:
             self.state, self.error, self.config = "loading", None, cfg
@@ -742,6 +783,8 @@ class Engine:
         started = time.monotonic()
         try:
             spec = resolve(cfg.model)
+            with self._lock:
+                self._loading_name = spec.name
             device = cfg.device
             if device == "auto":
                 device = "cuda" if torch.cuda.is_available() else "cpu"

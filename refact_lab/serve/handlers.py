@@ -3,7 +3,7 @@
 Routes (all behind the token):
 
     GET  /v1/health                         ours and Tabby's agent's
-    GET  /v1/models                         OpenAI: local models (base, base:lora) and upstream ones
+    GET  /v1/models                         OpenAI: local models (base, base:lora; one loading, with its state) and upstream ones
     POST /v1/completions                    OpenAI completions (suffix = FIM), or Tabby's segments request
     POST /v1/chat/completions               OpenAI chat; upstream model names are proxied
     GET  /refact-caps, /coding_assistant_caps.json    refact-lsp's caps (older flat layout)
@@ -14,7 +14,9 @@ Routes (all behind the token):
 Every error, including a missing or wrong token, is answered as JSON naming the problem; every response has an
 `X-Caps-Version` header and JSON bodies carry `caps_version`, so clients know when to refetch the caps.
 POST bodies are streamed in and counted, so an oversized body gets a clean 413 JSON instead of a dropped
-connection.
+connection. Prompts are prepared (size check, tokenizing, budget) by `refact_lab.serve.prepare` in a worker
+thread, off the event loop. A request that needs the model while it loads (the server just started, or a new
+base model was chosen) waits for it, up to the server's `load_wait_s`, instead of failing at once.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 import os
 import platform
 import socket
+import time
 from http.client import responses
 
 from jupyter_server.base.handlers import APIHandler
@@ -33,17 +36,20 @@ from tornado import web
 from tornado.iostream import StreamClosedError
 from tornado.queues import Queue, QueueEmpty
 
-from refact_lab.serve.engine import EngineError, Generation, SamplingParams
+from refact_lab.serve.engine import EngineError, Generation
+from refact_lab.serve.prepare import Prepared, off_loop, prepare_around_cursor, prepare_chat, prepare_completion
 from refact_lab.serve.protocol import (
-    ApiError, chat_chunk, chat_response, completion_chunk, completion_response, error_body, is_tabby,
-    models_response, new_id, parse_chat, parse_completion, parse_json_object, parse_tabby, refact_caps,
+    ApiError, chat_chunk, chat_response, completion_chunk, completion_response, error_body, infill_response,
+    is_tabby, models_response, new_id, parse_chat, parse_completion, parse_infill, parse_json_object,
+    parse_tabby, refact_caps,
 )
-from refact_lab.serve.upstream import proxy, upstreams_from_settings
+from refact_lab.serve.upstream import proxy, upstreams_from_choice
 
 # Bodies up to this many times the API limit are read and dropped to answer 413 cleanly; beyond it we answer at
 # once from the Content-Length (the client may then see the connection close while it still sends).
 DRAIN_FACTOR = 8
 DISCONNECT_POLL_S = 0.25
+LOAD_POLL_S = 0.1
 
 
 def api_errors(method):
@@ -127,7 +133,17 @@ class ApiHandler(APIHandler):
         return self.engine.caps_version
 
     def upstreams(self):
-        return upstreams_from_settings(self.engine.settings)
+        return upstreams_from_choice(self.engine.choice)
+
+    async def wait_for_model(self) -> None:
+        """While the model loads, wait for it (up to load_wait_s): an IDE started together with the server gets
+        its first completion late rather than a 503. The engine answers for itself afterwards (ready or not)."""
+        deadline = time.monotonic() + self.lab["load_wait_s"]
+        while self.engine.is_loading() and time.monotonic() < deadline and not self.request_gone():
+            await asyncio.sleep(LOAD_POLL_S)
+
+    def request_gone(self) -> bool:
+        return False
 
     async def upstream_models(self) -> list[dict]:
         local = {r.name for r in self.engine.served_models()}
@@ -172,6 +188,9 @@ class JsonPostHandler(ApiHandler):
         for g in self._generations:
             g.cancel()
 
+    def request_gone(self) -> bool:
+        return self._client_gone()
+
     def _client_gone(self) -> bool:
         """Whether the client closed its end (tornado only notices on the next write, so peek at the socket)."""
         stream = self.request.connection.stream
@@ -186,18 +205,18 @@ class JsonPostHandler(ApiHandler):
 
     # ---- running generations on the engine --------------------------------------------------------------
 
-    def _submit(self, route, ids: list[int], params: SamplingParams, n: int,
-                extra_stops: tuple[str, ...] = (), stream: bool = False) -> Queue:
+    def _submit(self, prep: Prepared, n: int, stream: bool = False) -> Queue:
         events: Queue = Queue()
         loop = asyncio.get_running_loop()
 
         def sink(event):  # called on the engine thread
             loop.call_soon_threadsafe(events.put_nowait, event)
 
+        params = prep.params
         for i in range(n):
             p = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-            self._generations.append(Generation(ids, p, sink, route=route, index=i, extra_stops=extra_stops,
-                                                stream=stream))
+            self._generations.append(Generation(prep.ids, p, sink, route=prep.route, index=i,
+                                                extra_stops=prep.extra_stops, stream=stream))
         for g in self._generations:
             self.engine.submit(g)
         return events
@@ -256,17 +275,6 @@ class JsonPostHandler(ApiHandler):
             self.on_connection_close()
 
 
-def check_budget(prompt_tokens: int, max_tokens: int, n_ctx: int) -> int:
-    """Validate prompt length and max_tokens against the context; returns the max_tokens that fits."""
-    if prompt_tokens >= n_ctx:
-        raise ApiError(400, f"the prompt is {prompt_tokens} tokens, longer than the model's context of {n_ctx} "
-                            "tokens (prompt plus completion must fit)", "prompt", "context_length_exceeded")
-    if max_tokens > n_ctx:
-        raise ApiError(400, f"'max_tokens' is {max_tokens}; it must be at most {n_ctx} (the model's context)",
-                       "max_tokens")
-    return min(max_tokens, n_ctx - prompt_tokens)
-
-
 class CompletionsHandler(JsonPostHandler):
     @api_errors
     async def post(self):
@@ -279,37 +287,73 @@ class CompletionsHandler(JsonPostHandler):
             if up is not None:
                 return await proxy(self, up, "/completions", body)
         req = parse_completion(body)
-        route = self.engine.route(req.model)
-        # With `suffix` we build the FIM prompt, so the code stays content; a prompt the client built (refact-lsp,
-        # Continue) carries its own markers, which must be parsed.
-        if req.suffix is not None:
-            ids = self.engine.encode_fim(route.fim, req.prompt, req.suffix)
-        else:
-            ids = self.engine.encode(req.prompt)
+        await self.wait_for_model()
         s = req.sampling
-        params = SamplingParams(check_budget(len(ids), s.max_tokens, route.n_ctx), s.temperature, s.top_p, s.stop,
-                                req.single_line, s.seed)
-        events = self._submit(route, ids, params, s.n, stream=s.stream)
+        prep = await off_loop(prepare_completion, self.engine, req.model, req.prompt, req.suffix, s,
+                              req.single_line)
+        name = prep.route.name
+        events = self._submit(prep, s.n, stream=s.stream)
         rid, version = new_id("cmpl"), self.caps_version()
         if s.stream:
-            return await self.stream(events, s.n, lambda i, t, f: completion_chunk(rid, route.name, i, t, f, version))
+            return await self.stream(events, s.n, lambda i, t, f: completion_chunk(rid, name, i, t, f, version))
         done = await self.collect(events, s.n)
         if done is not None:
-            self.write_json(completion_response(rid, route.name, done, len(ids), version))
+            self.write_json(completion_response(rid, name, done, len(prep.ids), version))
 
     async def _tabby(self, body: dict):
         req = parse_tabby(body)
-        route = self.engine.route(None)
-        # Tabby's agent sends as much of the file as it likes; like Tabby's server, keep what fits around the cursor
-        max_tokens = min(req.max_tokens, route.n_ctx // 2)
-        ids = self.engine.encode_fim(route.fim, req.prefix, req.suffix, route.n_ctx - max_tokens)
-        params = SamplingParams(check_budget(len(ids), max_tokens, route.n_ctx), req.temperature, 1.0, (),
-                                req.single_line, req.seed)
-        events = self._submit(route, ids, params, 1)
+        await self.wait_for_model()
+        prep = await off_loop(prepare_around_cursor, self.engine, req.prefix, req.suffix, req.max_tokens,
+                              req.temperature, req.single_line, req.seed, repo_context=True, path=req.filepath,
+                              snippets=req.snippets)
+        events = self._submit(prep, 1)
         done = await self.collect(events, 1)
         if done is not None:
-            self.write_json({"id": new_id("cmpl"), "choices": [{"index": 0, "text": done[0]["text"]}],
-                             "model": route.name, "caps_version": self.caps_version()})
+            out = {"id": new_id("cmpl"), "choices": [{"index": 0, "text": done[0]["text"]}],
+                   "model": prep.route.name, "caps_version": self.caps_version()}
+            if req.return_prompt:
+                out["debug_data"] = {"prompt": await off_loop(self.engine.decode_prompt, prep.ids)}
+            self.write_json(out)
+
+
+class InfillHandler(JsonPostHandler):
+    """llama.cpp's /infill, so llama.vim / llama.vscode can point at us: the client's `input_extra` files are
+    context first, then retrieved snippets (the prompt is built by models/prompt.py like every FIM prompt)."""
+
+    @api_errors
+    async def post(self):
+        req = parse_infill(self.body_json())
+        await self.wait_for_model()
+        prep = await off_loop(prepare_around_cursor, self.engine, req.prefix, req.suffix, req.max_tokens,
+                              req.temperature, False, req.seed, repo_context=True, snippets=req.snippets)
+        events = self._submit(prep, 1, stream=req.stream)
+        name = prep.route.name
+        if not req.stream:
+            done = await self.collect(events, 1)
+            if done is not None:
+                self.write_json(infill_response(done[0], name))
+            return
+        # llama.cpp's stream: one `data: {"content": ..., "stop": false}` event per piece, then the final answer
+        # with "stop": true (no [DONE] line on this route)
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-cache")
+        try:
+            while True:
+                ev = await self._next_event(events)
+                if ev is None:
+                    return
+                if ev["type"] == "text":
+                    self.write(f"data: {json.dumps({'content': ev['text'], 'stop': False})}\n\n")
+                elif ev["type"] == "done":
+                    self.write(f"data: {json.dumps({**infill_response(ev, name), 'content': ''})}\n\n")
+                else:
+                    self.write(f"data: {json.dumps(error_body(500, ev['message']))}\n\n")
+                await self.flush()
+                if ev["type"] != "text":
+                    break
+            self.finish()
+        except StreamClosedError:
+            self.on_connection_close()
 
 
 class ChatCompletionsHandler(JsonPostHandler):
@@ -322,12 +366,11 @@ class ChatCompletionsHandler(JsonPostHandler):
             if up is not None:
                 return await proxy(self, up, "/chat/completions", body)
         req = parse_chat(body)
-        route = self.engine.route(req.model)
-        ids, extra_stops = self.engine.encode_chat(req.messages)
+        await self.wait_for_model()
         s = req.sampling
-        params = SamplingParams(check_budget(len(ids), s.max_tokens, route.n_ctx), s.temperature, s.top_p, s.stop,
-                                False, s.seed)
-        events = self._submit(route, ids, params, s.n, extra_stops, stream=s.stream)
+        prep = await off_loop(prepare_chat, self.engine, req.model, req.messages, s)
+        route = prep.route
+        events = self._submit(prep, s.n, stream=s.stream)
         rid, version = new_id("chatcmpl"), self.caps_version()
         if s.stream:
             started = set()
@@ -343,17 +386,20 @@ class ChatCompletionsHandler(JsonPostHandler):
             return await self.stream(events, s.n, chunk)
         done = await self.collect(events, s.n)
         if done is not None:
-            self.write_json(chat_response(rid, route.name, done, len(ids), version))
+            self.write_json(chat_response(rid, route.name, done, len(prep.ids), version))
 
 
 class ModelsHandler(ApiHandler):
     @web.authenticated
     @api_errors
     async def get(self):
-        local = [{"name": r.name, "extra": {"n_ctx": r.n_ctx, "lora": {"run_id": r.adapter.run_id,
-                                                                       "checkpoint": r.adapter.name}
+        local = [{"name": r.name, "extra": {"n_ctx": r.n_ctx, "state": "ready",
+                                            "lora": {"run_id": r.adapter.run_id, "checkpoint": r.adapter.name}
                                             if r.adapter else None}}
                  for r in self.engine.served_models()]
+        pending = self.engine.loading_model()
+        if pending is not None:  # a client started with the server sees what is coming, and that it is not ready
+            local.append({"name": pending["name"], "extra": {"n_ctx": None, "state": pending["state"], "lora": None}})
         upstream = await self.upstream_models()
         self.write_json(models_response(local, upstream, self.caps_version()))
 
@@ -364,6 +410,7 @@ class CapsHandler(ApiHandler):
     async def get(self):
         from refact_lab import __version__
 
+        await self.wait_for_model()  # refact-lsp reads the caps once at start: give it the model's
         local = [{"name": r.name, "n_ctx": r.n_ctx, "fim": r.fim} for r in self.engine.served_models()]
         upstream = [m["name"] for m in await self.upstream_models()]
         self.write_json(refact_caps(local, upstream, self.engine.default_model(), self.caps_version(),
@@ -374,9 +421,11 @@ class TokenizerHandler(ApiHandler):
     @web.authenticated
     @api_errors
     async def get(self, name: str):
+        await self.wait_for_model()
         self.engine.route(name)  # 404 for a model we do not serve
+        text = await off_loop(self.engine.tokenizer_json)  # megabytes of JSON for a large vocabulary
         self.set_header("Content-Type", "application/json")
-        self.finish(self.engine.tokenizer_json())
+        self.finish(text)
 
 
 class StatusHandler(ApiHandler):
@@ -425,6 +474,7 @@ def handlers() -> list[tuple]:
         (r"/v1/models", ModelsHandler),
         (r"/v1/completions", CompletionsHandler),
         (r"/v1/chat/completions", ChatCompletionsHandler),
+        (r"/infill", InfillHandler),
         (r"/v1/refact-lab/status", StatusHandler),
         (r"/v1/events", EventsHandler),
         (r"/refact-caps", CapsHandler),

@@ -1,24 +1,46 @@
 """Model hosting as a service: which base model is served, where it runs, and what the engine says about it.
 
-The choice (model, device, dtype, GPU share) is validated here with the registry and `ServeSettings`, then
-saved in settings.json, where the server's engine picks it up and reloads (see `refact_lab.serve.state`). Live
-state, memory and errors come from the engine through an inference client (`refact_lab.serve.client`).
+The choice (model, device, dtype, GPU share) is validated here with the registry, then saved in settings.json
+through `refact_lab.serve.state` (its one reader and writer), where the server's engine picks it up and reloads.
+Live state, memory and errors come from the engine through an inference client (`refact_lab.serve.client`).
 Also keeps the upstream credentials (an OpenAI key, or another OpenAI-compatible engine's URL).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
 from refact_lab.config import ServeSettings, field_specs
 from refact_lab.home import Home
+from refact_lab.serve import state
 from refact_lab.serve.client import default_inference
 
 DEMO_NOTE = ("The embedded default model is a small demo model that ships inside the package and works offline: "
              "good for trying the workflow, weak at real completions. For real use pick a hub model "
              "(Qwen2.5-Coder 0.5B / 1.5B / 7B, StarCoder2, DeepSeek-Coder...) or a local model folder.")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "shard")
+# the serving choice's fields the Model hosting form edits besides the model: where it runs, and the loop guard
+HOSTING_FIELDS = tuple(f for f in state.fields_of(state.MODEL) if f != "model") + state.fields_of(state.GUARD)
+
+
+def _key_hint(key: str | None) -> str | None:
+    """A stored key as the user may see it: its prefix and last 4 characters (sk-...abcd)."""
+    if not key:
+        return None
+    head = key.split("-", 1)[0] + "-" if "-" in key[:8] else key[:2]
+    return f"{head}...{key[-4:]}"
+
+
+def _check_key_format(key: str, openai: bool) -> None:
+    """Refuse what cannot be an API key, with the reason (a pasted sentence, a key cut short, a URL...)."""
+    if any(c.isspace() for c in key) or not key.isascii() or not key.isprintable():
+        raise ValueError("that does not look like an API key: it has spaces or unusual characters")
+    if len(key) < 20:
+        raise ValueError(f"that does not look like an API key: {len(key)} characters, keys are longer")
+    if openai and not key.startswith("sk-"):
+        raise ValueError("that does not look like an OpenAI key: they start with 'sk-'")
 
 
 @dataclass(frozen=True)
@@ -42,19 +64,15 @@ class HostingService:
 
     def setting_specs(self) -> dict[str, dict]:
         """Help, bounds and choices of the hosting fields, for forms (from ServeSettings' metadata)."""
-        return {s["name"]: s for s in field_specs(ServeSettings)
-                if s["name"] in ("device", "dtype", "gpu_memory_fraction", "max_batch", "loop_guard")}
+        return {s["name"]: s for s in field_specs(ServeSettings) if s["name"] in HOSTING_FIELDS}
 
     def current(self) -> dict:
-        s = self.home.load_settings()
-        defaults = ServeSettings()
-        return {"model": s.get("model") or "default",
-                **{k: getattr(defaults, k) if s.get(k) is None else s[k]
-                   for k in ("device", "dtype", "gpu_memory_fraction", "max_batch", "loop_guard")}}
+        choice, _ = state.load(self.home)
+        return {"model": choice.model or "default", **{k: getattr(choice, k) for k in HOSTING_FIELDS}}
 
     def set_loop_guard(self, on: bool) -> None:
         """Whether completions that loop are cut (the engine reads it for every new request, no reload)."""
-        self.home.update_settings(loop_guard=bool(on))
+        state.save(self.home, loop_guard=bool(on))
 
     def choose(self, model: str, device: str = "auto", dtype: str = "auto", gpu_memory_fraction: float = 1.0,
                max_batch: int | None = None) -> dict:
@@ -66,10 +84,8 @@ class HostingService:
             max_batch = self.current()["max_batch"]
         model = (model or "").strip() or "default"
         resolve(model)  # unknown names, folders without config.json or FIM tokens: a clear error now
-        checked = ServeSettings(model=model, device=device, dtype=dtype, gpu_memory_fraction=gpu_memory_fraction,
-                                max_batch=max_batch)
-        self.home.update_settings(model=checked.model, device=checked.device, dtype=checked.dtype,
-                                  gpu_memory_fraction=checked.gpu_memory_fraction, max_batch=checked.max_batch)
+        state.save(self.home, model=model, device=device, dtype=dtype, gpu_memory_fraction=gpu_memory_fraction,
+                   max_batch=max_batch)
         if hasattr(self.inference, "start"):
             self.inference.start()
         return self.current()
@@ -97,22 +113,49 @@ class HostingService:
     # ---- upstreams ----------------------------------------------------------------------------------------
 
     def upstream(self) -> dict:
-        s = self.home.load_settings()
-        return {"openai_key_set": bool(s.get("openai_api_key")), "openai_base_url": s.get("openai_base_url"),
-                "upstream_url": s.get("upstream_url"), "upstream_key_set": bool(s.get("upstream_api_key"))}
+        s, _ = state.load(self.home)
+        key = s.openai_api_key
+        return {"openai_key_set": bool(key), "openai_key_hint": _key_hint(key),
+                "openai_base_url": s.openai_base_url,
+                "upstream_url": s.upstream_url, "upstream_key_set": bool(s.upstream_api_key)}
 
     def set_openai_key(self, key: str | None, base_url: str | None = None) -> dict:
         """Save (or with an empty key, remove) the OpenAI key: GPT models are then offered and proxied."""
         key = (key or "").strip()
-        if key and (len(key) < 8 or " " in key):
-            raise ValueError("that does not look like an API key (no spaces, at least 8 characters)")
-        self.home.update_settings(openai_api_key=key or None, openai_base_url=(base_url or "").strip() or None)
+        base_url = (base_url or "").strip() or None
+        if key:
+            _check_key_format(key, openai=base_url is None)
+        state.save(self.home, openai_api_key=key or None, openai_base_url=base_url)
         return self.upstream()
+
+    def check_openai_key(self, key: str, base_url: str | None = None, timeout: float = 5.0) -> dict:
+        """Ask the upstream's models list whether it accepts `key`: {"ok": True, "models": n}, {"ok": False,
+        "reason"} (refused: do not save it), or {"ok": None, "reason"} (could not check, e.g. offline).
+        A malformed key raises ValueError before any request."""
+        _check_key_format(key.strip(), openai=base_url is None)
+        import urllib.error
+        import urllib.request
+
+        from refact_lab.serve.upstream import DEFAULT_OPENAI_URL
+
+        url = (base_url or DEFAULT_OPENAI_URL).rstrip("/") + "/models"
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key.strip()}"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                data = json.loads(response.read(4 << 20) or b"{}")
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                return {"ok": False, "reason": f"{url} refused the key (HTTP {e.code})"}
+            return {"ok": None, "reason": f"could not check: {url} answered HTTP {e.code}"}
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            return {"ok": None, "reason": f"could not check: {url}: {reason}"}
+        return {"ok": True, "models": len(data.get("data") or []) if isinstance(data, dict) else 0}
 
     def set_upstream(self, url: str | None, api_key: str | None = None) -> dict:
         """Front another OpenAI-compatible engine (e.g. vLLM with LoRA modules); an empty URL removes it."""
         url = (url or "").strip()
         if url and not url.startswith(("http://", "https://")):
             raise ValueError(f"{url!r} is not an http(s) URL (e.g. http://10.0.0.5:8000/v1)")
-        self.home.update_settings(upstream_url=url or None, upstream_api_key=(api_key or "").strip() or None)
+        state.save(self.home, upstream_url=url or None, upstream_api_key=(api_key or "").strip() or None)
         return self.upstream()

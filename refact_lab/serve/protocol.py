@@ -225,6 +225,33 @@ class TabbyRequest:
     max_tokens: int
     single_line: bool
     extra: dict = field(default_factory=dict)
+    filepath: str | None = None      # the file being edited: never its own context
+    snippets: tuple = ()             # the client's context (Snippet): declarations, then relevant snippets
+    return_prompt: bool = False      # debug_options.return_prompt: answer with the prompt in debug_data
+
+
+# Tabby's agent (1.5+) sends context from the editor under these keys of `segments`, most relevant first.
+TABBY_CONTEXT_KEYS = ("declarations", "relevant_snippets_from_changed_files",
+                      "relevant_snippets_from_recently_opened_files")
+
+
+def client_snippets(items, param: str, path_key: str, text_key: str) -> tuple:
+    """A client's context list ([{path_key, text_key}, ...]) as prompt-builder snippets; 400 when malformed."""
+    from refact_lab.models.prompt import Snippet
+
+    if items is None:
+        return ()
+    if not isinstance(items, list):
+        raise ApiError(400, f"'{param}' must be a list of objects with '{path_key}' and '{text_key}'", param)
+    out = []
+    for i, item in enumerate(items):
+        if not (isinstance(item, dict) and isinstance(item.get(path_key, ""), str)
+                and isinstance(item.get(text_key), str)):
+            raise ApiError(400, f"'{param}[{i}]' must be an object with '{path_key}' (text) and '{text_key}' "
+                                "(text)", param)
+        if item[text_key].strip():
+            out.append(Snippet(item.get(path_key) or "unknown", item[text_key]))
+    return tuple(out)
 
 
 def is_tabby(body: dict) -> bool:
@@ -240,6 +267,14 @@ def parse_tabby(body: dict) -> TabbyRequest:
         raise ApiError(400, "'segments.prefix' must be a string", "segments.prefix")
     if not isinstance(suffix, str):
         raise ApiError(400, "'segments.suffix' must be a string", "segments.suffix")
+    filepath = seg.get("filepath")
+    if filepath is not None and not isinstance(filepath, str):
+        raise ApiError(400, "'segments.filepath' must be a string", "segments.filepath")
+    snippets = tuple(s for key in TABBY_CONTEXT_KEYS
+                     for s in client_snippets(seg.get(key), f"segments.{key}", "filepath", "body"))
+    debug = body.get("debug_options") or {}
+    if not isinstance(debug, dict):
+        raise ApiError(400, "'debug_options' must be an object", "debug_options")
     # Tabby's agent decides line vs block itself; mid-line (text right of the cursor) gets one line, as its
     # server does, so a completion does not run over the rest of the line.
     rest_of_line = suffix.split("\n", 1)[0]
@@ -249,7 +284,46 @@ def parse_tabby(body: dict) -> TabbyRequest:
         seed=_get(body, "seed", int, None),
         max_tokens=_get(body, "max_tokens", int, 64, lo=1, hi=4096),
         single_line=bool(rest_of_line.strip()),
+        filepath=filepath or None, snippets=snippets, return_prompt=debug.get("return_prompt") is True,
     )
+
+
+@dataclass
+class InfillRequest:
+    """llama.cpp's /infill (what llama.vim and llama.vscode send)."""
+
+    prefix: str
+    suffix: str
+    snippets: tuple          # input_extra, as prompt-builder snippets
+    max_tokens: int
+    temperature: float
+    seed: int | None
+    stream: bool
+
+
+# llama.cpp's n_predict -1 means "until the end token"; a FIM completion asked that way gets this many at most.
+INFILL_DEFAULT_TOKENS = 128
+
+
+def parse_infill(body: dict) -> InfillRequest:
+    prefix = _get(body, "input_prefix", str, "")
+    # llama.cpp adds `prompt` right after input_prefix: the text of the cursor's line before the cursor
+    prefix += _get(body, "prompt", str, "")
+    n_predict = _get(body, "n_predict", int, -1, lo=-1, hi=4096)
+    return InfillRequest(
+        prefix=prefix, suffix=_get(body, "input_suffix", str, ""),
+        snippets=client_snippets(body.get("input_extra"), "input_extra", "filename", "text"),
+        max_tokens=INFILL_DEFAULT_TOKENS if n_predict in (-1, 0) else n_predict,
+        temperature=float(_get(body, "temperature", float, 0.0, lo=0.0, hi=2.0)),
+        seed=_get(body, "seed", int, None), stream=bool(_get(body, "stream", bool, False)))
+
+
+def infill_response(done: dict, model: str, stop: bool = True) -> dict:
+    """llama.cpp's final /infill answer (also the last SSE event of a stream, with empty content)."""
+    return {"content": done["text"], "stop": stop, "model": model, "tokens_predicted": done["completion_tokens"],
+            "tokens_evaluated": done["prompt_tokens"],
+            "stop_type": "limit" if done["finish_reason"] == "length" else "eos",
+            "truncated": False}
 
 
 # ---- responses --------------------------------------------------------------------------------------------

@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import sys
 from pathlib import Path
 
 from refact_lab import __version__
 from refact_lab.config import ServeSettings
 from refact_lab.home import Home
+from refact_lab.serve import shutdown
+from refact_lab.serve.log_masking import mask_secrets_in_logs
 
 APP_NOTEBOOK = "workbench.ipynb"
 
@@ -43,6 +44,9 @@ def server_argv(settings: ServeSettings, home: Home, token: str) -> list[str]:
         f"--IdentityProvider.token={token}",
         f"--RefactLabExtension.home={home.root}",
         f"--RefactLabExtension.max_body_mb={settings.max_body_mb}",
+        f"--RefactLabExtension.load_wait_s={settings.load_wait_s}",
+        # the shipped walk-throughs are saved from /lab without outputs, so the checkout stays clean
+        "--ContentsManager.pre_save_hook=refact_lab.serve.notebook_saving.strip_outputs",
         "--VoilaConfiguration.show_tracebacks=True",
     ]
     if settings.model:
@@ -59,24 +63,38 @@ def _make_server_app():
     from jupyter_server.serverapp import ServerApp
 
     class RefactLabServerApp(ServerApp):
-        """Ctrl-C stops at once and cleanly (no interactive 'Shut down?' prompt)."""
+        """SIGTERM or Ctrl-C stops cleanly within seconds (no interactive 'Shut down?' prompt); a second one
+        exits at once. See refact_lab.serve.shutdown for why the end of the process needs a watchdog."""
 
         name = "refact-lab"
+        _stop_signals = 0
 
         def init_signal(self):
             super().init_signal()
             # jupyter_server only handles SIGINT on a tty, and then asks for confirmation; we always stop.
             signal.signal(signal.SIGINT, self._signal_stop)
+            signal.signal(signal.SIGTERM, self._signal_stop)
 
         def _handle_sigint(self, sig, frame):
             self._signal_stop(sig, frame)
+
+        def _signal_stop(self, sig, frame):
+            self._stop_signals += 1
+            if self._stop_signals > 1:
+                # the second Ctrl-C: the user does not want to wait for kernels to say goodbye
+                shutdown.kill_children(getattr(self, "kernel_manager", None))
+                shutdown.hard_exit(0, "refact_lab stopped (second signal).")
+            self.log.critical("received signal %s, stopping (again to exit at once)", sig)
+            shutdown.start_watchdog(lambda: getattr(self, "kernel_manager", None))
+            self.stop(from_signal=True)
 
     return RefactLabServerApp
 
 
 def run_server(settings: ServeSettings, remember: dict | None = None) -> int:
-    """Serve until Ctrl-C. `remember`: serving fields given on the command line (device, dtype, max_batch),
-    saved to settings.json like --model so the next start and the Settings tab see them."""
+    """Serve until SIGTERM or Ctrl-C, then end the process with status 0 (it does not return). `remember`:
+    serving fields given on the command line (device, dtype, max_batch), saved to settings.json like --model
+    so the next start and the Settings tab see them."""
     home = Home.resolve(settings.home).ensure()
     token = "" if settings.no_auth else (settings.token or secrets.token_urlsafe(24))
     if settings.model:
@@ -95,6 +113,7 @@ def run_server(settings: ServeSettings, remember: dict | None = None) -> int:
     app_cls = _make_server_app()
     app = app_cls.instance()
     app.initialize(argv=server_argv(settings, home, token))
+    mask_secrets_in_logs()  # every handler the server and its extensions set up is in place now
     query = f"?token={token}" if token else ""
     print(f"\nrefact_lab {__version__} on {base}\n"
           f"  App:        {base}/{query}\n"
@@ -107,5 +126,10 @@ def run_server(settings: ServeSettings, remember: dict | None = None) -> int:
         app.start()
     except KeyboardInterrupt:
         pass
-    print("refact_lab stopped.", file=sys.stderr, flush=True)
-    return 0
+    # The loop has stopped and the kernels were asked to shut down. Kill what is left (a kernel that started
+    # while the others were shut down) and leave at once. A plain return hung (issue 17): when the signal came
+    # while a Voilà page's kernel was starting, the heartbeat thread of the client Voilà had opened to it (a
+    # non-daemon jupyter_client thread) never ended, and Python's exit waited for it on a lock forever.
+    shutdown.kill_children(getattr(app, "kernel_manager", None))
+    shutdown.hard_exit(0)
+    return 0  # not reached

@@ -21,18 +21,21 @@ jupyter_server that holds the model. They never reach into the server's memory. 
 
 The file is the single source of truth; the HTTP status is a read-only view of how far the engine got in
 applying it (`applied` vs `requested` in the status), which the services wait on after a change.
+
+This module owns the file's serving part: `ServingChoice` is its typed form, `load` reads it (a bad value is
+reported per part, never raised, so one bad field cannot stop the server) and `save` validates and writes it.
+The engine, the hosting and deploy services and the CLI all go through these two functions.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import asdict, dataclass, field
 
-from refact_lab.home import check_name
+from refact_lab.config import ServeSettings, SettingsError
+from refact_lab.home import Home, check_name
 
 LORA_MODES = ("off", "best", "latest", "checkpoint")
-SERVING_KEYS = ("model", "device", "dtype", "gpu_memory_fraction", "max_batch")
-UPSTREAM_KEYS = ("openai_api_key", "openai_base_url", "openai_models", "upstream_url", "upstream_api_key",
-                 "upstream_models")
 LORA_SUFFIX = ":lora"  # the fine-tuned variant of base model B is served as "B:lora"
 
 
@@ -69,15 +72,6 @@ class LoraChoice:
             return cls("checkpoint", run_id, checkpoint)
         return cls("best", run_id=text)
 
-    @classmethod
-    def from_settings(cls, settings: dict) -> "LoraChoice":
-        raw = settings.get("lora")
-        if isinstance(raw, str):
-            return cls.parse(raw)
-        if isinstance(raw, dict):
-            return cls(raw.get("mode", "off"), raw.get("run_id"), raw.get("checkpoint"))
-        return cls()
-
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -92,3 +86,168 @@ class LoraChoice:
 
 def lora_model_name(base: str) -> str:
     return f"{base}{LORA_SUFFIX}"
+
+
+# The parts of the serving choice: what a change of each means to the engine.
+MODEL = "model"        # the base model and where it runs: a change reloads the model
+LORA = "lora"          # the deployed adapter: loaded between steps
+GUARD = "guard"        # per-request behaviour, read for every new request
+UPSTREAM = "upstream"  # other engines proxied: a change moves caps_version
+CONTEXT = "context"    # repository context for FIM prompts: read for every new request
+PARTS = (MODEL, LORA, GUARD, UPSTREAM, CONTEXT)
+CONTEXT_OFF = "off"
+DEFAULT_CONTEXT_TOKENS = 1024
+
+
+def _serve_default(name: str):
+    return ServeSettings.__dataclass_fields__[name].default
+
+
+def _in(part: str, default=None):
+    return field(default=default, metadata={"part": part})
+
+
+@dataclass(frozen=True)
+class ServingChoice:
+    """The serving choice kept in settings.json (a flat JSON object; `lora` is a nested object).
+
+    The model part's values and bounds are `ServeSettings`' (the same field metadata drives the CLI and the
+    Model hosting form); `model` None means "the server's --model, else the default model".
+    """
+
+    model: str | None = _in(MODEL)
+    device: str = _in(MODEL, _serve_default("device"))
+    dtype: str = _in(MODEL, _serve_default("dtype"))
+    gpu_memory_fraction: float = _in(MODEL, _serve_default("gpu_memory_fraction"))
+    max_batch: int = _in(MODEL, _serve_default("max_batch"))
+    lora: LoraChoice = _in(LORA, LoraChoice())
+    loop_guard: bool = _in(GUARD, _serve_default("loop_guard"))
+    openai_api_key: str | None = _in(UPSTREAM)
+    openai_base_url: str | None = _in(UPSTREAM)
+    openai_models: tuple[str, ...] | None = _in(UPSTREAM)
+    upstream_url: str | None = _in(UPSTREAM)
+    upstream_api_key: str | None = _in(UPSTREAM)
+    upstream_models: tuple[str, ...] | None = _in(UPSTREAM)
+    # project whose index gives FIM prompts context from other files; "off"; None: the deployed run's project
+    context: str | None = _in(CONTEXT)
+    context_tokens: int = _in(CONTEXT, DEFAULT_CONTEXT_TOKENS)   # at most this many prompt tokens of context
+
+    def __post_init__(self):
+        # the model part is checked by ServeSettings (bounds, choices, device syntax): one set of rules
+        checked = ServeSettings(**{k: v for k, v in self.part(MODEL).items() if v is not None})
+        for name in fields_of(MODEL):  # as ServeSettings converted them (4.0 -> 4)
+            object.__setattr__(self, name, getattr(checked, name))
+        if not isinstance(self.lora, LoraChoice):
+            raise SettingsError(f"lora: expected a LoRA choice, got {self.lora!r}")
+        if not isinstance(self.loop_guard, bool):
+            raise SettingsError(f"loop_guard: expected true or false, got {self.loop_guard!r}")
+        if self.context is not None and self.context != CONTEXT_OFF:
+            check_name(self.context, "context project")
+        if isinstance(self.context_tokens, bool) or not isinstance(self.context_tokens, int) \
+                or not 0 <= self.context_tokens <= 32768:
+            raise SettingsError(f"context_tokens: expected a whole number from 0 to 32768, got {self.context_tokens!r}")
+        for name in fields_of(UPSTREAM):
+            value = getattr(self, name)
+            if name.endswith("_models"):
+                if value is not None and not (isinstance(value, (list, tuple))
+                                              and all(isinstance(m, str) for m in value)):
+                    raise SettingsError(f"{name}: expected a list of model names, got {value!r}")
+                object.__setattr__(self, name, tuple(value) if value else None)
+            elif value is not None and not isinstance(value, str):
+                raise SettingsError(f"{name}: expected text, got {value!r}")
+
+    def part(self, name: str) -> dict:
+        return {k: getattr(self, k) for k in fields_of(name)}
+
+    def to_settings(self) -> dict:
+        """The JSON form (None values are left out, as settings.json leaves them out)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, LoraChoice):
+                value = value.to_dict()
+            elif isinstance(value, tuple):
+                value = list(value)
+            if value is not None:
+                out[f.name] = value
+        return out
+
+
+def fields_of(part: str) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(ServingChoice) if f.metadata["part"] == part)
+
+
+def _lora_value(raw) -> LoraChoice:
+    if raw is None or isinstance(raw, LoraChoice):
+        return raw or LoraChoice()
+    if isinstance(raw, str):
+        return LoraChoice.parse(raw)
+    if isinstance(raw, dict):
+        unknown = set(raw) - {"mode", "run_id", "checkpoint"}
+        if unknown:
+            raise ValueError(f"lora: unknown keys {', '.join(sorted(unknown))}")
+        return LoraChoice(raw.get("mode", "off"), raw.get("run_id"), raw.get("checkpoint"))
+    raise ValueError(f"lora: expected 'off', 'best', 'latest', 'RUN' or 'RUN/CHECKPOINT', got {raw!r}")
+
+
+def parse(data: dict, previous: ServingChoice | None = None) -> tuple[ServingChoice, dict[str, str]]:
+    """The serving choice in a settings dict, part by part: a part with a bad value keeps `previous`' (or the
+    default) and is reported in the returned problems ({part: "field: what is wrong"})."""
+    base = previous or ServingChoice()
+    values: dict = {}
+    problems: dict[str, str] = {}
+    for part in PARTS:
+        wanted = {k: data.get(k) for k in fields_of(part)}
+        try:
+            if part == LORA:
+                wanted["lora"] = _lora_value(wanted["lora"])
+            elif part == GUARD and wanted["loop_guard"] is None:
+                wanted["loop_guard"] = _serve_default("loop_guard")
+            elif part == CONTEXT and wanted["context_tokens"] is None:
+                wanted["context_tokens"] = DEFAULT_CONTEXT_TOKENS
+            elif part == MODEL:
+                wanted = {k: v if v is not None or k == "model" else getattr(ServingChoice(), k)
+                          for k, v in wanted.items()}
+            ServingChoice(**wanted)  # this part alone, checked
+        except (ValueError, TypeError) as e:
+            problems[part] = f"settings.json: {e}"
+            wanted = base.part(part)
+        values.update(wanted)
+    return ServingChoice(**values), problems
+
+
+def load(home: Home, overrides: dict | None = None,
+         previous: ServingChoice | None = None) -> tuple[ServingChoice, dict[str, str]]:
+    """settings.json's serving choice (with `overrides`, e.g. the CLI's one-off --model, on top) and its problems.
+    A file that is not JSON is one problem of every part."""
+    try:
+        data = home.load_settings()
+    except ValueError as e:
+        base = previous or ServingChoice()
+        problems = {part: f"settings.json is not readable: {e}" for part in PARTS}
+        data = {**base.to_settings(), **(overrides or {})}
+        choice, more = parse(data, base)
+        return choice, {**problems, **more}
+    return parse({**data, **(overrides or {})}, previous)
+
+
+def active_model(home: Home) -> str:
+    """The base model settings.json chooses (what scan, fine-tuning and the scoreboard default to)."""
+    return load(home)[0].model or "default"
+
+
+def save(home: Home, **changes) -> ServingChoice:
+    """Validate these fields (SettingsError / ValueError naming the field) and write them; None removes one.
+    Fields not named keep what the file says, even a bad value (it stays reported by `load`)."""
+    unknown = set(changes) - {f.name for f in dataclasses.fields(ServingChoice)}
+    if unknown:
+        raise SettingsError(f"not a serving setting: {', '.join(sorted(unknown))}")
+    current, _ = load(home)
+    removed = {k for k, v in changes.items() if v is None}
+    values = {k: ServingChoice.__dataclass_fields__[k].default if k in removed else v for k, v in changes.items()}
+    if "lora" in values:
+        values["lora"] = _lora_value(values["lora"])
+    checked = dataclasses.replace(current, **values)
+    stored = checked.to_settings()
+    home.update_settings(**{k: None if k in removed else stored.get(k) for k in changes})
+    return checked

@@ -32,18 +32,18 @@ class Upstream:
     models: tuple[str, ...] | None  # None: ask the upstream
 
 
-def upstreams_from_settings(settings: dict) -> list[Upstream]:
+def upstreams_from_choice(choice) -> list[Upstream]:
+    """The upstreams a `ServingChoice` (settings.json) names."""
     out = []
-    key = settings.get("openai_api_key")
-    if isinstance(key, str) and key.strip():
-        models = settings.get("openai_models") or DEFAULT_OPENAI_MODELS
-        out.append(Upstream("openai", (settings.get("openai_base_url") or DEFAULT_OPENAI_URL).rstrip("/"),
+    key = choice.openai_api_key
+    if key and key.strip():
+        models = choice.openai_models or DEFAULT_OPENAI_MODELS
+        out.append(Upstream("openai", (choice.openai_base_url or DEFAULT_OPENAI_URL).rstrip("/"),
                             key.strip(), tuple(models)))
-    url = settings.get("upstream_url")
-    if isinstance(url, str) and url.strip():
-        models = settings.get("upstream_models")
-        out.append(Upstream("upstream", url.strip().rstrip("/"), (settings.get("upstream_api_key") or "").strip(),
-                            tuple(models) if models else None))
+    url = choice.upstream_url
+    if url and url.strip():
+        out.append(Upstream("upstream", url.strip().rstrip("/"), (choice.upstream_api_key or "").strip(),
+                            choice.upstream_models))
     return out
 
 

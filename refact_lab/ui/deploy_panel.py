@@ -2,9 +2,11 @@
 
 Choose which LoRA checkpoint the server offers (best of the latest run, latest, a specific run and checkpoint,
 or off) and deploy it without a restart; try completions at a cursor with the base model and the fine-tuned one
-side by side; copy the inference URL, the token and ready-made settings for the Refact plugin, Continue and
-Tabby. Buttons call the service; a background thread refreshes the status until the server has applied a
-change. No file I/O or torch here.
+side by side (after the engine applied the last deploy, with each one's time in ms); copy the inference URL,
+the token and ready-made settings for the Refact plugin, Continue and Tabby. Buttons call the service; a
+background thread refreshes the status until the server has applied a change. Refresh (and opening the tab)
+re-reads the runs and checkpoints; a message is cleared once it no longer describes the server's state.
+No file I/O or torch here.
 """
 
 from __future__ import annotations
@@ -28,11 +30,21 @@ def _pre(text: str | None, cls: str) -> str:
     return f"<pre class='{cls}' style='{style}'>{body}</pre>"
 
 
+def _head(title: str, model: str | None, ms: float | None) -> str:
+    timing = f" · <span class='refact-lab-playground-ms'>{ms:.0f} ms</span>" if ms is not None else ""
+    name = f" <code>{html.escape(model)}</code>" if model else ""
+    return f"<b>{title}</b>{name}{timing}"
+
+
 class DeployPanel:
     def __init__(self, service: DeployService, poll_s: float = 0.3):
         self.service = service
         self.poll_s = poll_s
         self._poller: threading.Thread | None = None
+        self._worker: threading.Thread | None = None
+        self._runs: dict = {}
+        self._message_valid = None   # while it returns True the message still describes the state
+        self._reloading = False      # the lists are being refilled: selection changes are not the user's
         style = {"description_width": "90px"}
         choice = service.choice()
         self.mode = w.RadioButtons(options=MODES, value=choice.mode, description="checkpoint", style=style)
@@ -43,13 +55,13 @@ class DeployPanel:
         self.deploy_button = w.Button(description="Deploy", button_style="primary", icon="rocket")
         self.deploy_button.add_class("refact-lab-deploy-button")
         self.refresh_button = w.Button(description="Refresh", icon="refresh")
+        self.refresh_button.add_class("refact-lab-deploy-refresh")
         self.message = w.HTML()
+        self.message.add_class("refact-lab-deploy-message")
         self.state = w.HTML()
         self.state.add_class("refact-lab-deploy-state")
-        self.mode.observe(lambda _: self._sync_enabled(), "value")
-        self.run.observe(lambda _: self._fill_checkpoints(), "value")
         self.deploy_button.on_click(lambda _: self.deploy())
-        self.refresh_button.on_click(lambda _: self.refresh())
+        self.refresh_button.on_click(lambda _: self.refresh(runs=True, clear=True))
 
         self.prefix = w.Textarea(value="def fibonacci(n):\n    ", description="before cursor", style=style,
                                  layout=w.Layout(width="640px", height="120px"))
@@ -59,9 +71,13 @@ class DeployPanel:
         self.single_line = w.Checkbox(value=False, description="single line", indent=False)
         self.complete_button = w.Button(description="Complete", icon="play")
         self.complete_button.add_class("refact-lab-playground-button")
+        self.base_head = w.HTML("<b>base model</b>")
+        self.lora_head = w.HTML("<b>fine-tuned</b>")
+        self.base_head.add_class("refact-lab-playground-base-head")
+        self.lora_head.add_class("refact-lab-playground-lora-head")
         self.base_out = w.HTML(_pre("", "refact-lab-playground-base"))
         self.lora_out = w.HTML(_pre(None, "refact-lab-playground-lora"))
-        self.complete_button.on_click(lambda _: self.complete())
+        self.complete_button.on_click(lambda _: self._in_background(self.complete))
 
         self.connection = w.HTML()
         self.connection.add_class("refact-lab-connection")
@@ -74,36 +90,67 @@ class DeployPanel:
             self.message, self.state,
             w.HTML("<h4>Playground</h4>"),
             self.prefix, self.suffix, w.HBox([self.max_tokens, self.single_line, self.complete_button]),
-            w.HBox([w.VBox([w.HTML("<b>base model</b>"), self.base_out], layout=w.Layout(width="50%")),
-                    w.VBox([w.HTML("<b>fine-tuned</b>"), self.lora_out], layout=w.Layout(width="50%"))]),
+            w.HBox([w.VBox([self.base_head, self.base_out], layout=w.Layout(width="50%")),
+                    w.VBox([self.lora_head, self.lora_out], layout=w.Layout(width="50%"))]),
             w.HTML("<h4>Connect your IDE</h4>"), self.connection,
         ])
         self.widget.add_class("refact-lab-deploy")
         self.reload_runs(choice)
+        # after the lists are filled, so filling them does not count as the user changing the selection
+        for widget in (self.mode, self.run, self.checkpoint):
+            widget.observe(self._on_selection, "value")
         self.refresh()
+
+    # ---- messages ------------------------------------------------------------------------------------------
+
+    def _say(self, text: str, color: str = "#555", valid=None) -> None:
+        """Show a message; `valid(snap)` says whether it still describes the server (refresh clears it when not)."""
+        self.message.value = f"<span style='color:{color}'>{html.escape(text)}</span>" if text else ""
+        self._message_valid = valid
+
+    def _on_selection(self, change) -> None:
+        if change["owner"] is self.mode:
+            self._sync_enabled()
+        elif change["owner"] is self.run:
+            self._fill_checkpoints()
+        if not self._reloading and (self._poller is None or not self._poller.is_alive()):
+            self._say("")  # the user picked something else: a message about the previous pick no longer applies
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
 
     def reload_runs(self, choice: LoraChoice | None = None) -> None:
+        """Re-read the runs and their checkpoints; keep the selection when it still exists (else the choice
+        deployed, else the newest run and its best or newest checkpoint)."""
+        keep_run, keep_ckpt = self.run.value, self.checkpoint.value
+        if choice is not None and choice.run_id:
+            keep_run, keep_ckpt = choice.run_id, choice.checkpoint
         self._runs = {r.run_id: r for r in self.service.runs()}
         options = [(f"{r.run_id} ({r.state}, {len(r.checkpoints)} checkpoints)", r.run_id)
                    for r in self._runs.values()]
-        self.run.options = options
-        if choice and choice.run_id in self._runs:
-            self.run.value = choice.run_id
-        self._fill_checkpoints()
-        if choice and choice.checkpoint and choice.checkpoint in [v for _, v in self.checkpoint.options]:
-            self.checkpoint.value = choice.checkpoint
+        self._reloading = True
+        try:
+            if list(self.run.options) != options:
+                self.run.options = options   # resets the value: set it again below
+            self.run.value = keep_run if keep_run in self._runs else (options[0][1] if options else None)
+            self._fill_checkpoints(keep_ckpt)
+        finally:
+            self._reloading = False
         self._sync_enabled()
 
-    def _fill_checkpoints(self) -> None:
+    def _fill_checkpoints(self, keep: str | None = None) -> None:
+        keep = keep or self.checkpoint.value
         run = self._runs.get(self.run.value)
         options = []
         for c in (run.checkpoints if run else ()):
             loss = f", test loss {c.test_loss:.4f}" if c.test_loss is not None else ""
-            best = " ★ best" if run.best == c.name else ""
+            best = f" ★ best by {run.best_by.replace('_', ' ')}" if run.best == c.name else ""
             options.append((f"{c.name}{loss}{best}", c.name))
-        self.checkpoint.options = options
+        if list(self.checkpoint.options) != options:
+            self.checkpoint.options = options
+        names = [v for _, v in options]
+        # never leave the step empty: the kept one, else the run's best, else its newest
+        default = run.best if run and run.best in names else (names[-1] if names else None)
+        self.checkpoint.value = keep if keep in names else default
 
     def _sync_enabled(self) -> None:
         specific = self.mode.value == "checkpoint"
@@ -118,14 +165,19 @@ class DeployPanel:
         try:
             choice = self.service.deploy(self.selected_choice())
         except ValueError as e:
-            self.message.value = f"<span style='color:#cf222e'>Not deployed: {html.escape(str(e))}</span>"
+            self._say(f"Not deployed: {e}", "#cf222e")
             return
-        self.message.value = f"Deploying {html.escape(choice.label())}…"
+        wanted = choice.to_dict()
+        self._say(f"Deploying {choice.label()}…", valid=lambda snap: (snap.get("lora") or {}).get("applied") != wanted
+                  and self.service.choice().to_dict() == wanted)
         self.watch()
 
     # ---- status --------------------------------------------------------------------------------------------
 
-    def refresh(self) -> dict:
+    def refresh(self, runs: bool = True, clear: bool = False) -> dict:
+        """Re-read the server's state and (with `runs`) the runs and checkpoints on disk."""
+        if runs:
+            self.reload_runs()
         snap = self.service.status()
         lora = snap.get("lora") or {}
         dep = lora.get("deployed")
@@ -139,39 +191,74 @@ class DeployPanel:
             rows.append(f"<span style='color:#cf222e'>{html.escape(lora['error'])}</span>")
         if snap.get("models"):
             rows.append("models: " + ", ".join(f"<code>{html.escape(m)}</code>" for m in snap["models"]))
-        if snap.get("caps_version") is not None:
-            rows.append(f"caps_version: <code class='refact-lab-caps-version'>{snap['caps_version']}</code>")
+        # caps_version is the IDE clients' cache key, not something a user acts on: not shown
         self.state.value = "<br>".join(rows)
+        if clear or (self._message_valid is not None and not self._message_valid(snap)):
+            self._say("")
         self._render_connection(snap)
         return snap
 
     def watch(self, timeout: float = 120) -> None:
+        """Refresh in the background until the engine has applied the saved choice, then say how it went."""
         if self._poller is not None and self._poller.is_alive():
             return
 
         def run():
-            wanted = self.service.choice().to_dict()
+            wanted = self.service.choice()
             deadline = time.monotonic() + timeout
+            snap: dict = {}
             while time.monotonic() < deadline:
                 time.sleep(self.poll_s)
-                snap = self.refresh()
-                if (snap.get("lora") or {}).get("applied") == wanted or snap.get("state") == "unreachable":
-                    self.message.value = "Deployed." if not (snap.get("lora") or {}).get("error") else ""
-                    return
+                snap = self.refresh(runs=False)
+                lora = snap.get("lora") or {}
+                if self.service.choice() != wanted:
+                    return  # deployed again meanwhile: that deploy's own watch reports
+                if lora.get("applied") == wanted.to_dict() or snap.get("state") == "unreachable":
+                    break
+            else:
+                self._say(f"{wanted.label()}: not applied after {timeout:.0f} s (server: {snap.get('state')})",
+                          "#cf222e", valid=lambda s: (s.get("lora") or {}).get("applied") != wanted.to_dict())
+                return
+            lora = snap.get("lora") or {}
+            if lora.get("error") or snap.get("state") == "unreachable":
+                self._say("")   # the state line shows the reason
+                return
+            dep = lora.get("deployed")
+            what = f"{dep['run_id']}/{dep['checkpoint']}" if dep else "off (the base model only)"
+            self._say(f"Deployed: {what}.", "#1a7f37", valid=lambda s: (s.get("lora") or {}).get("deployed") == dep)
 
         self._poller = threading.Thread(target=run, daemon=True, name="deploy-panel-refresh")
         self._poller.start()
 
+    def on_show(self) -> None:
+        """The tab was opened: show the runs, checkpoints and state as they are now."""
+        self.refresh()
+
     # ---- playground and connection -------------------------------------------------------------------------
 
+    def _in_background(self, action) -> None:
+        if self._worker is not None and self._worker.is_alive():
+            return
+        self._worker = threading.Thread(target=action, daemon=True, name="deploy-panel-playground")
+        self._worker.start()
+
     def complete(self) -> dict | None:
+        """Complete with the base model and the deployed adapter (after the engine applied the last deploy)."""
         self.base_out.value = _pre("…", "refact-lab-playground-base")
+        self.lora_out.value = _pre("…", "refact-lab-playground-lora")
+        self.base_head.value, self.lora_head.value = "<b>base model</b>", "<b>fine-tuned</b>"
+        self.complete_button.disabled = True
         try:
             out = self.service.playground(self.prefix.value, self.suffix.value, self.max_tokens.value,
                                           self.single_line.value)
         except Exception as e:  # show the server's reason in the panel
             self.base_out.value = _pre(f"error: {e}", "refact-lab-playground-base")
+            self.lora_out.value = _pre(None, "refact-lab-playground-lora")
             return None
+        finally:
+            self.complete_button.disabled = False
+        self.base_head.value = _head("base model", out["base_model"], out["base_ms"])
+        self.lora_head.value = _head("fine-tuned", out["lora_model"], out["lora_ms"])
         self.base_out.value = _pre(out["base"], "refact-lab-playground-base")
         self.lora_out.value = _pre(out["lora"], "refact-lab-playground-lora")
         return out

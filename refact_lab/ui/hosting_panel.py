@@ -91,10 +91,14 @@ class HostingPanel:
         self.model.observe(lambda ch: setattr(self.custom, "disabled", ch["new"] != OTHER), "value")
         self.custom.disabled = self.model.value != OTHER
 
-        up = service.upstream()
-        self.openai_key = w.Password(placeholder="sk-... (saved in settings.json, 0600)" if not up["openai_key_set"]
-                                     else "a key is saved; type a new one or leave empty and save to remove",
+        self.openai_key = w.Password(placeholder="sk-... (checked with OpenAI, saved in settings.json 0600)",
                                      description="OpenAI key", style=style, layout=w.Layout(width="520px"))
+        self.key_state = w.HTML()
+        self.key_state.add_class("refact-lab-openai-key-state")
+        self.remove_key_button = w.Button(description="Remove key", icon="trash", button_style="danger")
+        self.remove_key_button.add_class("refact-lab-openai-key-remove")
+        self.remove_key_button.on_click(lambda _: self.remove_openai_key())
+        up = service.upstream()
         self.upstream_url = w.Text(value=up["upstream_url"] or "", placeholder="http://host:8000/v1 (vLLM, ...)",
                                    description="engine URL", style=style, layout=w.Layout(width="520px"))
         self.upstream_key = w.Password(description="engine key", style=style, layout=w.Layout(width="520px"))
@@ -110,9 +114,11 @@ class HostingPanel:
                    "<p style='max-width:900px'>With an OpenAI key, GPT models are listed by the server and chat "
                    "requests for them are forwarded to OpenAI. An engine URL fronts any OpenAI-compatible server "
                    "(e.g. vLLM with LoRA modules) through this one.</p>"),
-            self.openai_key, self.upstream_url, self.upstream_key, self.save_upstream_button,
+            self.openai_key, w.HBox([self.key_state, self.remove_key_button]), self.upstream_url, self.upstream_key,
+            self.save_upstream_button,
         ])
         self.widget.add_class("refact-lab-hosting")
+        self._show_key_state()
         self.refresh()
 
     def chosen_model(self) -> str:
@@ -128,17 +134,40 @@ class HostingPanel:
                               "The server loads it now; requests wait until it is ready.")
         self.watch()
 
+    def _show_key_state(self) -> None:
+        up = self.service.upstream()
+        if up["openai_key_set"]:
+            self.key_state.value = (f"A key is stored (<code>{html.escape(up['openai_key_hint'])}</code>): GPT "
+                                    "models are offered. Type a new one to replace it.")
+        else:
+            self.key_state.value = "<span style='color:#777'>No OpenAI key stored.</span>"
+        self.remove_key_button.layout.display = "" if up["openai_key_set"] else "none"
+
     def save_upstreams(self) -> None:
+        key, news = self.openai_key.value.strip(), []
         try:
-            if self.openai_key.value:
-                self.service.set_openai_key(self.openai_key.value)
+            if key:
+                check = self.service.check_openai_key(key)  # a malformed key: ValueError before any request
+                if check["ok"] is False:
+                    raise ValueError(f"Not saved: {check['reason']}")
+                self.service.set_openai_key(key)
+                news.append(f"OpenAI key saved and accepted ({check['models']} models)." if check["ok"]
+                            else f"OpenAI key saved; {check['reason']}.")
             self.service.set_upstream(self.upstream_url.value, self.upstream_key.value or None)
         except ValueError as e:
             self.message.value = f"<span style='color:#cf222e'>{html.escape(str(e))}</span>"
             return
+        finally:
+            self._show_key_state()
         self.openai_key.value = self.upstream_key.value = ""
-        self.message.value = "Saved. The server lists the upstream models within a second."
+        news.append("Saved. The server lists the upstream models within a second.")
+        self.message.value = html.escape(" ".join(news))
         self.watch(timeout=5)
+
+    def remove_openai_key(self) -> None:
+        self.service.set_openai_key(None)
+        self._show_key_state()
+        self.message.value = "OpenAI key removed: GPT models are no longer offered."
 
     def refresh(self) -> dict:
         snap = self.service.status()

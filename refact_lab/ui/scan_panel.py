@@ -4,8 +4,10 @@ Settings come from a form built from `ScanSettings`' field metadata (tooltip = h
 the file types offered are the ones the last scan detected, with their counts. Start runs the scan as a
 background job; while it runs, a poller thread reads the job's status from disk and moves the progress bar,
 so the kernel (and Voilà's page) stays responsive. When it finishes the panel shows counts per reason as a
-bar chart, the accepted and rejected files filterable by reason, language and path, each file's loss, and
-lets the user force-include, force-exclude or hold out one file before re-running.
+bar chart, and the accepted and rejected files in a data grid (ipydatagrid: sort and filter from any column
+header; which source each file came from, its reason, detail and loss), pre-filtered by reason, language and
+path; a click on a row selects the file to force-include, force-exclude or hold out before re-running. When the
+sources changed after the last scan, a hint says to rescan. "auto" fields show what the last scan applied.
 
 No file I/O, torch or subprocess here: every action is a service call (STYLE.md point 7).
 """
@@ -18,6 +20,7 @@ import io
 import threading
 
 import ipywidgets as w
+from ipydatagrid import DataGrid
 
 from refact_lab.config import ScanSettings, SettingsError, field_specs
 from refact_lab.data.pipeline import human_size
@@ -25,7 +28,8 @@ from refact_lab.ui.fields import SettingField
 from refact_lab.ui.messages import MessageMixin
 
 ACTIVE = ("queued", "running")
-MAX_ROWS = 500          # a Select with tens of thousands of options freezes the browser
+MAX_ROWS = 5000         # rows sent to the grid at once (all rows of a big scan would be megabytes of JSON)
+COLUMNS = ["file", "source", "outcome", "detail", "set", "language", "loss", "KiB"]
 _ALL = "(all)"
 
 
@@ -45,15 +49,19 @@ class ScanPanel(MessageMixin):
 
         self.sources_info = w.HTML()
         self.sources_info.add_class("refact-lab-scan-sources")
+        self.stale_hint = w.HTML()
+        self.stale_hint.add_class("refact-lab-scan-stale")
+        self.selected_key: str | None = None
+        self._shown: list[dict] = []
 
         # --- settings form (file types get their own widget: the detected types with counts)
         specs = [s for s in field_specs(ScanSettings) if s["name"] != "file_types"]
-        self.fields = {s["name"]: SettingField(s, css_class=f"refact-lab-scan-field-{s['name']}", width="330px",
-                                                label_width="150px") for s in specs}
+        self.fields = {s["name"]: SettingField(s, css_class=f"refact-lab-scan-field-{s['name']}", width="360px",
+                                                label_width="180px") for s in specs}
         self.types = w.SelectMultiple(options=[], rows=5, description="file types",
                                       tooltip=next(s["help"] for s in field_specs(ScanSettings)
                                                    if s["name"] == "file_types"),
-                                      layout=w.Layout(width="330px"), style={"description_width": "150px"})
+                                      layout=w.Layout(width="360px"), style={"description_width": "180px"})
         self.types_auto = w.Checkbox(value=True, description="auto (most common code type)", indent=False,
                                      layout=w.Layout(width="260px"))
         self.types.disabled = True
@@ -90,9 +98,12 @@ class ScanPanel(MessageMixin):
                                   layout=w.Layout(width="300px"))
         for widget in (self.show, self.reason, self.language, self.path_filter):
             widget.observe(lambda _: self.render_list(), "value")
-        self.files = w.Select(options=[], rows=14, layout=w.Layout(width="100%"))
-        self.files.add_class("refact-lab-scan-files")
-        self.files.observe(lambda _: self._show_selected(), "value")
+        self.grid = DataGrid(self._frame([]), selection_mode="row", header_visibility="column",
+                             base_column_size=90, base_row_size=22, base_column_header_size=24,
+                             column_widths={"file": 300, "source": 170, "outcome": 140, "detail": 260},
+                             layout=w.Layout(height="380px", width="100%"))
+        self.grid.add_class("refact-lab-scan-files")
+        self.grid.on_cell_click(self._on_cell_click)
         self.list_info = w.HTML()
         self.list_info.add_class("refact-lab-scan-list-info")
         self.selected_info = w.HTML()
@@ -107,11 +118,11 @@ class ScanPanel(MessageMixin):
         self.rerun_button.on_click(lambda _: self.start())
 
         self.widget = w.VBox([
-            w.HTML("<h3 style='margin:4px 0'>Scan</h3>"), self.sources_info,
+            w.HTML("<h3 style='margin:4px 0'>Scan</h3>"), self.sources_info, self.stale_hint,
             w.HTML("<b>Settings</b> <span style='color:#777'>(hover a field for its help)</span>"), form,
             w.HBox([self.scan_button, self.stop_button, self.progress, self.progress_text]), self.message,
             w.HTML("<hr>"), self.summary, self.chart,
-            w.HBox([self.show, self.reason, self.language, self.path_filter]), self.list_info, self.files,
+            w.HBox([self.show, self.reason, self.language, self.path_filter]), self.list_info, self.grid,
             self.selected_info,
             w.HBox([self.include_button, self.exclude_button, self.clear_button, self.test_button,
                     self.rerun_button]),
@@ -170,7 +181,7 @@ class ScanPanel(MessageMixin):
         self._info("Stopping at the next step...")
 
     def override(self, action: str) -> None:
-        key = self.files.value
+        key = self.selected_key
         if not key:
             self._error("Select a file in the list first.")
             return
@@ -189,9 +200,11 @@ class ScanPanel(MessageMixin):
     # --- status ---------------------------------------------------------------------------------------
 
     def _on_event(self, event: str) -> None:
-        if event == "sources":
+        if event in ("sources", "overrides"):
             self.refresh_sources()
+            self.refresh_stale()
         elif event == "scan-started":
+            self.refresh_stale()
             self._ensure_poller()
         elif event == "scan-finished":
             self.sync()
@@ -203,6 +216,18 @@ class ScanPanel(MessageMixin):
             return
         items = "".join(f"<li>{html.escape(s.label)}</li>" for s in sources)
         self.sources_info.value = f"<b>{len(sources)} source(s)</b><ul style='margin:2px 0'>{items}</ul>"
+
+    def refresh_stale(self) -> None:
+        """Say so when the sources changed since the results shown were computed (the service decides)."""
+        why = [] if self.service.scanning else self.service.stale_reasons()
+        if not why:
+            self.stale_hint.value = ""
+            return
+        self.stale_hint.value = ("<div style='color:#7a4d00;background:#fff8c5;padding:4px 8px'>"
+                                 f"<b>{'Sources changed' if any(r.startswith('source') for r in why) else 'Changed'}"
+                                 " since the last scan: rescan.</b> "
+                                 f"{html.escape('; '.join(why))}. The results below are from the previous "
+                                 "sources; press Scan to bring them up to date.</div>")
 
     def sync(self) -> dict:
         """Read the job's status and show it; load the results when a scan has just finished."""
@@ -259,6 +284,8 @@ class ScanPanel(MessageMixin):
         with self._lock:
             self.results = self.service.results()
             stats = self.results.stats
+            self.refresh_stale()
+            self._show_auto_values(stats)
             if not stats:
                 self.summary.value = "<i>No scan yet.</i>"
                 self.render_list()
@@ -279,14 +306,30 @@ class ScanPanel(MessageMixin):
             self._draw_chart(stats)
             self.render_list()
 
+    def _show_auto_values(self, stats: dict | None) -> None:
+        """The loss threshold "auto" stood for: the one the last scan applied, else the model's default."""
+        applied = self.service.applied_loss_threshold() if stats else None
+        if applied is not None:
+            self.fields["loss_threshold"].show_auto(float(applied), "applied by the last scan")
+            return
+        from refact_lab.models.registry import resolve
+
+        # no scan applied one yet: the registry's threshold for the model the scan would use (as the pipeline)
+        model = self.fields["model"].get() or self.service.home.load_settings().get("model")
+        try:
+            self.fields["loss_threshold"].show_auto(resolve(model).loss_threshold, "the model's default")
+        except ValueError:
+            pass  # an unknown model: the scan itself will say so
+
     def _render_summary(self, stats: dict) -> None:
         rows = "".join(f"<tr><td>{html.escape(r)}</td><td style='text-align:right'>{n}</td></tr>"
                        for r, n in sorted(stats["reasons"].items(), key=lambda kv: -kv[1]))
         split = ""
         if stats["reasons"].get("loss_too_high") and stats["accepted"] == 0:
             split += ("<div style='color:#a60'>Every file that reached stage 2 is above the loss threshold: the "
-                      "model may be too weak for this code. Pick a stronger model, raise loss_threshold, or turn "
-                      "lm_filter off.</div>")
+                      "model may be too weak for this code. Pick a stronger model, raise the "
+                      f"{self.fields['loss_threshold'].label}, or turn the {self.fields['lm_filter'].label} "
+                      "off.</div>")
         if stats.get("split_error"):
             split += f"<div style='color:#b00'><b>No train/test split:</b> {html.escape(stats['split_error'])}</div>"
         loss = ""
@@ -349,27 +392,65 @@ class ScanPanel(MessageMixin):
         return out
 
     @staticmethod
-    def _label(r: dict) -> str:
-        parts = [r["path"], r.get("language") or "unknown"]
-        if r.get("reason"):
-            parts.append(f"{r['reason']}: {r['detail']}")
-        else:
-            parts.append(f"accepted ({r['set']})" + (" · forced" if r.get("forced") else ""))
-        if r.get("loss") is not None:
-            parts.append(f"loss {r['loss']:.2f}")
-        return "  ·  ".join(parts)
+    def _frame(rows: list[dict]):
+        import pandas as pd
+
+        return pd.DataFrame(rows, columns=COLUMNS)
+
+    def _source_labels(self) -> dict[str, str]:
+        return {s.id: s.label for s in self.service.list_sources()}
+
+    def rows(self) -> list[dict]:
+        """The grid's rows (one per shown file, in the order sent to the grid), as the user reads them."""
+        labels = self._source_labels()
+        out = []
+        for r in self._shown:
+            outcome = r["reason"] if r.get("reason") else "accepted" + (" (forced)" if r.get("forced") else "")
+            out.append({"file": r["path"], "source": labels.get(r["source"], f"{r['source']} (removed)"),
+                        "outcome": outcome, "detail": r.get("detail") or "", "set": r.get("set") or "",
+                        "language": r.get("language") or "unknown",
+                        # text, so a file without a loss shows blank (the grid draws a missing number as
+                        # NaN); padded to one width so sorting the text sorts the numbers
+                        "loss": "" if r.get("loss") is None else f"{float(r['loss']):8.3f}",
+                        "KiB": round((r.get("size") or 0) / 1024, 1)})
+        return out
 
     def render_list(self) -> None:
         with self._lock:
             records = self.filtered()
-            shown = records[:MAX_ROWS]
-            self.files.options = [(self._label(r), f"{r['source']}/{r['path']}") for r in shown]
+            self._shown = records[:MAX_ROWS]
+            self.grid.data = self._frame(self.rows())
+            # as tall as the rows need (header + rows), at most 16 rows; the grid scrolls beyond that
+            self.grid.layout.height = f"{24 + 22 * min(max(len(self._shown), 1), 16) + 20}px"
             more = f" (showing the first {MAX_ROWS}; narrow the filters)" if len(records) > MAX_ROWS else ""
-            self.list_info.value = f"<span class='n-files'>{len(records)}</span> file(s){more}"
+            self.list_info.value = (f"<span class='n-files'>{len(records)}</span> file(s){more}. "
+                                    "<span style='color:#777'>Click a row to select it; sort or filter from a "
+                                    "column header's menu.</span>")
+            self.selected_key = None
             self.selected_info.value = ""
 
+    def _on_cell_click(self, cell: dict) -> None:
+        if cell.get("region") != "body":
+            return
+        row = cell.get("primary_key_row")  # the row in the data sent, whatever the user sorted or filtered
+        if row is not None and 0 <= row < len(self._shown):
+            self.select(self._key(self._shown[row]))
+
+    @staticmethod
+    def _key(r: dict) -> str:
+        return f"{r['source']}/{r['path']}"
+
+    def keys(self) -> list[str]:
+        """The keys (source id/path) of the shown rows, in grid order."""
+        return [self._key(r) for r in self._shown]
+
+    def select(self, key: str | None) -> None:
+        """Select a file (a grid row click does this) and show what is known about it."""
+        self.selected_key = key
+        self._show_selected()
+
     def _show_selected(self) -> None:
-        key = self.files.value
+        key = self.selected_key
         if not key or self.results is None:
             self.selected_info.value = ""
             return
@@ -382,8 +463,10 @@ class ScanPanel(MessageMixin):
         loss = "-" if rec.get("loss") is None else f"{rec['loss']:.3f}"
         outcome = (f"rejected: <b>{html.escape(rec['reason'])}</b> ({html.escape(rec['detail'])})"
                    if rec.get("reason") else f"accepted into <b>{rec['set']}</b>")
+        source = self._source_labels().get(rec["source"], rec["source"])
         self.selected_info.value = (
-            f"<div><code>{html.escape(key)}</code> · {html.escape(rec.get('language') or 'unknown')} · "
+            f"<div class='refact-lab-scan-selected'><code>{html.escape(rec['path'])}</code> from "
+            f"<b>{html.escape(source)}</b> · {html.escape(rec.get('language') or 'unknown')} · "
             f"{human_size(rec['size'])} · loss {loss} · {outcome}"
             + (f" · <i>{', '.join(marks)}</i>" if marks else "") + "</div>")
 

@@ -14,8 +14,12 @@ import ipywidgets as w
 class SettingsPanel:
     """`SettingsPanel(ProjectService(home)).widget` is the Settings tab."""
 
-    def __init__(self, service):
+    def __init__(self, service, updates=None):
+        from refact_lab.keep_current.service import UpdateService
+        from refact_lab.ui.update_section import UpdateSection
+
         self.service = service
+        self.updates = UpdateSection(updates or UpdateService(service.home, service.project))
         self.last_error: str | None = None
         root = html.escape(str(service.home.root))
         self.public_key = w.Textarea(value="", placeholder="no deploy key yet", disabled=False,
@@ -37,6 +41,7 @@ class SettingsPanel:
                    "Settings → Repository → Deploy keys), then add the repository's ssh URL in the Sources "
                    "tab.</span>"),
             self.public_key, w.HBox([self.generate_button, self.replace_ok]), self.message,
+            self.updates.widget,
         ])
         self.widget.add_class("refact-lab-settings")
         self.refresh()

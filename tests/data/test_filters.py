@@ -172,11 +172,51 @@ def test_lots_of_digits(home, tree):
     assert "pkg/table.py" in accepted
 
 
+def _digit_line(digits: int) -> str:
+    """100 non-space characters, `digits` of them digits (and one space, which does not count)."""
+    return "x" * (100 - digits) + " " + "1" * digits + "\n"
+
+
+@pytest.mark.parametrize("lines", [1, 30], ids=["small file (bytes path)", "large file (numpy path)"])
+def test_lots_of_digits_threshold_is_pinned_at_its_boundary(tmp_path, lines):
+    ctx = RuleContext(max_bytes=512 * 1024, digit_share=0.3)
+    verdicts = {}
+    for digits in (30, 31):
+        path = tmp_path / f"d{digits}.py"
+        path.write_text(_digit_line(digits) * lines)
+        assert (path.stat().st_size >= 2048) == (lines > 1)   # each case takes the path it is named after
+        facts = filters.read_facts(str(path), ctx.max_bytes)
+        assert (facts.digits, facts.nonspace) == (digits * lines, 100 * lines)
+        verdicts[digits] = filters.lots_of_digits(FileEntry("s", path.name, str(path), 0, facts=facts), ctx)
+    assert verdicts[30] is None                                    # exactly at the limit: kept
+    assert verdicts[31] == ("lots_of_digits", "31% of non-space characters are digits (limit 30%)")
+
+
+def test_digit_counts_agree_between_the_small_and_large_paths():
+    import random
+
+    rng = random.Random(5)
+    alphabet = b"0123456789abcXYZ \t\n\r(){}=+-_\x00\x7f\xc3\xa9"
+    for n in (0, 1, 100, 2047, 2048, 5000):
+        data = bytes(rng.choice(alphabet) for _ in range(n))
+        expected = (sum(48 <= b <= 57 for b in data), sum(b > 32 for b in data))
+        assert filters._count(data) == expected, n
+
+
+def test_default_scan_rejects_just_above_the_default_digit_share(home, tree):
+    from refact_lab.config import ScanSettings
+
+    assert ScanSettings().digit_share == 0.3
+    root = tree({**BASE, "pkg/at.py": _digit_line(30) * 5, "pkg/above.py": _digit_line(31) * 5})
+    accepted, rejected, _ = scan_folder(home, root)
+    assert "pkg/at.py" in accepted and rejected["pkg/above.py"]["reason"] == "lots_of_digits"
+
+
 def test_duplicate_exact(home, tree):
     root = tree({**BASE, "pkg/z_copy.py": good_py(2)})
     accepted, rejected, _ = scan_folder(home, root)
     assert rejected["pkg/z_copy.py"]["reason"] == "duplicate"
-    assert rejected["pkg/z_copy.py"]["detail"].endswith("/pkg/mod_2.py")
+    assert rejected["pkg/z_copy.py"]["detail"] == "same content as pkg/mod_2.py in tree"  # the name, not the id
     assert "pkg/mod_2.py" in accepted
 
 

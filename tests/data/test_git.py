@@ -175,3 +175,25 @@ def test_local_folder_that_is_a_work_tree_respects_gitignore(home, tmp_path):
     assert "src/untracked.py" in listed and "src/a.py" in listed
     assert "build/out.py" not in listed and "debug.log" not in listed
     assert json.dumps(stats)  # serialisable
+
+
+def test_the_same_repository_and_branch_twice_is_an_error_another_branch_is_not(home, upstream):
+    upstream.git.branch("feature")
+    store = SourceStore(home)
+    first = store.add_git(upstream.working_tree_dir)
+    with pytest.raises(SourceError, match=f"is already a source of this project .*id {first.id}"):
+        store.add_git(Path(upstream.working_tree_dir).as_posix() + "/")
+    assert store.add_git(upstream.working_tree_dir, branch="feature").id != first.id
+    assert len(store.list()) == 2
+
+
+def test_a_symlink_committed_in_a_work_tree_folder_is_rejected_as_such(home, tmp_path):
+    repo = make_git_repo(tmp_path / "wt", {"src/a.py": good_py(1)})
+    root = Path(repo.working_tree_dir)
+    (root / "src/alias.py").symlink_to("a.py")
+    repo.index.add(["src/alias.py"])
+    repo.index.commit("a link")
+    accepted, rejected, _ = scan_folder(home, root)
+    assert "src/a.py" in accepted
+    assert rejected["src/alias.py"]["reason"] == "symlink"
+    assert rejected["src/alias.py"]["detail"] == "symbolic link to 'a.py', not followed"

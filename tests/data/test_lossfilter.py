@@ -71,7 +71,13 @@ def test_auto_threshold_comes_from_the_model(home, tree, tiny_model_dir):
     from refact_lab.models.registry import resolve
 
     root = tree(FILES)
+    from refact_lab.data.service import ProjectService
+
     _, _, stats = scan_folder(home, root, lm_filter=True, model=str(tiny_model_dir))
     assert stats["loss"]["threshold"] == 3.0
     _, _, stats = scan_folder(home, root, lm_filter=True, model="default")
     assert stats["loss"]["threshold"] == resolve("default").loss_threshold > 3.0
+    # the applied value is recorded for the Scan panel, which must not show the setting's "auto" as 0
+    assert stats["loss_threshold"] == stats["loss"]["threshold"] and stats["loss"]["threshold_auto"] is True
+    assert stats["settings"]["loss_threshold"] is None
+    assert ProjectService(home).applied_loss_threshold() == resolve("default").loss_threshold

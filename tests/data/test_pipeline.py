@@ -61,7 +61,7 @@ def test_test_sources_and_test_files_are_held_out(home, tree, tmp_path):
     assert {p for p, r in accepted.items() if r["set"] == "test"} == {"t/check_a.py", "t/check_b.py", "t/dup.py"}
     # The training copy of a held-out file is the one rejected, so the test set stays as the user made it.
     assert rejected["pkg/mod_1.py"]["reason"] == "duplicate"
-    assert rejected["pkg/mod_1.py"]["detail"] == f"same content as {test_src.id}/t/dup.py"
+    assert rejected["pkg/mod_1.py"]["detail"] == f"same content as t/dup.py in {test_src.name}"
     assert stats["test"]["files"] == 3 and stats["train"]["files"] == 5
     # A single file marked test instead.
     store.set_test(test_src.id, False)

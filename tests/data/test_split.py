@@ -7,14 +7,15 @@ import random
 
 import pytest
 
-from refact_lab.data.split import SplitError, assign_sets
+from refact_lab.data.split import MIN_TEST_BYTES, SplitError, assign_sets
 
 
-def _recs(n: int, dup_of: dict[int, int] | None = None) -> list[dict]:
+def _recs(n: int, dup_of: dict[int, int] | None = None, size: int = 4000) -> list[dict]:
     out = []
     for i in range(n):
         content = (dup_of or {}).get(i, i)
-        out.append({"source": "s", "path": f"f{i}.py", "sha256": hashlib.sha256(str(content).encode()).hexdigest()})
+        out.append({"source": "s", "path": f"f{i}.py", "size": size,
+                    "sha256": hashlib.sha256(str(content).encode()).hexdigest()})
     return out
 
 
@@ -86,5 +87,27 @@ def test_stubs_are_not_picked_for_the_test_set_when_real_files_exist():
     small = _recs(10)
     for r in small:
         r["size"] = 100
-    assign_sets(small, test_share=0.1, max_test_files=20, seed=3)
-    assert sum(r["set"] == "test" for r in small) == 1
+    warning = assign_sets(small, test_share=0.1, max_test_files=20, seed=3)
+    assert sum(r["set"] == "test" for r in small) == 2   # grown towards a stable size, capped at a fifth
+    assert warning.startswith("only 2 test files, ~50 tokens: the test loss will be noisy")
+
+
+def test_a_small_test_set_grows_to_a_stable_size_within_its_caps():
+    recs = _recs(50, size=2000)          # 5% would be 2 files, 4 KB: too few tokens for a stable test loss
+    assert assign_sets(recs, test_share=0.05, max_test_files=20, seed=0) is None
+    test = [r for r in recs if r["set"] == "test"]
+    assert len(test) == MIN_TEST_BYTES // 2000 + (MIN_TEST_BYTES % 2000 > 0)   # just enough bytes
+    assert sum(r["size"] for r in test) >= MIN_TEST_BYTES
+    capped = _recs(50, size=2000)
+    warning = assign_sets(capped, test_share=0.05, max_test_files=3, seed=0)   # the user's cap wins
+    assert sum(r["set"] == "test" for r in capped) == 3
+    assert warning.startswith("only 3 test files, ~1,500 tokens")
+
+
+def test_a_large_enough_test_set_has_no_warning_and_held_out_sets_are_judged_too():
+    recs = _recs(10, size=20_000)
+    assert assign_sets(recs, test_share=0.1, max_test_files=20, seed=0) is None
+    assert sum(r["set"] == "test" for r in recs) == 1
+    held = _recs(10, size=100)
+    held[0]["held_out"] = True
+    assert assign_sets(held, test_share=0.1, max_test_files=20, seed=0).startswith("only 1 test file, ~25 tokens")

@@ -19,7 +19,9 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.e2e)
 
 
-@pytest.fixture(scope="session")
+# One browser per module, not per session: a live sync Playwright keeps its event loop registered as the
+# thread's running loop, which later tests' asyncio fixtures (pytest-jupyter's jp_asyncio_loop) then try to close.
+@pytest.fixture(scope="module")
 def browser():
     if not shutil.which(CHROMIUM) and not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install -y chromium)")

@@ -70,6 +70,11 @@ def test_switch_the_deployed_checkpoint_in_the_app_and_see_the_caps_change(page,
     page.wait_for_function("document.querySelector('.refact-lab-playground-lora') && "
                            "!document.querySelector('.refact-lab-playground-lora').innerText.includes('no fine-tuned')",
                            timeout=30_000)
+    # with each one's time, once the completions are in
+    page.wait_for_selector(".refact-lab-playground-lora-head .refact-lab-playground-ms >> text=ms", timeout=30_000)
+    assert "tinycoder:lora" in page.locator(".refact-lab-playground-lora-head").inner_text()
+    assert "…" not in page.locator(".refact-lab-playground-lora").inner_text()
+    assert "caps_version" not in page.locator(".refact-lab-deploy").inner_text()
 
     page.locator(".refact-lab-deploy label", has_text="Off: the base model only").click()
     page.locator("button.refact-lab-deploy-button").click()

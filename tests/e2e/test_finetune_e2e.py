@@ -1,5 +1,6 @@
 """Fine-tuning in a real browser: start a tiny run from the Fine-tune tab and watch the loss plot gain points
-while it trains (the panel's polling thread pushes the new picture; nothing is clicked after Start)."""
+while it trains (the panel's polling thread pushes the new picture; nothing is clicked after Start), and the
+log box open on its newest lines."""
 
 from __future__ import annotations
 
@@ -28,7 +29,10 @@ def test_start_a_run_and_see_the_loss_plot_grow(page, server, tmp_path):
     page.locator(".refact-lab-finetune-dataset select").select_option("stdlib_e2e")
     for name, value in {"seq_len": 128, "batch_size": 4, "eval_every": 5, "checkpoint_every": 10,
                         "max_test_rows": 8, "learning_rate": 0.01}.items():
-        box = page.locator(f".refact-lab-field-{name} input").first
+        auto = page.locator(f".refact-lab-field-{name} input[type=checkbox]")
+        if auto.count():           # an auto field: untick auto to type a number
+            auto.uncheck()
+        box = page.locator(f".refact-lab-field-{name} input:not([type=checkbox])").first
         box.fill(str(value))
         box.press("Enter")
     page.locator(".refact-lab-field-train_steps input[type=checkbox]").uncheck()
@@ -55,6 +59,17 @@ def test_start_a_run_and_see_the_loss_plot_grow(page, server, tmp_path):
     box = image.bounding_box()
     assert box and box["width"] > 300 and box["height"] > 100
     assert "running" in page.locator(".refact-lab-progress-text").inner_text() or later == 40
+    # a log longer than its box: the box shows its end, the newest line at the bottom edge
+    from refact_lab.finetune.runs import append_log
+
+    [run_id] = [p.name for p in home.runs_dir.iterdir()]
+    for i in range(60):
+        append_log(home.run_dir(run_id), f"filler line {i}")
+    page.wait_for_selector(".refact-lab-run-log >> text=filler line 59", timeout=30_000)
+    overflow, gap = page.locator(".refact-lab-log-box").evaluate(
+        "el => [el.scrollHeight > el.clientHeight + 10,"
+        " el.getBoundingClientRect().bottom - el.querySelector('pre').getBoundingClientRect().bottom]")
+    assert overflow and abs(gap) < 5, (overflow, gap)
     # the run outlives the page; stop it so it does not outlive the test
     from refact_lab.finetune.runs import ACTIVE, RunService
 

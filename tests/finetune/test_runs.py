@@ -97,8 +97,11 @@ def test_a_run_that_fails_keeps_its_log_and_error(home, stdlib_project, learnabl
     assert runs.execute_run(home.run_dir(run_id), log=lambda m: runs.append_log(home.run_dir(run_id), m)) is None
     status = runs.read_status(home, run_id)
     assert status["state"] == "failed" and status["error"]
+    assert len(status["error"].splitlines()) == 1 and "Traceback" not in status["error"]
     log = runs.log_tail(home, run_id, 100)
-    assert "run failed" in log and "Traceback" in log
+    # the one-line reason comes first, the traceback (for debugging) after it
+    reason = log.index(f"run failed: {status['error']}")
+    assert "Traceback" in log and reason < log.index("Traceback")
 
 
 def test_bad_inputs_are_refused_before_anything_starts(home, stdlib_project, learnable_model_dir):
@@ -137,3 +140,82 @@ def test_preview_shows_the_schedule_the_run_then_uses(home, stdlib_project, lear
     runs.execute_run(home.run_dir(run_id), log=lambda m: None)
     status = runs.read_status(home, run_id)
     assert status["state"] == "finished" and status["schedule"] == shown["schedule"] and status["step"] == 16
+
+
+def _kill_creator_after_create_run(home, project, model, settings) -> str:
+    """A process that creates a run and is SIGKILLed before it starts it (a closed kernel, a killed CLI)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time, json\n"
+            "from refact_lab.config import FinetuneSettings\n"
+            "from refact_lab.finetune import runs\n"
+            "from refact_lab.home import Home\n"
+            "settings = FinetuneSettings(**json.loads(sys.argv[4]))\n"
+            "print(runs.create_run(Home.resolve(sys.argv[1]), sys.argv[2], sys.argv[3], settings), flush=True)\n"
+            "time.sleep(600)\n")
+    import dataclasses
+    import json
+
+    proc = subprocess.Popen([sys.executable, "-c", code, str(home.root), project, model,
+                             json.dumps(dataclasses.asdict(settings))], stdout=subprocess.PIPE, text=True)
+    run_id = proc.stdout.readline().strip()
+    assert run_id, "the creator printed no run id"
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+    return run_id
+
+
+def test_a_queued_run_whose_creator_was_killed_is_failed_and_resumable(home, stdlib_project, learnable_model_dir):
+    run_id = _kill_creator_after_create_run(home, stdlib_project, str(learnable_model_dir),
+                                            quick_settings(train_steps=2))
+    service = RunService(home)
+    status = service.status(run_id)
+    assert status["state"] == "failed" and "ended before the run started" in status["error"]
+    assert "ended before the run started" in service.log_tail(run_id)
+    with pytest.raises(RuntimeError, match="is failed, not running"):
+        service.stop(run_id)
+    service.resume(run_id)
+    done = service.wait(run_id, timeout=120)
+    assert done["state"] == "finished" and done["step"] == 2 and done["error"] is None, service.log_tail(run_id)
+
+
+def test_a_queued_run_with_a_live_creator_stays_queued(home, stdlib_project, learnable_model_dir):
+    run_id = runs.create_run(home, stdlib_project, str(learnable_model_dir), quick_settings())
+    status = runs.read_status(home, run_id)
+    assert status["state"] == "queued" and status["pid"] == os.getpid()
+
+
+def test_a_run_that_cannot_be_launched_is_failed_not_queued(home, stdlib_project, learnable_model_dir,
+                                                            monkeypatch):
+    import subprocess
+
+    def no_process(*args, **kwargs):
+        raise OSError("Too many open files")
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    with pytest.raises(OSError):
+        RunService(home).start(stdlib_project, str(learnable_model_dir), quick_settings())
+    [status] = runs.list_runs(home)
+    assert status["state"] == "failed" and status["error"] == "could not start: OSError: Too many open files"
+
+
+def test_a_queued_run_without_any_owner_is_failed_after_the_grace_period(home, stdlib_project,
+                                                                         learnable_model_dir):
+    """A run folder written before owners were recorded: queued, no pid."""
+    run_id = runs.create_run(home, stdlib_project, str(learnable_model_dir), quick_settings())
+    path = home.run_dir(run_id)
+    runs.update_status(path, pid=None, pid_started=None, created_at=time.time() - 30)
+    assert runs.read_status(home, run_id)["state"] == "queued"        # just created: it may still start
+    runs.update_status(path, created_at=time.time() - runs.UNOWNED_QUEUED_GRACE_S - 1)
+    assert runs.read_status(home, run_id)["state"] == "failed"
+
+
+def test_a_set_seq_len_the_model_cannot_take_is_refused_before_a_run_exists(home, stdlib_project,
+                                                                            learnable_model_dir):
+    from refact_lab.config import SettingsError
+
+    with pytest.raises(SettingsError, match=r"seq_len: 1024 is longer than the model's context \(512 tokens\)"):
+        RunService(home).start(stdlib_project, str(learnable_model_dir), quick_settings(seq_len=1024))
+    assert runs.list_runs(home) == []

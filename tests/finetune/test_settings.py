@@ -6,7 +6,7 @@ import math
 import pytest
 
 from refact_lab.config import FinetuneSettings, SettingsError, field_specs, with_overrides
-from refact_lab.finetune.schedule import MIN_LR_RATIO, resolve
+from refact_lab.finetune.schedule import AUTO_EVALUATIONS, MIN_LR_RATIO, fit_to_model, resolve
 
 ISSUE_FIELDS = ["lora_r", "lora_alpha", "lora_init_scale", "lora_dropout", "learning_rate", "batch_size",
                 "warmup_steps", "weight_decay", "train_steps", "lr_decay_steps", "low_gpu_mem_mode", "seq_len",
@@ -21,7 +21,7 @@ def test_every_field_has_help_and_numbers_have_bounds():
         if spec["type"] in (int, float):
             assert spec["min"] is not None and spec["max"] is not None, spec["name"]
     # "auto" by default: derived from the dataset size
-    for name in ("train_steps", "lr_decay_steps", "warmup_steps"):
+    for name in ("train_steps", "lr_decay_steps", "warmup_steps", "seq_len", "eval_every", "checkpoint_every"):
         assert specs[name]["auto"] and specs[name]["default"] is None
 
 
@@ -91,3 +91,35 @@ def test_learning_rate_warms_up_then_decays_by_cosine_to_the_floor():
     assert all(a >= b for a, b in zip(f[10:100], f[11:101]))  # then never rising
     assert math.isclose(f[55], MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5, rel_tol=1e-9)   # halfway
     assert math.isclose(f[100], MIN_LR_RATIO) and math.isclose(f[119], MIN_LR_RATIO)
+
+
+def test_auto_seq_len_fits_the_model():
+    """The defaults must fit the embedded default model (512 tokens of context) and use 1024 where it fits."""
+    assert fit_to_model(FinetuneSettings(), 512).seq_len == 512
+    assert fit_to_model(FinetuneSettings(), 32768).seq_len == 1024
+    assert fit_to_model(FinetuneSettings(seq_len=256), 512).seq_len == 256
+    with pytest.raises(SettingsError, match=r"seq_len: 1024 is longer than the model's context \(512 tokens\)"):
+        fit_to_model(FinetuneSettings(seq_len=1024), 512)
+    sched = resolve(FinetuneSettings(batch_size=4), train_tokens=100_000, n_ctx=512)
+    assert sched.seq_len == 512 and sched.tokens_per_step == 2048
+    assert "seq_len auto = the smaller of 1024 and the model's context (512) = 512" in sched.explanation
+    with pytest.raises(SettingsError, match="seq_len: auto needs the model's context"):
+        resolve(FinetuneSettings(), train_tokens=100_000)
+
+
+@pytest.mark.parametrize("train_steps", [10, 58, 200, 1000, 50_000])
+def test_auto_eval_every_gives_about_20_evaluations_whatever_the_run_length(train_steps):
+    sched = resolve(FinetuneSettings(batch_size=4, seq_len=100, train_steps=train_steps), train_tokens=10_000)
+    evaluations = train_steps // sched.eval_every
+    assert 15 <= evaluations <= 25 or (train_steps < AUTO_EVALUATIONS and sched.eval_every == 1)
+    assert f"eval_every auto = {train_steps:,} steps / {AUTO_EVALUATIONS} evaluations" in sched.explanation
+    # periodic checkpoints fall on evaluations (a checkpoint holds its test loss), about 10 over the run
+    assert sched.checkpoint_every == 2 * sched.eval_every and "checkpoint_every auto" in sched.explanation
+
+
+def test_the_58_step_run_of_the_issue_draws_its_curve_from_about_20_points():
+    sched = resolve(FinetuneSettings(batch_size=8, seq_len=512, train_steps=58), train_tokens=200_000)
+    assert sched.eval_every == 3 and 58 // sched.eval_every == 19
+    set_ = resolve(FinetuneSettings(batch_size=8, seq_len=512, train_steps=58, eval_every=50,
+                                    checkpoint_every=7), train_tokens=200_000)
+    assert (set_.eval_every, set_.checkpoint_every) == (50, 7)        # numbers set by hand win

@@ -77,9 +77,23 @@ def test_early_stop_after_evaluations_without_improvement(home, stdlib_project, 
                  sinks=[records.append], log=lambda m: None)
     tests = [r["test_loss"] for r in records if r["kind"] == "test"]
     assert result.early_stopped and result.state == "finished"
+    assert result.stop_reason == ("stopped early at step 4 of 40: no lower test loss in 2 evaluations "
+                                  "(early_stop_patience 2)")
     assert result.step == 4 and len(tests) == 3                # step 0, then 2 evaluations without improvement
     assert max(abs(t - tests[0]) for t in tests) < EARLY_STOP_MIN_DELTA
     assert result.last_checkpoint == "step-000004"             # the run can still be deployed or inspected
+
+
+@pytest.mark.slow
+def test_auto_eval_every_measures_the_test_loss_about_20_times(home, stdlib_project, learnable_model_dir, tmp_path):
+    settings = quick_settings(train_steps=40, eval_every=None, checkpoint_every=None)
+    records = []
+    result = fit(str(learnable_model_dir), load_dataset(home, stdlib_project), settings, tmp_path / "run",
+                 sinks=[records.append], log=lambda m: None)
+    assert result.step == 40 and result.stop_reason is None
+    assert [r["step"] for r in records if r["kind"] == "test"] == list(range(0, 41, 2))   # step 0, then 20
+    periodic = {r["step"] for r in records if r["kind"] == "checkpoint"}
+    assert set(range(4, 41, 4)) <= periodic                   # checkpoint_every auto = 2 x eval_every
 
 
 @pytest.mark.slow

@@ -174,3 +174,37 @@ def test_recipe_marks_the_repeated_copies_of_a_looping_completion(model_and_toke
     run = tok.encode("0x" + "F" * 40, add_special_tokens=False)
     k = recipe.loop_tokens(decode, run, context="")
     assert k is not None and len(decode(run[:k])) <= 2 + 24
+
+
+def test_recipe_splits_fim_examples_at_the_cursor_boundary_healing_uses(model_and_tokenizer, monkeypatch):
+    """One definition of a cursor's token boundary for training, healing and the recipe: the recipe's FIM
+    middles start where `refact_lab.models.boundary` says (`cursor_boundary=False` reproduces the old character
+    splits of the shipped stages)."""
+    import importlib.util
+    import random
+
+    from refact_lab.models.boundary import cursor_boundary
+
+    spec = importlib.util.spec_from_file_location("recipe", ROOT / "scripts" / "train_default_model.py")
+    recipe = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "recipe", recipe)
+    spec.loader.exec_module(recipe)
+    seen = []
+    monkeypatch.setattr(recipe, "cursor_boundary", lambda text, i: seen.append((text, i)) or cursor_boundary(text, i))
+    _, tok = model_and_tokenizer
+    text = "class A:\n    def __init__(self):\n        self.s = value\n        return None\n" * 8
+    maker = object.__new__(recipe.ExampleMaker)
+    maker.r = recipe.Recipe(out="unused", seq_len=128)
+    maker.rng = random.Random(0)
+    maker._pick_text = lambda: text
+    maker._enc = lambda t: tok.encode(t, add_special_tokens=False)
+    maker.ids = {name: i for i, name in enumerate(
+        (recipe.QWEN_FIM.prefix, recipe.QWEN_FIM.suffix, recipe.QWEN_FIM.middle))}
+    maker.eot, maker.L = 3, 128
+    for _ in range(20):
+        maker.fim()
+    assert len(seen) == 20   # every FIM example's cursor went through the shared definition
+    maker.r = recipe.Recipe(out="unused", seq_len=128, cursor_boundary=False)
+    for _ in range(5):
+        maker.fim()
+    assert len(seen) == 20   # switched off: the old character splits

@@ -49,3 +49,7 @@ def test_complete_bad_input_exits_2(tmp_path, varied_model_dir):
     assert out.returncode == 2 and "no run 'run-nope'" in out.stderr
     out = run_cli("x", "--home", home, "--max-tokens", "0")
     assert out.returncode == 2 and "--max-tokens" in out.stderr
+    Home.resolve(tmp_path / "home").update_settings(lora={"mode": "bestest"})
+    out = run_cli("x", "--home", home, "--model", str(varied_model_dir))
+    assert out.returncode == 2 and "settings.json" in out.stderr and "'bestest'" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

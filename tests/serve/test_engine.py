@@ -104,3 +104,44 @@ def test_chat_content_that_spells_special_tokens_stays_text(engine, reference):
             assert tok.decode(ids) == (" X " if rewrite == "upper" else "x") + "<|file_sep|>" and ids.count(sep) == 1
     finally:
         tok.chat_template = None
+
+
+class CancelledWhileDropping(Generation):
+    """A generation whose client cancels it while the engine is dropping another cancelled row of its batch:
+    the flag turns true at the engine's second look at it after `other` was cancelled."""
+
+    def __init__(self, *args, other: Generation, **kwargs):
+        self.other, self._flag, self._looks = other, False, 0
+        super().__init__(*args, **kwargs)
+
+    @property
+    def cancelled(self) -> bool:
+        if self.other.cancelled and not self._flag:
+            self._looks += 1
+            self._flag = self._looks >= 2
+        return self._flag
+
+    @cancelled.setter
+    def cancelled(self, value: bool) -> None:
+        self._flag = value
+
+
+def test_a_request_cancelled_between_two_steps_is_finished_and_counted(engine):
+    before = engine.snapshot()["counters"]
+    route = engine.route(None)
+    ids = engine.encode("while True:\n    ")
+    a_events, b_events = queue.Queue(), queue.Queue()
+    a = Generation(ids, SamplingParams(max_tokens=900), a_events.put, route=route)
+    b = CancelledWhileDropping(ids, SamplingParams(max_tokens=900), b_events.put, route=route, other=a)
+    engine.submit(a)
+    engine.submit(b)
+    assert a_events.get(timeout=30)["type"] == "text" and b_events.get(timeout=30)["type"] == "text"
+    a.cancel()
+    for events in (a_events, b_events):
+        while (ev := events.get(timeout=30))["type"] != "done":  # queue.Empty here: the request was lost
+            pass
+        assert ev["finish_reason"] == "cancelled"
+    after = engine.snapshot()["counters"]
+    assert after["finished"] - before.get("finished", 0) == 2
+    assert after["finish_cancelled"] - before.get("finish_cancelled", 0) == 2
+    assert after["submitted"] - before.get("submitted", 0) == 2

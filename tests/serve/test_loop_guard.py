@@ -82,3 +82,19 @@ def test_the_engine_cuts_what_the_model_repeats(guarded_engine, reference):
         # what was cut repeats the end of what was kept (two more copies of one piece, or more of one character)
         assert any(rest.startswith(text[-u:] * 2) for u in range(3, min(200, len(text)) + 1)) or \
             (rest and set(rest[:1]) == set(text[-1:])), (text, rest)
+
+
+def test_the_engine_lets_a_completion_repeat_what_the_prompt_repeats(guarded_engine, reference):
+    """The engine gives the guard the code around the cursor: a prompt that itself repeats a piece lets the
+    completion repeat it too (cut only where the repetition goes beyond what the prompt has)."""
+    prompt = "SELECT name FROM" + "ment" * 5
+    plain = cut_at_special(reference(prompt, 40))
+    context = reference.tokenizer.decode(reference.tokenizer(prompt).input_ids, skip_special_tokens=False)
+
+    def guarded(rules: StopRules) -> str:
+        return next((plain[:rules.find(plain[:k])] for k in range(len(plain) + 1)
+                     if rules.find(plain[:k]) is not None), plain)
+
+    with_context, without = guarded(StopRules(context=context)), guarded(StopRules())
+    assert len(with_context) > len(without), "this prompt must be one where the context changes the cut"
+    assert guarded_engine.generate(prompt, SamplingParams(max_tokens=40))["text"] == with_context

@@ -56,16 +56,79 @@ def test_hosting_panel_reports_a_bad_choice_and_a_failed_load(home, model_dir, i
     assert "needs a CUDA GPU" in panel.state.value
 
 
-def test_hosting_panel_saves_the_openai_key_without_showing_it(home, inference):
+@pytest.fixture
+def models_endpoint(monkeypatch):
+    """A real HTTP server standing in for OpenAI's `GET /v1/models`: 200 for GOOD_KEY, 401 for any other key.
+    The service's default OpenAI URL points at it; `requests` counts the calls."""
+    import http.server
+    import json
+    import threading
+
+    requests = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append((self.path, self.headers.get("Authorization")))
+            ok = self.path == "/v1/models" and self.headers.get("Authorization") == f"Bearer {GOOD_KEY}"
+            body = json.dumps({"data": [{"id": "gpt-4o"}, {"id": "gpt-4o-mini"}]} if ok else
+                              {"error": {"message": "Incorrect API key"}}).encode()
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setattr("refact_lab.serve.upstream.DEFAULT_OPENAI_URL", f"http://127.0.0.1:{srv.server_port}/v1")
+    yield requests
+    srv.shutdown()
+
+
+GOOD_KEY = "sk-proj-good0123456789abcd"
+
+
+def test_hosting_panel_checks_the_openai_key_shows_it_stored_and_removes_it(home, inference, models_endpoint):
     panel = HostingPanel(HostingService(home, inference))
-    panel.openai_key.value = "sk-abcdefgh12345"
+    assert "No OpenAI key stored" in panel.key_state.value and panel.remove_key_button.layout.display == "none"
+    # malformed: refused before any request, nothing saved
+    for bad in ("hello world", "sk-short", "pk-0123456789abcdefghijkl"):
+        panel.openai_key.value = bad
+        panel.save_upstream_button.click()
+        assert "does not look like" in panel.message.value, bad
+    assert models_endpoint == [] and "openai_api_key" not in home.load_settings()
+    # well-formed but refused by the models list: not saved
+    panel.openai_key.value = "sk-proj-wrong0123456789abcd"
     panel.save_upstream_button.click()
-    assert home.load_settings()["openai_api_key"] == "sk-abcdefgh12345"
-    assert panel.openai_key.value == "" and "sk-abcdefgh12345" not in panel.widget.children[0].value
+    assert "Not saved" in panel.message.value and "refused the key (HTTP 401)" in panel.message.value
+    assert "openai_api_key" not in home.load_settings()
+    # accepted: saved, the field cleared, and the panel says a key is stored, masked, with a Remove button
+    panel.openai_key.value = GOOD_KEY
+    panel.save_upstream_button.click()
+    assert "accepted (2 models)" in panel.message.value
+    assert home.load_settings()["openai_api_key"] == GOOD_KEY and panel.openai_key.value == ""
+    assert "A key is stored" in panel.key_state.value and "sk-...abcd" in panel.key_state.value
+    assert GOOD_KEY not in panel.key_state.value and panel.remove_key_button.layout.display == ""
     assert (home.settings_file.stat().st_mode & 0o777) == 0o600
+    assert "sk-...abcd" in HostingPanel(HostingService(home, inference)).key_state.value  # after a reload too
+    panel.remove_key_button.click()
+    assert home.load_settings().get("openai_api_key") is None and "No OpenAI key stored" in panel.key_state.value
     panel.upstream_url.value = "not a url"
     panel.save_upstream_button.click()
     assert "not an http(s) URL" in panel.message.value
+
+
+def test_hosting_panel_saves_a_key_it_could_not_check_and_says_why(home, inference, monkeypatch):
+    from tests.conftest import free_port
+
+    monkeypatch.setattr("refact_lab.serve.upstream.DEFAULT_OPENAI_URL", f"http://127.0.0.1:{free_port()}/v1")
+    panel = HostingPanel(HostingService(home, inference))
+    panel.openai_key.value = GOOD_KEY
+    panel.save_upstream_button.click()
+    assert "could not check" in panel.message.value and "refused" in panel.message.value.lower()
+    assert home.load_settings()["openai_api_key"] == GOOD_KEY and "A key is stored" in panel.key_state.value
 
 
 def test_hosting_panel_loop_guard_checkbox_saves_the_setting_and_keeps_the_batch_size(home, model_dir, inference):
@@ -139,3 +202,108 @@ def test_deploy_panel_refuses_a_checkpoint_that_does_not_exist(home, model_dir, 
     panel.deploy_button.click()
     assert "Not deployed" in panel.message.value and "step-999999" in panel.message.value
     assert "lora" not in home.load_settings()
+
+
+def _running_run(home, model_dir, steps):
+    """run-b, still running: checkpoints written, no best named yet."""
+    from refact_lab.home import atomic_write_json
+
+    make_run(home, "run-b", model_dir, steps, [1.0] * len(steps), seed=7, created_at=2000)
+    atomic_write_json(home.run_dir("run-b") / "status.json", {
+        "run_id": "run-b", "state": "running", "step": steps[-1], "created_at": 2000, "model": model_dir.name})
+
+
+def test_deploy_panel_refresh_rereads_runs_and_selects_a_step(home, model_dir, inference):
+    make_run(home, "run-a", model_dir, [10, 20, 30], [2.5, 1.9, 2.2], seed=6, created_at=1000)
+    panel = DeployPanel(DeployService(home, inference), poll_s=0.05)
+    panel.mode.value = "checkpoint"
+    # "a specific checkpoint" never leaves the step empty: the run's best
+    assert panel.run.value == "run-a" and panel.checkpoint.value == "step-000020"
+    _running_run(home, model_dir, [5])   # written after the panel opened
+    assert "run-b" not in [v for _, v in panel.run.options]
+    panel.refresh_button.click()
+    assert [v for _, v in panel.run.options] == ["run-b", "run-a"]
+    assert panel.run.value == "run-a" and panel.checkpoint.value == "step-000020"   # the selection is kept
+    panel.run.value = "run-b"          # no best (no test loss): the newest step
+    assert panel.checkpoint.value == "step-000005"
+    # a new checkpoint of a run already listed appears on Refresh too (label counts it)
+    _running_run(home, model_dir, [5, 15])
+    panel.refresh_button.click()
+    assert [v for _, v in panel.checkpoint.options] == ["step-000005", "step-000015"]
+    assert "2 checkpoints" in panel.run.options[0][0]
+
+
+def test_deploy_panel_messages_do_not_outlive_what_they_describe(home, model_dir, inference):
+    make_run(home, "run-a", model_dir, [10], [2.0], seed=8)
+    home.update_settings(model=str(model_dir), device="cpu")
+    inference.start().wait_ready(60)
+    service = DeployService(home, inference)
+    panel = DeployPanel(service, poll_s=0.05)
+    assert "caps_version" not in panel.state.value and "caps_version" not in panel.widget.children[0].value
+    panel.mode.value = "checkpoint"
+    panel.checkpoint.options = [("step-999999", "step-999999")]
+    panel.checkpoint.value = "step-999999"
+    panel.deploy_button.click()
+    assert "Not deployed" in panel.message.value
+    panel.mode.value = "best"                      # the user moved on: the error about the old choice goes
+    assert panel.message.value == ""
+    panel.deploy_button.click()
+    assert "Deploying" in panel.message.value
+    wait_for(lambda: "Deployed: run-a/step-000010" in panel.message.value, timeout=30, what="deployed message")
+    assert "Deploying" not in panel.message.value
+    service.deploy("off")                          # changed elsewhere (CLI, another page)
+    service.wait_applied(30)
+    panel.refresh()
+    assert panel.message.value == "" and "<code class='refact-lab-deployed'>off</code>" in panel.state.value
+
+
+def test_playground_uses_the_choice_just_deployed_and_shows_timing(home, model_dir, inference):
+    make_run(home, "run-a", model_dir, [10, 20], [2.0, 2.5], seed=3, created_at=1000)
+    home.update_settings(model=str(model_dir), device="cpu")
+    inference.start().wait_ready(60)
+    service = DeployService(home, inference)
+    prompt = ("def add(a, b):\n    return", "\n")
+    lora = {}
+    for ck in ("step-000010", "step-000020"):
+        service.deploy(f"run-a/{ck}")
+        service.wait_applied(30)
+        lora[ck] = inference.complete(*prompt, model="tinycoder:lora", max_tokens=8)["text"]
+    assert lora["step-000010"] != lora["step-000020"]   # else this test could not tell them apart
+    service.deploy("off")
+    service.wait_applied(30)
+    panel = DeployPanel(service, poll_s=0.05)
+    panel.prefix.value, panel.suffix.value, panel.max_tokens.value = *prompt, 8
+    # each Complete comes at once after its Deploy: the playground waits for the engine, not the user
+    panel.mode.value = "checkpoint"
+    panel.run.value, panel.checkpoint.value = "run-a", "step-000010"
+    panel.deploy_button.click()
+    out = panel.complete()
+    assert out["lora"] == lora["step-000010"]
+    panel.checkpoint.value = "step-000020"
+    panel.deploy_button.click()
+    assert panel.complete()["lora"] == lora["step-000020"]
+    panel.mode.value = "off"
+    panel.deploy_button.click()
+    assert panel.complete()["lora"] is None
+    panel.mode.value = "checkpoint"
+    panel.deploy_button.click()
+    out = panel.complete()
+    assert out["lora"] == lora["step-000020"]
+    assert out["base_ms"] > 0 and out["lora_ms"] > 0
+    assert "ms</span>" in panel.base_head.value and "ms</span>" in panel.lora_head.value
+    assert "tinycoder:lora" in panel.lora_head.value
+
+
+def test_deploy_panel_says_how_the_best_checkpoint_was_chosen(home, model_dir, inference):
+    from refact_lab.finetune.runs import update_status
+
+    make_run(home, "run-a", model_dir, [10, 20], [1.5, 2.0], seed=9)
+    panel = DeployPanel(DeployService(home, inference))
+    panel.mode.value = "checkpoint"
+    assert "★ best by test loss" in dict((v, k) for k, v in panel.checkpoint.options)["step-000010"]
+    # the scoreboard picked the other one (FinetuneSettings.best_by = edit_similarity)
+    update_status(home.run_dir("run-a"), best={"checkpoint": "step-000020", "step": 20, "test_loss": 2.0,
+                                               "edit_similarity": 0.4, "chosen_by": "edit_similarity"})
+    panel.refresh_button.click()
+    labels = dict((v, k) for k, v in panel.checkpoint.options)
+    assert "★ best by edit similarity" in labels["step-000020"] and "★" not in labels["step-000010"]

@@ -35,6 +35,13 @@ def panels(home):
     scan.close()
 
 
+def _click_row(scan, row: int) -> None:
+    """What the browser sends when a grid row is clicked (ipydatagrid's cell-click message, `row` in the data)."""
+    scan.grid._handle_custom_msg({"event_type": "cell-click", "region": "body", "column": "file",
+                                  "column_index": 0, "row": row, "primary_key_row": row,
+                                  "cell_value": scan.rows()[row]["file"]}, [])
+
+
 def _wait_until(predicate, timeout=30.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -124,35 +131,39 @@ def test_folder_scan_chart_filters_and_force_include(panels, tmp_path):
     assert scan.chart_png.startswith(b"\x89PNG") and scan.chart.outputs[0]["data"]["image/png"]
     assert "vendored 1" in scan.chart.outputs[0]["data"]["text/plain"]
 
-    # filters: rejected by reason, then accepted by path
+    # filters: rejected by reason, then accepted by path; the grid's rows name the source, not its id
     scan.show.value = "rejected"
     scan.reason.value = "vendored"
-    assert [label for label, _ in scan.files.options] == ["vendor/lib.py  ·  Python  ·  vendored: inside vendor/"]
+    assert scan.rows() == [{"file": "vendor/lib.py", "source": "folder: proj", "outcome": "vendored",
+                            "detail": "inside vendor/", "set": "train", "language": "Python", "loss": "",
+                            "KiB": scan.rows()[0]["KiB"]}]
+    assert list(scan.grid.data["source"]) == ["folder: proj"] and list(scan.grid.data["file"]) == ["vendor/lib.py"]
     scan.show.value = "accepted"
     scan.reason.value = "(all)"
     scan.path_filter.value = "m3"
-    assert len(scan.files.options) == 1 and scan.files.options[0][1].endswith("/pkg/m3.py")
+    assert len(scan.keys()) == 1 and scan.keys()[0].endswith("/pkg/m3.py")
     scan.show.value = "all"
     scan.path_filter.value = ""
     scan.language.value = "Markdown"
-    assert [v for _, v in scan.files.options] == [f"{service.list_sources()[0].id}/README.md"]
+    assert scan.keys() == [f"{service.list_sources()[0].id}/README.md"]
 
     # hold one accepted file out as test
     scan.show.value = "accepted"
     scan.language.value = "(all)"
     scan.path_filter.value = "m2"
-    scan.files.value = scan.files.options[0][1]
+    _click_row(scan, 0)
+    assert "pkg/m2.py" in scan.selected_info.value and "folder: proj" in scan.selected_info.value
     scan.test_button.click()
-    assert service.overrides()["test"] == [scan.files.value]
+    assert service.overrides()["test"] == [scan.selected_key] and scan.selected_key.endswith("/pkg/m2.py")
     scan.path_filter.value = ""
 
     # force-include the vendored file and re-run
     scan.show.value = "rejected"
     scan.language.value = "(all)"
     scan.reason.value = "vendored"
-    scan.files.value = scan.files.options[0][1]
+    _click_row(scan, 0)
     scan.include_button.click()
-    assert scan.files.value in service.overrides()["include"]
+    assert scan.selected_key in service.overrides()["include"] and scan.selected_key.endswith("/vendor/lib.py")
     scan.rerun_button.click()
     service.wait_scan(60)
     assert _wait_until(lambda: scan.results.stats["accepted"] == 7)
@@ -203,3 +214,77 @@ def test_workbench_wires_the_three_tabs_to_one_service(home):
     wb = Workbench(home)
     sources, scan, settings = wb.panels["Sources"], wb.panels["Scan"], wb.panels["Settings"]
     assert sources.service is scan.service is settings.service
+
+
+def test_forms_show_human_labels_from_the_settings_metadata(home):
+    """Scan and Fine-tune forms label fields from one place (config.field_label), never the raw field name."""
+    from refact_lab.config import FinetuneSettings, ScanSettings, field_specs
+    from refact_lab.finetune.runs import RunService
+    from refact_lab.ui.finetune_panel import FinetunePanel
+    from refact_lab.ui.scan_panel import ScanPanel
+
+    scan = ScanPanel(ProjectService(home), poll_s=0)
+    assert scan.fields["max_file_kib"].label == "Max file size (KiB)"
+    assert scan.fields["lm_filter"].label == "Loss filter (stage 2)"
+    finetune = FinetunePanel(RunService(home), poll_s=0)
+    assert finetune.fields["lr_decay_steps"].label == "LR decay steps"
+    assert finetune.fields["low_gpu_mem_mode"].label == "Low GPU memory mode"
+    for panel, cls in ((scan, ScanSettings), (finetune, FinetuneSettings)):
+        for spec in field_specs(cls):
+            if spec["name"] in panel.fields:
+                label = panel.fields[spec["name"]].label
+                assert label == spec["label"] and "_" not in label, (spec["name"], label)
+    scan.close()
+
+
+def test_auto_loss_threshold_shows_the_value_the_scan_applied(panels, tmp_path):
+    """The embedded model's registry threshold (4.0) is applied by an auto scan: the form says 4, not 0."""
+    from refact_lab.models.registry import resolve
+
+    service, _, scan = panels
+    applied = resolve("default").loss_threshold
+    assert applied not in (0, 3.0)  # else this test could not tell the model's value from a fallback
+    field = scan.fields["loss_threshold"]
+    assert field.auto.value and field.get() is None
+    assert field.input.value == applied and f"auto: {applied:g} (the model's default)" in field.hint.value
+    service.add_folder(str(write_tree(tmp_path / "proj", FILES)))
+    scan.fields["max_file_kib"].input.value = 64
+    assert scan.start()
+    service.wait_scan(300)
+    assert _wait_until(lambda: scan.results is not None and (scan.results.stats or {}).get("loss"), 60)
+    assert scan.results.stats["loss"]["threshold"] == applied
+    assert field.input.value == applied and f"auto: {applied:g} (applied by the last scan)" in field.hint.value
+    assert field.get() is None and scan.settings().loss_threshold is None  # still auto for the next scan
+    scan.show.value = "all"
+    losses = {r["file"]: r["loss"] for r in scan.rows()}
+    assert float(losses["pkg/m1.py"]) > 0 and losses["vendor/lib.py"] == ""   # stage 2 never saw vendor/
+
+
+def test_adding_the_same_source_twice_says_so_and_adds_nothing(panels, tmp_path):
+    service, sources, _ = panels
+    root = write_tree(tmp_path / "proj", FILES)
+    for _ in range(2):
+        sources.folder_path.value = str(root)
+        sources.add_folder_button.click()
+        sources.wait(30)
+    assert "already a source of this project" in sources.last_error and "folder: proj" in sources.last_error
+    assert "already a source" in sources.message.value and len(service.list_sources()) == 1
+
+
+def test_rescan_hint_after_the_sources_change(panels, tmp_path):
+    service, sources, scan = panels
+    service.add_folder(str(write_tree(tmp_path / "proj", FILES)))
+    assert scan.stale_hint.value == ""             # no scan yet: nothing to call stale
+    scan.fields["lm_filter"].input.value = False
+    assert scan.start()
+    service.wait_scan(60)
+    assert _wait_until(lambda: scan.results is not None and scan.results.stats is not None)
+    assert scan.stale_hint.value == ""
+    sources.folder_path.value = str(write_tree(tmp_path / "more", {"lib/extra.py": good_py(90)}))
+    sources.add_folder_button.click()            # through the Sources tab: the Scan tab hears of it
+    sources.wait(30)
+    assert "rescan" in scan.stale_hint.value and "source &#x27;more&#x27; was added" in scan.stale_hint.value
+    assert scan.results.stats["files"] == 9       # the previous results still show, under the hint
+    scan.scan_button.click()
+    service.wait_scan(60)
+    assert _wait_until(lambda: scan.stale_hint.value == "" and scan.results.stats["files"] == 10)

@@ -1,0 +1,184 @@
+"""Complete every scoreboard cursor through the serving engine, for the base model and LoRA checkpoints.
+
+Served, not simulated: each cursor is prepared by `serve.prepare.prepare_around_cursor`, the function that
+prepares a Tabby/IDE request on the API (the prompt cut to the model's context, the token budget), then
+`Engine.generate` token-heals the prompt and applies the stop rules (single line, end-of-text) and the loop
+guard exactly as for a request on the API. Decoding is greedy and
+requests go one at a time, so two runs over the same cursors give the same texts (batching could reorder
+floating-point sums between runs).
+
+An engine serves the base model and one deployed adapter, so each checkpoint gets an engine started in this
+process with that checkpoint deployed (a one-off override, settings.json is left alone); the base model is
+completed with the LoRA off on the first of them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from refact_lab.home import Home
+from refact_lab.scoreboard.cursors import DEFAULT_CURSORS, DEFAULT_SEED, KINDS, Cursor, fingerprint, sample_cursors
+from refact_lab.scoreboard.metrics import aggregate, score
+
+SINGLE_LINE_TOKENS = 48
+MULTI_LINE_TOKENS = 128
+
+Progress = Callable[[str, int, int], None]
+
+
+class EvalError(ValueError):
+    """Bad input for an evaluation (no such project, run or checkpoint; no held-out files)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One model entry of the scoreboard: the base model (checkpoint None) or a LoRA checkpoint."""
+
+    name: str
+    lora: str | None              # "RUN/CHECKPOINT"
+    checkpoint: object = None     # refact_lab.serve.checkpoints.Checkpoint
+
+
+def project_cursors(home: Home, project: str, n: int = DEFAULT_CURSORS, seed: int = DEFAULT_SEED) -> list[Cursor]:
+    """The project's cursor set: drawn from its held-out test files (the scan's split)."""
+    from refact_lab.finetune.dataset import load_dataset
+
+    try:
+        dataset = load_dataset(home, project)
+    except (FileNotFoundError, ValueError) as e:
+        raise EvalError(str(e)) from None
+    cursors = sample_cursors(dataset.pairs("test"), n, seed)
+    if not cursors:
+        raise EvalError(f"project {project!r} has no cursor positions in its {len(dataset.test)} test file(s)")
+    return cursors
+
+
+def project_runs(home: Home, project: str) -> list:
+    """The project's runs (newest first) as serving sees them, with their checkpoints."""
+    from refact_lab.finetune.runs import list_runs as list_statuses
+    from refact_lab.serve.checkpoints import list_runs
+
+    mine = {s["run_id"] for s in list_statuses(home) if s.get("project") == project}
+    return [r for r in list_runs(home) if r.run_id in mine]
+
+
+def resolve_targets(home: Home, project: str, model: str, run_id: str | None, choices: list[str]) -> list[Target]:
+    """Base model first, then one Target per checkpoint choice (best | latest | NAME | off) of `run_id` (default:
+    the project's newest run with a checkpoint). Raises EvalError saying what exists."""
+    targets = [Target(model, None)]
+    wanted = [c for c in choices if c != "off"]
+    if not wanted:
+        return targets
+    runs = project_runs(home, project)
+    if run_id:
+        run = next((r for r in runs if r.run_id == run_id), None)
+        if run is None:
+            raise EvalError(f"project {project!r} has no run {run_id!r}; it has "
+                            f"{', '.join(r.run_id for r in runs) or 'none'}")
+    else:
+        run = next((r for r in runs if r.checkpoints), None)
+        if run is None:
+            raise EvalError(f"project {project!r} has no run with a checkpoint: fine-tune first, or --checkpoint off")
+    if not run.checkpoints:
+        raise EvalError(f"run {run.run_id} has no checkpoint yet")
+    for choice in wanted:
+        ck = {"best": run.best_checkpoint or run.latest, "latest": run.latest}.get(choice) or run.checkpoint(choice)
+        if ck is None:
+            raise EvalError(f"run {run.run_id} has no checkpoint {choice!r}; it has best, latest, "
+                            f"{', '.join(c.name for c in run.checkpoints)}")
+        if all(t.lora != ck.key for t in targets):
+            targets.append(Target(f"{model}+{ck.key}", ck.key, ck))
+    return targets
+
+
+def run_model(home: Home, project: str) -> str:
+    """The base model a project's runs were trained on (newest run), else the active model."""
+    from refact_lab.finetune.runs import list_runs as list_statuses
+
+    for status in list_statuses(home):
+        if status.get("project") == project and status.get("model"):
+            return status["model"]
+    return home.load_settings().get("model") or "default"
+
+
+def complete_all(engine, model_name: str, cursors: list[Cursor], progress: Progress | None = None,
+                 label: str = "") -> list[dict]:
+    """Every cursor completed by `model_name` on `engine` (ready), with its scores and latency."""
+    from refact_lab.serve.prepare import prepare_around_cursor
+
+    rows = []
+    for i, c in enumerate(cursors):
+        started = time.perf_counter()
+        prep = prepare_around_cursor(engine, c.prefix, c.suffix, SINGLE_LINE_TOKENS if c.single_line
+                                     else MULTI_LINE_TOKENS, 0.0, c.single_line, None, model=model_name)
+        done = engine.generate(prep.ids, prep.params, model=prep.route.name, timeout=600)
+        ms = (time.perf_counter() - started) * 1000
+        context = c.prefix[-2000:] + c.suffix[:500]
+        rows.append({"id": c.id, "kind": c.kind, "text": done["text"], "finish_reason": done["finish_reason"],
+                     "ms": ms, **score(done["text"], c.expected, single_line=c.single_line,
+                                       finish_reason=done["finish_reason"], context=context)})
+        if progress:
+            progress(label or model_name, i + 1, len(cursors))
+    return rows
+
+
+def summarize(target: Target, rows: list[dict]) -> dict:
+    """One "models" entry of the report: overall and per-kind aggregates."""
+    overall = aggregate(rows)
+    overall.pop("n")
+    return {"name": target.name, "lora": target.lora, "overall": overall,
+            "by_kind": {k: aggregate([r for r in rows if r["kind"] == k]) for k in KINDS}}
+
+
+def evaluate(home: Home, project: str, targets: list[Target], *, cursors: list[Cursor],
+             progress: Progress | None = None, model: str | None = None) -> tuple[dict, dict]:
+    """(report, details): the printed/persisted scoreboard and the per-cursor completions behind it."""
+    from refact_lab.serve.client import LocalInference
+    from refact_lab.serve.state import LoraChoice, lora_model_name
+
+    model = model or targets[0].name
+    per_target: dict[str | None, list[dict]] = {}
+    # one engine per checkpoint (or one with the LoRA off when only the base model is asked for)
+    deploy = [t for t in targets if t.lora] or [None]
+    for i, t in enumerate(deploy):
+        choice = LoraChoice("off") if t is None else LoraChoice("checkpoint", t.checkpoint.run_id,
+                                                                  t.checkpoint.name)
+        inference = LocalInference(home, {"model": model, "lora": choice.to_dict()})
+        try:
+            engine = inference.start().wait_ready(600)
+            snap = engine.snapshot()
+            if i == 0:
+                per_target[None] = complete_all(engine, snap["model"], cursors, progress, targets[0].name)
+            if t is not None:
+                served = lora_model_name(snap["model"])
+                if served not in snap["models"]:
+                    raise EvalError(f"checkpoint {t.lora} could not be loaded: {snap['lora']['error']}")
+                per_target[t.lora] = complete_all(engine, served, cursors, progress, t.name)
+        finally:
+            inference.stop()
+    report = {"project": project, "cursors": len(cursors),
+              "models": [summarize(t, per_target[t.lora]) for t in targets]}
+    details = {"fingerprint": fingerprint(cursors), "cursors": [c.summary() for c in cursors],
+               "completions": {t.lora or "base": [{k: r[k] for k in ("id", "text", "exact_match", "edit_similarity")}
+                                                  for r in per_target[t.lora]] for t in targets}}
+    return report, details
+
+
+def format_table(report: dict) -> str:
+    """The scoreboard as text: one block per model, a row per kind and overall."""
+    cols = ("exact_match", "edit_similarity", "identifier_f1", "degenerate", "p50_ms")
+    heads = ("KIND", "N", "EXACT", "EDIT SIM", "IDENT F1", "DEGEN", "P50 MS")
+    lines = [f"project {report['project']}: {report['cursors']} cursors"]
+    for m in report["models"]:
+        lines.append("")
+        lines.append(f"{m['name']}" + (f"  (LoRA {m['lora']})" if m["lora"] else "  (base model, LoRA off)"))
+        rows = [heads]
+        for kind, agg in [*m["by_kind"].items(), ("overall", {**m["overall"], "n": report["cursors"]})]:
+            rows.append((kind, str(agg["n"]), *("-" if agg[c] is None else f"{agg[c]:.1f}" if c == "p50_ms"
+                                               else f"{agg[c]:.3f}" for c in cols)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(heads))]
+        lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                  for r in rows]
+    return "\n".join(lines)
