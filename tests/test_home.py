@@ -150,3 +150,31 @@ def test_sources_inside_the_state_directory_are_refused(tmp_path, capsys):
         assert code == 2, (spec, err)
         assert "state directory" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not home.sources_dir().exists() or not any(home.sources_dir().iterdir())
+
+
+def test_scans_runs_and_updates_share_one_job_status(home):
+    """One meaning of a job status: the same owner fields and the same verdict on a dead owner."""
+    import subprocess
+    import sys
+
+    from refact_lab import job_status
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    owner = job_status.owner_fields(proc.pid)
+    assert job_status.orphaned({"state": "running", **owner}) is False
+    proc.kill()
+    proc.wait()
+    for state in job_status.ACTIVE:
+        assert job_status.orphaned({"state": state, **owner})
+    assert not job_status.orphaned({"state": "finished", **owner})          # a finished job is not dead
+    assert not job_status.orphaned({"state": "running"})                    # no owner named: cannot tell
+    # a run is alive while either its launcher or its worker is
+    me = job_status.owner_fields(keys=job_status.RUN_OWNERS[1])
+    assert not job_status.orphaned({"state": "running", **owner, **me}, job_status.RUN_OWNERS)
+    folder = home.root / "job"
+    folder.mkdir()
+    assert not job_status.stop_requested(folder)
+    job_status.request_stop(folder)
+    assert job_status.stop_requested(folder)
+    job_status.clear_stop(folder)
+    assert not job_status.stop_requested(folder)

@@ -10,7 +10,6 @@ the process's start time, so a recycled pid does not keep it alive) reads as fai
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import threading
 import time
 import traceback
@@ -18,9 +17,9 @@ from typing import Callable
 
 from refact_lab.config import ScanSettings
 from refact_lab.data.pipeline import ScanCancelled, run_scan, scan_files
-from refact_lab.home import DEFAULT_PROJECT, Home, atomic_write_json, pid_alive, proc_start_ticks, read_json
+from refact_lab.home import DEFAULT_PROJECT, Home, atomic_write_json, read_json
+from refact_lab.job_status import orphaned, owner_fields
 
-ACTIVE = ("queued", "running")
 STAGE_LABELS = {
     "listing": "Listing files", "rules": "Applying rules", "reading": "Reading files",
     "near-duplicates": "Finding near-duplicates", "secrets": "Looking for secrets",
@@ -38,7 +37,7 @@ def _now() -> str:
 def read_status(home: Home, project: str = DEFAULT_PROJECT) -> dict:
     """The job's last written status; "idle" before any scan; "failed" if its process has died."""
     status = read_json(scan_files(home, project)["status"], None) or {"state": "idle"}
-    if status.get("state") in ACTIVE and status.get("pid") and not pid_alive(status["pid"], status.get("start_ticks")):
+    if orphaned(status):
         status = {**status, "state": "failed", "error": "the process running the scan ended unexpectedly"}
     return status
 
@@ -107,8 +106,7 @@ class ScanJob:
         self.paths["stop"].unlink(missing_ok=True)
         self.stats = None
         self._status = {"state": "queued", "stage": "listing", "done": 0, "total": 0,
-                        "message": "Queued", "error": None, "pid": os.getpid(),
-                        "start_ticks": proc_start_ticks(os.getpid()), "started_at": _now(),
+                        "message": "Queued", "error": None, **owner_fields(), "started_at": _now(),
                         "finished_at": None, "summary": None}
         self._write(force=True)
 

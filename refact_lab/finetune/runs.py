@@ -37,12 +37,10 @@ from typing import Callable, Sequence
 from refact_lab.config import FinetuneSettings, LaunchSettings, SettingsError, from_dict
 from refact_lab.finetune.checkpoints import latest_resumable, run_checkpoints
 from refact_lab.finetune.checkpoints import best_name as _best_name
-from refact_lab.home import (Home, append_jsonl, atomic_write_json, atomic_write_text, file_lock, pid_alive,
-                             proc_start_ticks, read_json, read_jsonl)
+from refact_lab import job_status
+from refact_lab.home import Home, append_jsonl, atomic_write_json, atomic_write_text, file_lock, read_json, read_jsonl
+from refact_lab.job_status import ACTIVE, RUN_OWNERS, STATES, STOP_FLAG, owner_fields  # noqa: F401 - re-exported
 
-STATES = ("queued", "running", "finished", "failed", "stopped")
-ACTIVE = ("queued", "running")
-STOP_FLAG = "stop"
 STATUS_WRITE_INTERVAL_S = 1.0
 # A queued run that names no owner process at all (written by an older version) is failed after this long.
 UNOWNED_QUEUED_GRACE_S = 120.0
@@ -149,7 +147,7 @@ def create_run(home: Home, project: str, model: str, settings: FinetuneSettings,
         "error": None, "best": None, "last_checkpoint": None, "created_at": _now(),
         # the creator owns the queued run until a process is started for it: if the creator dies first,
         # readers see a queued run with no live owner and mark it failed (resumable)
-        "pid": os.getpid(), "pid_started": proc_start_ticks(os.getpid()),
+        **owner_fields(),
         "updated_at": _now(), "model": spec.name, "project": project, "world_size": launch_plan.processes,
         "launch": launch_plan.describe()})
     (path / "log.txt").touch()
@@ -225,8 +223,7 @@ def _claim(home: Home, run_id: str, resume: bool) -> None:
         raise RuntimeError(f"run {run_id} is already {status['state']} (pid {status['pid']})")
     if resume:
         path = home.run_dir(run_id)
-        with contextlib.suppress(FileNotFoundError):
-            (path / STOP_FLAG).unlink()
+        job_status.clear_stop(path)
         ckpt = latest_resumable(path)
         append_log(path, f"resume requested: continuing from {ckpt.name if ckpt else 'the start (no checkpoint)'}")
 
@@ -247,14 +244,13 @@ def start_run(home: Home, run_id: str, *, resume: bool = False) -> subprocess.Po
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=str(path), env=env, start_new_session=True, close_fds=True)
         # only the owner changes: the child may already have written "running"
-        update_status(path, pid=proc.pid, pid_started=proc_start_ticks(proc.pid))
+        update_status(path, **owner_fields(proc.pid))
     return proc
 
 
 def _own(path: Path) -> None:
     """Mark the run queued and owned by this process, forgetting the previous attempt's processes and end."""
-    update_status(path, state="queued", pid=os.getpid(), pid_started=proc_start_ticks(os.getpid()),
-                  worker_pid=None, worker_started=None, error=None, finished_at=None, stop_reason=None)
+    update_status(path, state="queued", **owner_fields(), worker_pid=None, worker_started=None, error=None, finished_at=None, stop_reason=None)
 
 
 def stop_run(home: Home, run_id: str) -> dict:
@@ -269,7 +265,7 @@ def stop_run(home: Home, run_id: str) -> dict:
 
 def request_stop(path: Path) -> None:
     """Write the stop flag that the trainer checks at every step boundary."""
-    atomic_write_text(Path(path) / STOP_FLAG, f"{_now()}\n")
+    job_status.request_stop(path)
 
 
 def resume_run(home: Home, run_id: str, *, detach: bool = True) -> subprocess.Popen | None:
@@ -288,15 +284,12 @@ def resume_run(home: Home, run_id: str, *, detach: bool = True) -> subprocess.Po
 
 def _owner_alive(status: dict) -> bool:
     """Whether a process that owns the run is alive: its creator or launcher (pid), or the worker training it."""
-    return (pid_alive(status.get("pid"), status.get("pid_started"))
-            or pid_alive(status.get("worker_pid"), status.get("worker_started")))
+    return job_status.owner_alive(status, RUN_OWNERS)
 
 
 def _orphaned(status: dict) -> bool:
-    if status.get("state") not in ACTIVE:
-        return False
-    if status.get("pid") or status.get("worker_pid"):
-        return not _owner_alive(status)
+    if job_status.has_owner(status, RUN_OWNERS):
+        return job_status.orphaned(status, RUN_OWNERS)
     # no owner recorded at all (a run folder from an older version): failed once it has waited too long
     return status.get("state") == "queued" and _now() - float(status.get("created_at") or 0) > UNOWNED_QUEUED_GRACE_S
 
@@ -428,16 +421,15 @@ def execute_run(path: Path, *, log: Callable[[str], None] | None = None, extra_s
 
     log = log or default_log
     if is_main:
-        changes = {"state": "running", "worker_pid": os.getpid(), "worker_started": proc_start_ticks(os.getpid()),
-                   "started_at": _now(), "error": None, "finished_at": None, "stop_reason": None}
+        changes = {"state": "running", **owner_fields(keys=RUN_OWNERS[1]), "started_at": _now(), "error": None, "finished_at": None, "stop_reason": None}
         if pid is not None:  # in the foreground (CLI) the run's process is this one
-            changes.update(pid=pid, pid_started=proc_start_ticks(pid))
+            changes.update(owner_fields(pid))
         update_status(path, **changes)
     try:
         settings = from_dict(FinetuneSettings, doc.get("finetune") or {})
         dataset = load_dataset(home, doc["project"])
         sinks = [MetricsFileSink(path), StatusSink(path), *extra_sinks] if is_main else []
-        result = fit(doc["model"], dataset, settings, path, sinks=sinks, should_stop=(path / STOP_FLAG).exists,
+        result = fit(doc["model"], dataset, settings, path, sinks=sinks, should_stop=lambda: job_status.stop_requested(path),
                      log=log, extra_record={"run_id": doc.get("run_id"), "project": doc.get("project")},
                      init_adapter=doc.get("init_adapter"))
     except BaseException as e:  # noqa: BLE001 - a failed run must say why, whatever it was
@@ -457,8 +449,7 @@ def execute_run(path: Path, *, log: Callable[[str], None] | None = None, extra_s
             raise
         return None
     if is_main:
-        with contextlib.suppress(FileNotFoundError):
-            (path / STOP_FLAG).unlink()
+        job_status.clear_stop(path)
         update_status(path, state=result.state, step=result.step, total=result.total, best=result.best,
                       early_stopped=result.early_stopped, stop_reason=result.stop_reason,
                       eta_s=0 if result.state == "finished" else None,

@@ -14,7 +14,6 @@ time: a launch while an update of the project is active is refused.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -23,10 +22,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from refact_lab.config import UpdateSchedule, from_dict
-from refact_lab.home import (Home, atomic_write_json, atomic_write_text, file_lock, pid_alive, proc_start_ticks,
-                             read_json)
+from refact_lab import job_status
+from refact_lab.home import Home, atomic_write_json, file_lock, read_json
+from refact_lab.job_status import ACTIVE, orphaned, owner_fields
 
-ACTIVE = ("queued", "running")
 SETTINGS_KEY = "update_schedule"
 # the schedule dropdown's choices (hours; 0 = off)
 CHOICES = (("off", 0), ("every 6 hours", 6), ("every 12 hours", 12), ("daily", 24), ("weekly", 24 * 7))
@@ -50,7 +49,7 @@ def read_status(home: Home, project: str) -> dict:
     status = read_json(job_dir(home, project) / "status.json", {}) or {}
     if not status:
         return {"state": "idle", "project": project}
-    if status.get("state") in ACTIVE and not pid_alive(status.get("pid"), status.get("pid_started")):
+    if orphaned(status):
         status = _write(home, project, state="failed", finished_at=time.time(),
                         error="the update process ended without finishing (killed or crashed); see its log")
     return status
@@ -71,15 +70,14 @@ def launch(home: Home, project: str, *, extra_args: tuple[str, ...] = ()) -> dic
         current = read_status(home, project)
         if current.get("state") in ACTIVE:
             raise RuntimeError(f"an update of {project!r} is already {current['state']} (pid {current.get('pid')})")
-        with contextlib.suppress(FileNotFoundError):
-            (d / "stop").unlink()
+        job_status.clear_stop(d)
         cmd = [sys.executable, "-m", "refact_lab.cli", "update", "--project", project, "--home", str(home.root),
                "--json", "--job", *extra_args]
         # a fresh status (the previous job's result stays in its log and the deploy history), owned by this
         # process until the child's pid is known, so a launcher killed right here leaves a failed job, not a
         # queued one forever
         atomic_write_json(d / "status.json", {
-            "project": project, "state": "queued", "pid": os.getpid(), "pid_started": proc_start_ticks(os.getpid()),
+            "project": project, "state": "queued", **owner_fields(),
             "started_at": time.time(), "finished_at": None, "run": None, "result": None, "error": None,
             "updated_at": time.time()})
         with open(d / "log.txt", "a", encoding="utf-8") as log:
@@ -89,7 +87,7 @@ def launch(home: Home, project: str, *, extra_args: tuple[str, ...] = ()) -> dic
                                     cwd=str(d), env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                     start_new_session=True, close_fds=True)
         # only the owner changes: the child may already have written "running"
-        _write(home, project, pid=proc.pid, pid_started=proc_start_ticks(proc.pid))
+        _write(home, project, **owner_fields(proc.pid))
     return {"pid": proc.pid, "proc": proc}
 
 
@@ -98,7 +96,7 @@ def stop(home: Home, project: str) -> dict:
     status = read_status(home, project)
     if status.get("state") not in ACTIVE:
         raise RuntimeError(f"no update of {project!r} is running")
-    atomic_write_text(job_dir(home, project) / "stop", f"{time.time()}\n")
+    job_status.request_stop(job_dir(home, project))
     if status.get("run"):
         from refact_lab.finetune.runs import request_stop
 
@@ -107,15 +105,14 @@ def stop(home: Home, project: str) -> dict:
 
 
 def stop_requested(home: Home, project: str) -> bool:
-    return (job_dir(home, project) / "stop").is_file()
+    return job_status.stop_requested(job_dir(home, project))
 
 
 def run_as_job(home: Home, project: str, work) -> dict:
     """In the launched process: run `work(should_stop, on_run)` (the update) writing the job's status."""
     from refact_lab.keep_current.update import UpdateStopped
 
-    _write(home, project, state="running", pid=os.getpid(),
-           pid_started=proc_start_ticks(os.getpid()))
+    _write(home, project, state="running", **owner_fields())
     try:
         result = work(lambda: stop_requested(home, project), lambda run_id: _write(home, project, run=run_id))
     except UpdateStopped as e:

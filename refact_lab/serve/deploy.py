@@ -14,6 +14,7 @@ import json
 import os
 import time
 
+from refact_lab.finetune.export import FORMATS as EXPORT_FORMATS
 from refact_lab.home import Home
 from refact_lab.serve import checkpoints, state
 from refact_lab.serve.client import InferenceError, default_inference
@@ -34,6 +35,16 @@ class DeployService:
 
     def choice(self) -> LoraChoice:
         return state.load(self.home)[0].lora
+
+    @staticmethod
+    def export_path(run_id: str, checkpoint: str, fmt: str = "peft") -> str:
+        """The server path that downloads a checkpoint as a .zip (PEFT adapter or merged model, with its card);
+        the browser's login cookie authenticates it, as for the app itself."""
+        from urllib.parse import urlencode
+
+        if fmt not in EXPORT_FORMATS:
+            raise ValueError(f"format: {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
+        return "/v1/refact-lab/export?" + urlencode({"run": run_id, "checkpoint": checkpoint, "format": fmt})
 
     def resolve(self, choice: LoraChoice | None = None) -> checkpoints.Checkpoint | None:
         """What a choice means on disk now (ValueError if it cannot be served)."""

@@ -441,6 +441,41 @@ class StatusHandler(ApiHandler):
         self.write_json(snap)
 
 
+class ExportHandler(ApiHandler):
+    """A checkpoint as a .zip download, PEFT adapter or merged model with its card (the Deploy panel's link):
+    `GET /v1/refact-lab/export?run=RUN&checkpoint=best|latest|NAME&format=peft|merged`."""
+
+    @web.authenticated
+    @api_errors
+    async def get(self):
+        import shutil
+        import tempfile
+
+        from refact_lab.finetune.export import ExportError, export_archive
+
+        run = self.get_query_argument("run", "")
+        if not run:
+            raise ApiError(400, "'run' is required: the run whose checkpoint to export", "run")
+        checkpoint = self.get_query_argument("checkpoint", "best")
+        fmt = self.get_query_argument("format", "peft")
+        tmp = tempfile.mkdtemp(prefix="refact-lab-export-")
+        try:
+            try:
+                path = await off_loop(export_archive, self.lab["home"], run, checkpoint, fmt, tmp)
+            except (ExportError, FileNotFoundError) as e:
+                raise ApiError(400, str(e)) from None
+            self.set_header("Content-Type", "application/zip")
+            self.set_header("Content-Disposition", f'attachment; filename="{path.name}"')
+            self.set_header("Content-Length", str(path.stat().st_size))
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    self.write(chunk)
+                    await self.flush()
+            self.finish()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 class HealthHandler(ApiHandler):
     """Ours, and what Tabby's agent reads (model, device, version.git_describe...)."""
 
@@ -476,6 +511,7 @@ def handlers() -> list[tuple]:
         (r"/v1/chat/completions", ChatCompletionsHandler),
         (r"/infill", InfillHandler),
         (r"/v1/refact-lab/status", StatusHandler),
+        (r"/v1/refact-lab/export", ExportHandler),
         (r"/v1/events", EventsHandler),
         (r"/refact-caps", CapsHandler),
         (r"/coding_assistant_caps.json", CapsHandler),

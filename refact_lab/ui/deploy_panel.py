@@ -81,6 +81,12 @@ class DeployPanel:
 
         self.connection = w.HTML()
         self.connection.add_class("refact-lab-connection")
+        self.export_format = w.Dropdown(options=[("PEFT adapter (vLLM --lora-modules, PeftModel)", "peft"),
+                                                 ("Merged model (transformers, GGUF conversion)", "merged")],
+                                        value="peft", description="export as", style=style,
+                                        layout=w.Layout(width="420px"))
+        self.export_link = w.HTML()
+        self.export_link.add_class("refact-lab-export-link")
 
         self.widget = w.VBox([
             w.HTML("<h3>Deploy</h3><p>Which fine-tuned checkpoint the server offers as "
@@ -93,12 +99,18 @@ class DeployPanel:
             w.HBox([w.VBox([self.base_head, self.base_out], layout=w.Layout(width="50%")),
                     w.VBox([self.lora_head, self.lora_out], layout=w.Layout(width="50%"))]),
             w.HTML("<h4>Connect your IDE</h4>"), self.connection,
+            w.HTML("<h4>Export</h4><p>The step chosen above, with a card (base model, sources, files, scores), "
+                   "to back it up or serve it elsewhere.</p>"),
+            w.HBox([self.export_format, self.export_link]),
         ])
         self.widget.add_class("refact-lab-deploy")
         self.reload_runs(choice)
         # after the lists are filled, so filling them does not count as the user changing the selection
         for widget in (self.mode, self.run, self.checkpoint):
             widget.observe(self._on_selection, "value")
+        for widget in (self.run, self.checkpoint, self.export_format):
+            widget.observe(lambda _: self._show_export_link(), "value")
+        self._show_export_link()
         self.refresh()
 
     # ---- messages ------------------------------------------------------------------------------------------
@@ -151,6 +163,14 @@ class DeployPanel:
         # never leave the step empty: the kept one, else the run's best, else its newest
         default = run.best if run and run.best in names else (names[-1] if names else None)
         self.checkpoint.value = keep if keep in names else default
+
+    def _show_export_link(self) -> None:
+        if not (self.run.value and self.checkpoint.value):
+            self.export_link.value = "<i>no checkpoint to export yet</i>"
+            return
+        href = html.escape(self.service.export_path(self.run.value, self.checkpoint.value, self.export_format.value))
+        label = html.escape(f"Download {self.run.value}/{self.checkpoint.value} (.zip)")
+        self.export_link.value = f"<a href='{href}' download target='_blank'>{label}</a>"
 
     def _sync_enabled(self) -> None:
         specific = self.mode.value == "checkpoint"

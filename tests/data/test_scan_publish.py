@@ -119,10 +119,10 @@ def test_a_killed_scan_reads_as_failed_even_if_its_pid_was_reused(home):
     path.parent.mkdir(parents=True, exist_ok=True)
     me = os.getpid()
     # our own pid is alive, but with another start time it is a different process: the scan's owner died
-    path.write_text(json.dumps({"state": "running", "pid": me, "start_ticks": proc_start_ticks(me) + 1}))
+    path.write_text(json.dumps({"state": "running", "pid": me, "pid_started": proc_start_ticks(me) + 1}))
     status = read_status(home)
     assert status["state"] == "failed" and "ended unexpectedly" in status["error"]
-    path.write_text(json.dumps({"state": "queued", "pid": me, "start_ticks": proc_start_ticks(me)}))
+    path.write_text(json.dumps({"state": "queued", "pid": me, "pid_started": proc_start_ticks(me)}))
     assert read_status(home)["state"] == "queued"
 
 
@@ -130,4 +130,4 @@ def test_the_job_records_pid_and_start_ticks(home, tmp_path):
     SourceStore(home).add_folder(write_tree(tmp_path / "proj", FILES))
     ScanJob(home).run(ScanSettings(lm_filter=False))
     status = json.loads(pipeline.scan_files(home)["status"].read_text())
-    assert status["pid"] == os.getpid() and status["start_ticks"] == proc_start_ticks(os.getpid())
+    assert status["pid"] == os.getpid() and status["pid_started"] == proc_start_ticks(os.getpid())

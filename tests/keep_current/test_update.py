@@ -4,7 +4,6 @@ the scoreboard's judgement and the deploy gate; the deploy history and rollback;
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
@@ -130,8 +129,7 @@ def test_tick_launches_once_and_not_again_while_it_runs(home):
 
     def fake_launch(h, project):   # what launch leaves on disk: an active job owned by a live process
         launched.append(project)
-        schedule._write(h, project, state="running", pid=os.getpid(),
-                        pid_started=schedule.proc_start_ticks(os.getpid()), started_at=time.time())
+        schedule._write(h, project, state="running", **schedule.owner_fields(), started_at=time.time())
 
     assert schedule.tick(home, start=fake_launch) is None                     # off: nothing
     schedule.save_schedule(home, UpdateSchedule(every_hours=6, project="proj"))
@@ -159,8 +157,7 @@ def test_a_launched_update_is_a_job_with_status_one_at_a_time(home, scanned):
 
 
 def test_stop_flags_the_update_and_the_run_it_trains(home, deployed_run):
-    schedule._write(home, "proj", state="running", pid=os.getpid(),
-                    pid_started=schedule.proc_start_ticks(os.getpid()), run=deployed_run)
+    schedule._write(home, "proj", state="running", **schedule.owner_fields(), run=deployed_run)
     schedule.stop(home, "proj")
     assert schedule.stop_requested(home, "proj") and (home.run_dir(deployed_run) / "stop").is_file()
 

@@ -284,3 +284,32 @@ def test_a_bad_serving_choice_shows_in_the_status(jp_fetch, jp_asyncio_loop, lab
         assert s["lora"]["error"] is None and s["settings_errors"] == {}
 
     run(jp_asyncio_loop, check())
+
+
+# ---- export download (the Deploy panel's link) -------------------------------------------------------------
+
+def test_a_checkpoint_downloads_as_a_zip_with_its_adapter_and_card(jp_fetch, jp_asyncio_loop, lab_home,
+                                                                 varied_model_dir):
+    import io
+    import zipfile
+
+    from tests.serve.helpers import make_run
+
+    make_run(lab_home, "run-a", varied_model_dir, [10, 20], [2.0, 1.5], seed=3)
+
+    async def check():
+        r = await jp_fetch("v1/refact-lab/export", params={"run": "run-a", "checkpoint": "best", "format": "peft"},
+                           raise_error=False)
+        assert r.code == 200, r.body[:300]
+        assert r.headers["Content-Type"] == "application/zip"
+        assert "run-a-step-000020-peft.zip" in r.headers["Content-Disposition"]
+        names = zipfile.ZipFile(io.BytesIO(r.body)).namelist()
+        assert "adapter_config.json" in names and "README.md" in names
+        # bad input: a JSON 400 naming what is wrong, nothing half-sent
+        status, out = await fetch(jp_fetch, "/v1/refact-lab/export", params={"run": "run-a",
+                                                                            "checkpoint": "step-999999"})
+        assert status == 400 and "step-999999" in out["error"]["message"], (status, out)
+        status, out = await fetch(jp_fetch, "/v1/refact-lab/export")
+        assert status == 400 and out["error"]["param"] == "run"
+
+    run(jp_asyncio_loop, check())

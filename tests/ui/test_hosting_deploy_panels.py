@@ -307,3 +307,14 @@ def test_deploy_panel_says_how_the_best_checkpoint_was_chosen(home, model_dir, i
     panel.refresh_button.click()
     labels = dict((v, k) for k, v in panel.checkpoint.options)
     assert "★ best by edit similarity" in labels["step-000020"] and "★" not in labels["step-000010"]
+
+
+def test_deploy_panel_links_the_chosen_step_for_download(home, model_dir, inference):
+    make_run(home, "run-a", model_dir, [10, 20], [1.5, 2.0], seed=10)
+    panel = DeployPanel(DeployService(home, inference))
+    panel.mode.value = "checkpoint"
+    assert "/v1/refact-lab/export?run=run-a&amp;checkpoint=step-000010&amp;format=peft" in panel.export_link.value
+    panel.checkpoint.value = "step-000020"
+    panel.export_format.value = "merged"
+    assert "checkpoint=step-000020&amp;format=merged" in panel.export_link.value
+    assert "Download run-a/step-000020" in panel.export_link.value
