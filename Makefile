@@ -61,6 +61,9 @@ bench: $(INSTALLED)
 	$(PY) bench/finetune.py
 	$(PY) bench/serve.py
 	$(PY) bench/default_model.py
+	$(PY) bench/scan_secrets.py
+	$(PY) bench/retrieval.py
+	$(PY) bench/eval.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .cache

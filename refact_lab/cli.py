@@ -573,6 +573,11 @@ def _add_eval(sub) -> None:
                    help="a checkpoint of the run (repeatable; default: best when the project has a run, else off)")
     p.add_argument("--cursors", type=int, default=None, help="number of cursors (default 200)")
     p.add_argument("--seed", type=int, default=None, help="cursor sampling seed (default 1234)")
+    p.add_argument("--context", choices=("on", "off"), default="off",
+                   help="repository context: snippets retrieved from the project's index (never the cursor's own "
+                        "file), as served (default off, comparable with earlier scores)")
+    p.add_argument("--context-tokens", type=int, default=None, metavar="N",
+                   help="context budget in tokens when --context on (default: the serving default)")
     p.add_argument("--json", action="store_true", help="print the scoreboard as one JSON object")
     p.set_defaults(handler=_cmd_eval)
 
@@ -587,6 +592,8 @@ def _cmd_eval(args) -> int:
     n = sc.DEFAULT_CURSORS if args.cursors is None else args.cursors
     if n < 1:
         return _fail(f"--cursors must be at least 1, got {n}")
+    if args.context_tokens is not None and not 1 <= args.context_tokens <= 32768:
+        return _fail(f"--context-tokens must be from 1 to 32768, got {args.context_tokens}")
     seed = sc.DEFAULT_SEED if args.seed is None else args.seed
     home = Home.resolve(args.home)
     if not (home.project_dir(args.project) / "scan").is_dir():
@@ -603,7 +610,8 @@ def _cmd_eval(args) -> int:
     progress, close = (None, lambda: None) if args.json else _scan_progress()
     try:
         report, details = runner.evaluate(home, args.project, targets, cursors=cursors, progress=progress,
-                                          model=model)
+                                          model=model, context=args.context == "on",
+                                          context_tokens=args.context_tokens)
     except (runner.EvalError, RuntimeError, TimeoutError) as e:
         return _fail(str(e), 1)
     finally:

@@ -249,6 +249,11 @@ class FinetuneSettings:
                               "smaller of 1024 and the model's context)", min=32, max=131072)
     fim_rate: float = setting(0.9, help="Share of examples in fill-in-the-middle form; the rest are plain text",
                               min=0.0, max=1.0)
+    context_rate: float = setting(
+        0.0, help="Share of training files whose examples carry snippets retrieved from other training files of "
+                  "the project, laid out as served, so the model learns to use repository context (off by "
+                  "default until the scoreboard shows it helps)",
+        min=0.0, max=1.0, label="Repository context rate")
     max_test_rows: int = setting(64, help="At most this many packed test sequences are evaluated (keeps "
                                           "evaluation quick)", min=1, max=100_000)
     # bookkeeping
@@ -377,8 +382,8 @@ class ScanSettings:
     seed: int = setting(42, label="Split seed", help="Seed of the automatic train/test split (same seed, same split)",
                         min=0, max=2**31 - 1)
     # speed
-    workers: int | None = setting(None, auto=True, help="Processes reading files in stage 1 (auto: up to 2 for "
-                                                        "large scans, else 1)", min=1, max=64,
+    workers: int | None = setting(None, auto=True, help="Processes reading files in stage 1 (auto: one per "
+                                                        "available core, at most 8, for large scans; else 1)", min=1, max=64,
                                   label="Reader processes")
 
     def __post_init__(self):

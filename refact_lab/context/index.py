@@ -36,6 +36,7 @@ MAX_CHUNK_CHARS = 4000   # a minified line must not make one chunk the size of a
 MAX_TERMS = 400      # terms of a chunk beyond this add little to BM25 and cost build time
 INDEX = "index"
 CURRENT = "current"
+INFO = "info.json"       # the build's file and chunk counts, for a scan that finds nothing changed
 MANIFEST = "files.json"
 CHUNKS = "chunks.jsonl"
 BM25_DIR = "bm25"
@@ -86,6 +87,15 @@ def chunk_text(path: str, text: str) -> list[Chunk]:
     return [c for c in out if c.text.strip()]
 
 
+def _bm25(chunks: list[Chunk]):
+    """A BM25 model of the chunks' terms."""
+    import bm25s
+
+    model = bm25s.BM25()
+    model.index([terms(c.text)[:MAX_TERMS] for c in chunks], show_progress=False)
+    return model
+
+
 def index_dir(home: Home, project: str = DEFAULT_PROJECT) -> Path:
     return home.project_dir(project) / INDEX
 
@@ -111,13 +121,36 @@ def _read_previous(folder: Path | None) -> tuple[dict, dict[str, list[Chunk]]]:
         return {}, {}   # an unreadable previous index only costs a full rebuild
 
 
+def _unchanged(folder: Path | None, records: list[dict]) -> dict | None:
+    """The previous index's counts and size when it indexed exactly these files with these contents, else None."""
+    if folder is None:
+        return None
+    wanted: dict[str, str] = {}
+    for r in records:
+        if r.get("path") and r["path"] not in wanted:
+            wanted[r["path"]] = r.get("sha256") or ""
+    try:
+        if not all(wanted.values()) or json.loads((folder / MANIFEST).read_text(encoding="utf-8")) != wanted:
+            return None
+        info = json.loads((folder / INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return {"files": info["files"], "chunks": info["chunks"], "bytes": size}
+
+
 def build_index(home: Home, project: str, records: Iterable[dict]) -> dict:
     """Index the accepted files `records` (scan records: path, file, sha256); returns the stats the scan reports:
     files, chunks, reused (files whose chunks came from the previous index), build seconds, bytes on disk."""
-    import bm25s
-
     started = time.perf_counter()
+    records = list(records)
     previous_dir = current_index(home, project)
+    unchanged = _unchanged(previous_dir, records)
+    if unchanged is not None:
+        # the same files with the same contents: the index in place is this one (a rebuild of a large project
+        # costs about a minute and the scan's disk twice)
+        return {**unchanged, "reused_files": unchanged["files"], "unchanged": True,
+                "chunk_s": 0.0, "build_s": round(time.perf_counter() - started, 3)}
     old_manifest, old_chunks = _read_previous(previous_dir)
     manifest: dict[str, str] = {}
     chunks: list[Chunk] = []
@@ -147,10 +180,9 @@ def build_index(home: Home, project: str, records: Iterable[dict]) -> dict:
             for c in chunks:
                 f.write(json.dumps([c.path, c.line, c.text]) + "\n")
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest))
+        atomic_write_text(tmp / INFO, json.dumps({"files": len(manifest), "chunks": len(chunks)}))
         if chunks:
-            model = bm25s.BM25()
-            model.index([terms(c.text)[:MAX_TERMS] for c in chunks], show_progress=False)
-            model.save(str(tmp / BM25_DIR), show_progress=False)
+            _bm25(chunks).save(str(tmp / BM25_DIR), show_progress=False)
         folder = root / build_id
         os.rename(tmp, folder)
         link_tmp = root / f".{CURRENT}.{build_id}"
@@ -170,16 +202,10 @@ def build_index(home: Home, project: str, records: Iterable[dict]) -> dict:
 class ProjectIndex:
     """A loaded index, ready to answer queries; `IndexCache.get` reloads it when the scan switches in a new one."""
 
-    def __init__(self, folder: Path):
-        import bm25s
-
+    def __init__(self, chunks: list[Chunk], model, folder: Path | None = None):
         self.folder = folder
-        self.chunks: list[Chunk] = []
-        with open(folder / CHUNKS, encoding="utf-8") as f:
-            for line in f:
-                path, start, text = json.loads(line)
-                self.chunks.append(Chunk(path, start, text))
-        self.model = bm25s.BM25.load(str(folder / BM25_DIR), show_progress=False) if self.chunks else None
+        self.chunks = chunks
+        self.model = model
         self._ranges: dict[str, tuple[int, int]] = {}
         for i, c in enumerate(self.chunks):   # chunks of a file are consecutive
             lo, _ = self._ranges.get(c.path, (i, i))
@@ -187,6 +213,25 @@ class ProjectIndex:
         self._by_name: dict[str, list[str]] = {}   # file name -> paths: excluding a file is a lookup, not a scan
         for path in self._ranges:
             self._by_name.setdefault(path.rsplit("/", 1)[-1], []).append(path)
+
+    @classmethod
+    def load(cls, folder: Path) -> "ProjectIndex":
+        """The index the scan saved in `folder`."""
+        import bm25s
+
+        chunks: list[Chunk] = []
+        with open(folder / CHUNKS, encoding="utf-8") as f:
+            for line in f:
+                path, start, text = json.loads(line)
+                chunks.append(Chunk(path, start, text))
+        return cls(chunks, bm25s.BM25.load(str(folder / BM25_DIR), show_progress=False) if chunks else None, folder)
+
+    @classmethod
+    def in_memory(cls, files: Iterable[tuple[str, str]]) -> "ProjectIndex":
+        """An index of (path, text) pairs built in memory, chunked as the scan chunks (training uses it over
+        its train files only, so a test file can never be retrieved)."""
+        chunks = [c for path, text in files for c in chunk_text(path, text)]
+        return cls(chunks, _bm25(chunks) if chunks else None)
 
     def _excluded(self, exclude_path: str | None) -> list[tuple[int, int]]:
         if not exclude_path:
@@ -250,7 +295,7 @@ class IndexCache:
             return None
         index = self._loaded.get(project)
         if index is None or index.folder != folder:
-            index = self._loaded[project] = ProjectIndex(folder)
+            index = self._loaded[project] = ProjectIndex.load(folder)
         return index
 
 

@@ -45,6 +45,8 @@ _FACTS_CACHE_VERSION = 3
 # Below this many files to read, worker processes cost more to start than they save.
 _POOL_MIN_FILES = 8000
 _POOL_CHUNK = 400
+# More readers than this only contend for the disk and cost their start-up.
+_MAX_AUTO_WORKERS = 8
 
 
 class ScanError(ValueError):
@@ -198,43 +200,66 @@ def _read_head(file: str) -> bytes:
         return b""
 
 
-def _read_facts_all(jobs: list[tuple[str, int]], workers: int, report: ProgressFn,
+def _read_facts_all(jobs: list[tuple[str, int, int]], workers: int, report: ProgressFn,
                     stop: Callable[[], bool]) -> list[Facts]:
     total = len(jobs)
     if workers <= 1 or total < _POOL_MIN_FILES:
         out = []
         read = filters.read_facts
-        for k, (file, limit) in enumerate(jobs):
+        for k, job in enumerate(jobs):
             if k % 512 == 0:
                 report("reading", k, total)
                 if stop():
                     raise ScanCancelled()
-            out.append(read(file, limit))
+            out.append(read(*job))
         return out
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    # spawn, not fork: the scan runs in a thread of a kernel that may hold other threads and locks.
     chunks = [jobs[i:i + _POOL_CHUNK] for i in range(0, total, _POOL_CHUNK)]
-    out = []
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for part in pool.map(filters.read_facts_batch, chunks):
-            out.extend(Facts(*f) for f in part)
-            report("reading", len(out), total)
-            if stop():
-                pool.shutdown(cancel_futures=True)
-                raise ScanCancelled()
-    return out
+    parts: list = [None] * len(chunks)
+    done = 0
+    # spawn, not fork: the scan runs in a thread of a kernel that may hold other threads and locks. The main
+    # process is one of the `workers` readers: it reads chunks from the end while the others start up and read
+    # from the front, taking only chunks no worker has started, so no core waits on a process start.
+    with ProcessPoolExecutor(max_workers=workers - 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(filters.read_facts_batch, c) for c in chunks]
+        try:
+            for k in range(len(chunks) - 1, -1, -1):
+                if not futures[k].cancel():
+                    break
+                parts[k] = filters.read_facts_batch(chunks[k])
+                done += len(chunks[k])
+                report("reading", done, total)
+                if stop():
+                    raise ScanCancelled()
+            for k, fut in enumerate(futures):
+                if parts[k] is None:
+                    parts[k] = [Facts(*f) for f in fut.result()]
+                    done += len(chunks[k])
+                    report("reading", done, total)
+                    if stop():
+                        raise ScanCancelled()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+    return [f for part in parts for f in part]
+
+
+def _cores() -> int:
+    """The cores this process may run on (a container or taskset may allow fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _auto_workers(settings: ScanSettings, n: int) -> int:
-    """Reader processes. Measured on a shared 2-core machine, two workers were slower than one (the main
-    process lists and judges files meanwhile, and the cores are busy), so auto uses a pool only with cores
-    to spare and many files to read."""
+    """Reader processes, the main one included: one per core the process may use for a large scan, one for a
+    small one (see bench/scan.py and its README row for what two readers gain on a 2-core machine)."""
     if settings.workers:
         return settings.workers
-    cores = os.cpu_count() or 1
-    return min(4, cores // 2) if cores >= 4 and n >= _POOL_MIN_FILES else 1
+    return min(_MAX_AUTO_WORKERS, _cores()) if n >= _POOL_MIN_FILES else 1
 
 
 # --- secrets (after every other stage-1 rule) -----------------------------------------------------------
@@ -403,8 +428,8 @@ def run_scan(home: Home, project: str = DEFAULT_PROJECT, settings: ScanSettings 
             else:
                 to_read.append(i)
         # A force-included file is read whole even when it is over the size limit.
-        jobs = [(entries[i].file, max(ctx.max_bytes, entries[i].size) if entries[i].forced else ctx.max_bytes)
-                for i in to_read]
+        jobs = [(entries[i].file, max(ctx.max_bytes, entries[i].size) if entries[i].forced else ctx.max_bytes,
+                 entries[i].size) for i in to_read]
         workers = _auto_workers(settings, len(jobs))
         for i, facts in zip(to_read, _read_facts_all(jobs, workers, report, stop)):
             e = entries[i]

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from refact_lab.finetune.fim import Example, file_examples
-from refact_lab.models.prompt import fim_layout_ids
+from refact_lab.models.prompt import build_fim_ids, fim_layout_ids
 from refact_lab.models.registry import FimFormat, token_id
 
 # Windows are sized in characters before tokenizing; this margin keeps an example (plus its 3–4 FIM control
@@ -79,11 +79,15 @@ def _encode(tokenizer, texts: Sequence[str], content: bool = False) -> list[list
     return out
 
 
-def example_ids(examples: Sequence[Example], tokenizer, fmt: FimFormat) -> list[list[int]]:
+def example_ids(examples: Sequence[Example], tokenizer, fmt: FimFormat, contexts: Sequence[tuple] | None = None,
+                seq_len: int | None = None) -> list[list[int]]:
     """Token ids of each example as `Example.text` lays it out, with the code encoded as content and the FIM
     markers and end token inserted by id: a file that spells "<|endoftext|>" or a FIM marker (a tokenizer's own
     source) trains as the text it is, not as a document end or a second hole. A format whose markers are not
-    single tokens falls back to tokenizing the joined text."""
+    single tokens falls back to tokenizing the joined text.
+
+    `contexts`: per example (its file's path, snippets of other files); an example with snippets is laid out by
+    the prompt builder exactly as served, the snippets filling what `seq_len` leaves after the example."""
     markers, eot = fmt.marker_ids(tokenizer), token_id(tokenizer, fmt.eot)
     if markers is None or eot is None:
         return _encode(tokenizer, [ex.text(fmt) for ex in examples])
@@ -93,6 +97,11 @@ def example_ids(examples: Sequence[Example], tokenizer, fmt: FimFormat) -> list[
         pre, suf, mid = enc[3 * i:3 * i + 3]
         if ex.kind == "plain":
             out.append(pre + [eot])
+        elif contexts and contexts[i][1]:
+            path, snippets = contexts[i]
+            prompt = build_fim_ids(tokenizer, fmt, ex.prefix, ex.suffix, snippets, path=path,
+                                   fit_tokens=(seq_len or 0) - len(mid) - 1).ids
+            out.append(prompt + mid + [eot])
         else:
             # the prompt the server builds (models/prompt.py), then the middle the model learns to write
             out.append(fim_layout_ids(fmt, markers, pre, suf) + mid + [eot])
@@ -139,15 +148,25 @@ def examples_to_rows(examples: Sequence[Example], tokenizer, fmt: FimFormat, seq
     return pack(ids, seq_len, control_token_ids(tokenizer, fmt))
 
 
+def train_items(files: Sequence[tuple[str, str]], *, seed: int, epoch: int, max_chars: int, fim_rate: float,
+                context_rate: float = 0.0) -> list[tuple[str, Example]]:
+    """(file key or "", example) of one training epoch: fresh FIM splits and order for every (seed, epoch).
+    A file drawn for repository context (probability `context_rate`, from its own random stream so that with
+    0 nothing changes) is keyed and cut into half-size windows: its examples leave room for the snippets."""
+    rng, pick = random.Random(f"train:{seed}:{epoch}"), random.Random(f"context:{seed}:{epoch}")
+    items: list[tuple[str, Example]] = []
+    for key, text in sorted(files):
+        ctx = context_rate > 0 and pick.random() < context_rate
+        items.extend((key if ctx else "", ex) for ex in file_examples(
+            text, rng, max_chars=max(16, max_chars // 2) if ctx else max_chars, fim_rate=fim_rate))
+    rng.shuffle(items)
+    return items
+
+
 def train_examples(files: Sequence[tuple[str, str]], *, seed: int, epoch: int, max_chars: int,
                    fim_rate: float) -> list[Example]:
-    """The examples of one training epoch: fresh FIM splits and order for every (seed, epoch)."""
-    rng = random.Random(f"train:{seed}:{epoch}")
-    examples: list[Example] = []
-    for _key, text in sorted(files):
-        examples.extend(file_examples(text, rng, max_chars=max_chars, fim_rate=fim_rate))
-    rng.shuffle(examples)
-    return examples
+    """The examples of one training epoch (without repository context)."""
+    return [ex for _, ex in train_items(files, seed=seed, epoch=epoch, max_chars=max_chars, fim_rate=fim_rate)]
 
 
 def test_examples(files: Sequence[tuple[str, str]], *, max_chars: int, fim_rate: float) -> list[Example]:
@@ -159,9 +178,18 @@ def test_examples(files: Sequence[tuple[str, str]], *, max_chars: int, fim_rate:
 
 
 def train_rows(files, tokenizer, fmt: FimFormat, *, seq_len: int, cpt: float, seed: int, epoch: int,
-               fim_rate: float) -> PackedRows:
-    examples = train_examples(files, seed=seed, epoch=epoch, max_chars=window_chars(seq_len, cpt), fim_rate=fim_rate)
-    return examples_to_rows(examples, tokenizer, fmt, seq_len)
+               fim_rate: float, context_rate: float = 0.0) -> PackedRows:
+    """The packed rows of one epoch; `context_rate` of the files train with snippets of other TRAIN files
+    (refact_lab.context.training) in the served repository layout."""
+    items = train_items(files, seed=seed, epoch=epoch, max_chars=window_chars(seq_len, cpt), fim_rate=fim_rate,
+                        context_rate=context_rate)
+    examples = [ex for _, ex in items]
+    if context_rate <= 0:
+        return examples_to_rows(examples, tokenizer, fmt, seq_len)
+    from refact_lab.context.training import example_snippets
+
+    contexts = list(zip((key for key, _ in items), example_snippets(files, items, token_budget=seq_len // 2)))
+    return pack(example_ids(examples, tokenizer, fmt, contexts, seq_len), seq_len, control_token_ids(tokenizer, fmt))
 
 
 def test_rows(files, tokenizer, fmt: FimFormat, *, seq_len: int, cpt: float, fim_rate: float,

@@ -487,7 +487,7 @@ def preview(home: Home, project: str, model: str, settings: FinetuneSettings, *,
 
 
 # Only these settings change what the data becomes; the others change just the schedule, which is cheap.
-_DATA_SETTINGS = ("seq_len", "fim_rate", "seed", "max_test_rows")
+_DATA_SETTINGS = ("seq_len", "fim_rate", "context_rate", "seed", "max_test_rows")
 
 
 # --- the service panels and the CLI use ------------------------------------------------------------------------

@@ -78,7 +78,8 @@ def plan(dataset: Dataset, tokenizer, spec: ModelSpec, settings: FinetuneSetting
     train_files, test_files = dataset.pairs("train"), dataset.pairs("test")
     cpt = packing.chars_per_token(tokenizer, [text for _, text in sorted(train_files)])
     epoch0 = packing.train_rows(train_files, tokenizer, spec.fim, seq_len=settings.seq_len, cpt=cpt,
-                                seed=settings.seed, epoch=0, fim_rate=settings.fim_rate)
+                                seed=settings.seed, epoch=0, fim_rate=settings.fim_rate,
+                                context_rate=settings.context_rate)
     test = packing.test_rows(test_files, tokenizer, spec.fim, seq_len=settings.seq_len, cpt=cpt,
                              fim_rate=settings.fim_rate, max_rows=settings.max_test_rows)
     schedule = resolve(replace(settings, seq_len=None) if auto_seq_len else settings,
@@ -359,7 +360,7 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
     def build_epoch(epoch: int):
         return packing.train_rows(dataset.pairs("train"), tokenizer, spec.fim, seq_len=settings.seq_len,
                                   cpt=the_plan.chars_per_token, seed=settings.seed, epoch=epoch,
-                                  fim_rate=settings.fim_rate)
+                                  fim_rate=settings.fim_rate, context_rate=settings.context_rate)
 
     set_seed(settings.seed)
     # under FSDP the full model is loaded on the CPU and only its shards reach the GPU, in prepare()

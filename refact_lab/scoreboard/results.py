@@ -64,8 +64,9 @@ def history(home: Home, project: str) -> list[dict]:
 
 
 def public(doc: dict) -> dict:
-    """The printed shape: project, cursors, models."""
-    return {"project": doc["project"], "cursors": doc["cursors"], "models": doc["models"]}
+    """The printed shape: project, cursors, repository context (when recorded), models."""
+    return {"project": doc["project"], "cursors": doc["cursors"], "models": doc["models"],
+            **{k: doc[k] for k in ("context", "cursors_with_context") if k in doc}}
 
 
 def samples(doc: dict, lora: str, k: int = 5) -> dict:

@@ -104,20 +104,23 @@ def run_model(home: Home, project: str) -> str:
 
 
 def complete_all(engine, model_name: str, cursors: list[Cursor], progress: Progress | None = None,
-                 label: str = "") -> list[dict]:
-    """Every cursor completed by `model_name` on `engine` (ready), with its scores and latency."""
+                 label: str = "", context: bool = False) -> list[dict]:
+    """Every cursor completed by `model_name` on `engine` (ready), with its scores and latency. `context`: the
+    prompt gets snippets retrieved from the project's index as a served Tabby request does, never from the
+    cursor's own file."""
     from refact_lab.serve.prepare import prepare_around_cursor
 
     rows = []
     for i, c in enumerate(cursors):
         started = time.perf_counter()
         prep = prepare_around_cursor(engine, c.prefix, c.suffix, SINGLE_LINE_TOKENS if c.single_line
-                                     else MULTI_LINE_TOKENS, 0.0, c.single_line, None, model=model_name)
+                                     else MULTI_LINE_TOKENS, 0.0, c.single_line, None, model=model_name,
+                                     repo_context=context, path=c.file)
         done = engine.generate(prep.ids, prep.params, model=prep.route.name, timeout=600)
         ms = (time.perf_counter() - started) * 1000
         context = c.prefix[-2000:] + c.suffix[:500]
         rows.append({"id": c.id, "kind": c.kind, "text": done["text"], "finish_reason": done["finish_reason"],
-                     "ms": ms, **score(done["text"], c.expected, single_line=c.single_line,
+                     "ms": ms, "snippets": len(prep.snippets), **score(done["text"], c.expected, single_line=c.single_line,
                                        finish_reason=done["finish_reason"], context=context)})
         if progress:
             progress(label or model_name, i + 1, len(cursors))
@@ -133,8 +136,11 @@ def summarize(target: Target, rows: list[dict]) -> dict:
 
 
 def evaluate(home: Home, project: str, targets: list[Target], *, cursors: list[Cursor],
-             progress: Progress | None = None, model: str | None = None) -> tuple[dict, dict]:
-    """(report, details): the printed/persisted scoreboard and the per-cursor completions behind it."""
+             progress: Progress | None = None, model: str | None = None, context: bool = False,
+             context_tokens: int | None = None) -> tuple[dict, dict]:
+    """(report, details): the printed/persisted scoreboard and the per-cursor completions behind it.
+    `context`: repository context on, from `project`'s index (`context_tokens` of budget, default the
+    serving default); off by default, so scores stay comparable with those measured before it existed."""
     from refact_lab.serve.client import LocalInference
     from refact_lab.serve.state import LoraChoice, lora_model_name
 
@@ -145,21 +151,26 @@ def evaluate(home: Home, project: str, targets: list[Target], *, cursors: list[C
     for i, t in enumerate(deploy):
         choice = LoraChoice("off") if t is None else LoraChoice("checkpoint", t.checkpoint.run_id,
                                                                   t.checkpoint.name)
-        inference = LocalInference(home, {"model": model, "lora": choice.to_dict()})
+        ctx = {"context": project if context else "off"}
+        if context_tokens is not None:
+            ctx["context_tokens"] = context_tokens
+        inference = LocalInference(home, {"model": model, "lora": choice.to_dict(), **ctx})
         try:
             engine = inference.start().wait_ready(600)
             snap = engine.snapshot()
             if i == 0:
-                per_target[None] = complete_all(engine, snap["model"], cursors, progress, targets[0].name)
+                per_target[None] = complete_all(engine, snap["model"], cursors, progress, targets[0].name, context)
             if t is not None:
                 served = lora_model_name(snap["model"])
                 if served not in snap["models"]:
                     raise EvalError(f"checkpoint {t.lora} could not be loaded: {snap['lora']['error']}")
-                per_target[t.lora] = complete_all(engine, served, cursors, progress, t.name)
+                per_target[t.lora] = complete_all(engine, served, cursors, progress, t.name, context)
         finally:
             inference.stop()
-    report = {"project": project, "cursors": len(cursors),
+    report = {"project": project, "cursors": len(cursors), "context": "on" if context else "off",
               "models": [summarize(t, per_target[t.lora]) for t in targets]}
+    if context:   # how many cursors the index gave snippets to (0 means the project has no index)
+        report["cursors_with_context"] = sum(r["snippets"] > 0 for r in per_target[None])
     details = {"fingerprint": fingerprint(cursors), "cursors": [c.summary() for c in cursors],
                "completions": {t.lora or "base": [{k: r[k] for k in ("id", "text", "exact_match", "edit_similarity")}
                                                   for r in per_target[t.lora]] for t in targets}}
@@ -170,7 +181,9 @@ def format_table(report: dict) -> str:
     """The scoreboard as text: one block per model, a row per kind and overall."""
     cols = ("exact_match", "edit_similarity", "identifier_f1", "degenerate", "p50_ms")
     heads = ("KIND", "N", "EXACT", "EDIT SIM", "IDENT F1", "DEGEN", "P50 MS")
-    lines = [f"project {report['project']}: {report['cursors']} cursors"]
+    lines = [f"project {report['project']}: {report['cursors']} cursors"
+             + (f", repository context on ({report.get('cursors_with_context', 0)} with snippets)"
+                if report.get("context") == "on" else "")]
     for m in report["models"]:
         lines.append("")
         lines.append(f"{m['name']}" + (f"  (LoRA {m['lora']})" if m["lora"] else "  (base model, LoRA off)"))

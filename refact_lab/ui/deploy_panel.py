@@ -88,12 +88,33 @@ class DeployPanel:
         self.export_link = w.HTML()
         self.export_link.add_class("refact-lab-export-link")
 
+        # repository context: which project's index gives FIM prompts snippets of other files, and its budget
+        now = service.summary()
+        options = self._context_options()
+        if now["context_choice"] not in [v for _, v in options]:   # a project removed since it was chosen
+            options.append((now["context_choice"], now["context_choice"]))
+        self.context = w.Dropdown(options=options, value=now["context_choice"],
+                                  description="context", style=style, layout=w.Layout(width="420px"))
+        self.context_tokens = w.BoundedIntText(value=now["context_tokens"], min=0, max=32768, step=128,
+                                               description="budget", style=style, layout=w.Layout(width="220px"))
+        self.context_button = w.Button(description="Save context", icon="save")
+        self.context_message = w.HTML(self._context_line(now))
+        for widget, cls in ((self.context, "refact-lab-context-project"), (self.context_tokens,
+                            "refact-lab-context-tokens"), (self.context_button, "refact-lab-context-button"),
+                            (self.context_message, "refact-lab-context-message")):
+            widget.add_class(cls)
+        self.context_button.on_click(lambda _: self.save_context())
+
         self.widget = w.VBox([
             w.HTML("<h3>Deploy</h3><p>Which fine-tuned checkpoint the server offers as "
                    "<code>&lt;base&gt;:lora</code>. A change takes effect without a restart; completions already "
                    "running finish on the checkpoint they started with.</p>"),
             self.mode, self.run, self.checkpoint, w.HBox([self.deploy_button, self.refresh_button]),
             self.message, self.state,
+            w.HTML("<h4>Repository context</h4><p>FIM completions get snippets of other files of a project "
+                   "(retrieved from its scan's index, never the file being edited) within a token budget; "
+                   "applied to the next request, no restart.</p>"),
+            w.HBox([self.context, self.context_tokens, self.context_button]), self.context_message,
             w.HTML("<h4>Playground</h4>"),
             self.prefix, self.suffix, w.HBox([self.max_tokens, self.single_line, self.complete_button]),
             w.HBox([w.VBox([self.base_head, self.base_out], layout=w.Layout(width="50%")),
@@ -191,6 +212,27 @@ class DeployPanel:
         self._say(f"Deploying {choice.label()}…", valid=lambda snap: (snap.get("lora") or {}).get("applied") != wanted
                   and self.service.choice().to_dict() == wanted)
         self.watch()
+
+    # ---- repository context --------------------------------------------------------------------------------
+
+    def _context_options(self) -> list[tuple[str, str]]:
+        return ([("auto: the deployed run's project", "auto"), ("off", "off")]
+                + [(p, p) for p in self.service.home.projects()])
+
+    @staticmethod
+    def _context_line(summary: dict) -> str:
+        project = summary["context"]
+        what = "off" if project == "off" else f"{html.escape(project)}, up to {summary['context_tokens']} tokens"
+        return f"repository context: <code class='refact-lab-context-now'>{what}</code>"
+
+    def save_context(self) -> None:
+        """Save the context choice through the deploy service (as `refact-lab deploy --context` does)."""
+        try:
+            self.service.set_context(self.context.value, self.context_tokens.value)
+        except ValueError as e:
+            self.context_message.value = f"<span style='color:#cf222e'>Not saved: {html.escape(str(e))}</span>"
+            return
+        self.context_message.value = self._context_line(self.service.summary())
 
     # ---- status --------------------------------------------------------------------------------------------
 

@@ -67,3 +67,16 @@ def test_scan_builds_the_index_incrementally_and_retrieval_excludes_the_edited_f
     cache = IndexCache(home)
     hit = retrieve(home, "default", "zebra_quokka_marker()", cache=cache)
     assert hit and hit[0].path == "refact_lab/models/prompt.py" and "zebra_quokka_marker" in hit[0].text
+
+
+def test_a_rescan_with_nothing_changed_keeps_the_index_in_place(home, tmp_path):
+    root = _project(tmp_path)
+    accepted, _, stats = scan_folder(home, root)
+    first = current_index(home)
+    _, _, again = scan_folder(home, root)
+    assert again["index"]["unchanged"] is True and current_index(home) == first
+    assert (again["index"]["files"], again["index"]["chunks"]) == (stats["index"]["files"], stats["index"]["chunks"])
+    # one changed file: a new build
+    (root / "refact_lab/models/prompt.py").write_text("x = 1\n" * 30)
+    _, _, changed = scan_folder(home, root)
+    assert "unchanged" not in changed["index"] and current_index(home) != first

@@ -219,3 +219,18 @@ def test_a_set_seq_len_the_model_cannot_take_is_refused_before_a_run_exists(home
     with pytest.raises(SettingsError, match=r"seq_len: 1024 is longer than the model's context \(512 tokens\)"):
         RunService(home).start(stdlib_project, str(learnable_model_dir), quick_settings(seq_len=1024))
     assert runs.list_runs(home) == []
+
+
+def test_context_rate_reaches_the_training_data(home, stdlib_project, learnable_model_dir):
+    """`context_rate` changes what the trainer packs (files with context are cut into smaller windows, so more
+    tokens and steps), and the preview does not answer it from the data remembered for another rate."""
+    from refact_lab.config import FinetuneSettings
+
+    service = RunService(home)
+    plain = FinetuneSettings(seq_len=128, batch_size=4, epochs=0.1, max_test_rows=4, eval_every=100)
+    with_context = FinetuneSettings(seq_len=128, batch_size=4, epochs=0.1, max_test_rows=4, eval_every=100,
+                                    context_rate=1.0)
+    a = service.preview(stdlib_project, str(learnable_model_dir), plain)
+    b = service.preview(stdlib_project, str(learnable_model_dir), with_context)
+    assert b["train_tokens"] > a["train_tokens"]
+    assert b == runs.preview(home, stdlib_project, str(learnable_model_dir), with_context)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from refact_lab.cli import main
 from refact_lab.scoreboard import results
 from refact_lab.scoreboard.cursors import KINDS
@@ -32,7 +34,8 @@ def test_json_shape_persistence_and_repeatability(home, default_run, capsys):
     code, out, err = _eval(capsys, *args)
     assert code == 0, err
     report = json.loads(out)
-    assert set(report) == {"project", "cursors", "models"} and report["project"] == "stdlib"
+    assert set(report) == {"project", "cursors", "context", "models"} and report["project"] == "stdlib"
+    assert report["context"] == "off"   # the default: scores comparable with those measured before context
     assert report["cursors"] == 5
     assert [(m["name"], m["lora"]) for m in report["models"]] == [
         ("default", None), ("default+run-a/step-000004", "run-a/step-000004"),
@@ -71,3 +74,23 @@ def test_readable_table_and_bad_input(home, stdlib_eval_project, capsys):
     assert code == 2 and err.count("\n") == 1 and "no run with a checkpoint" in err
     code, _, err = _eval(capsys, "--project", "stdlib", "--home", str(home.root), "--cursors", "0")
     assert code == 2 and "--cursors" in err
+
+
+def test_context_on_retrieves_from_the_project_index(home, stdlib_eval_project, capsys):
+    from refact_lab.context.index import build_index
+    from refact_lab.finetune.dataset import accepted_path
+
+    records = [{**r, "file": str(home.sources_dir("stdlib") / r["source"] / r["path"])}
+               for r in map(json.loads, accepted_path(home, "stdlib").read_text().splitlines())]
+    build_index(home, "stdlib", records)
+    base = ["--project", "stdlib", "--home", str(home.root), "--cursors", "4", "--checkpoint", "off", "--json"]
+    code, out, err = _eval(capsys, *base, "--context", "on", "--context-tokens", "256")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["context"] == "on" and report["cursors"] == 4
+    assert report["cursors_with_context"] > 0      # snippets came from the index (the test files' own excluded)
+    assert set(report["models"][0]["overall"]) == FIELDS
+    assert results.public(results.latest(home, "stdlib")) == report
+    with pytest.raises(SystemExit) as bad:   # argparse's one-line usage error
+        _eval(capsys, *base, "--context", "maybe")
+    assert bad.value.code == 2

@@ -318,3 +318,30 @@ def test_deploy_panel_links_the_chosen_step_for_download(home, model_dir, infere
     panel.export_format.value = "merged"
     assert "checkpoint=step-000020&amp;format=merged" in panel.export_link.value
     assert "Download run-a/step-000020" in panel.export_link.value
+
+
+def test_deploy_panel_saves_repository_context_and_its_budget(home, inference):
+    import shutil
+
+    from refact_lab.serve import state
+
+    home.project_dir("proj").mkdir(parents=True)
+    panel = DeployPanel(DeployService(home, inference))
+    assert panel.context.value == "auto" and panel.context_tokens.value == state.DEFAULT_CONTEXT_TOKENS
+    assert ("proj", "proj") in panel.context.options
+    panel.context.value, panel.context_tokens.value = "proj", 512
+    panel.context_button.click()
+    choice = state.load(home)[0]
+    assert (choice.context, choice.context_tokens) == ("proj", 512)        # saved where the server reads it
+    assert "proj, up to 512 tokens" in panel.context_message.value
+    panel.context.value = "off"
+    panel.context_button.click()
+    assert state.load(home)[0].context == "off" and "refact-lab-context-now'>off<" in panel.context_message.value
+    panel.context.value = "proj"
+    shutil.rmtree(home.project_dir("proj"))                                # removed since the list was read
+    panel.context_button.click()
+    assert "Not saved" in panel.context_message.value and "proj" in panel.context_message.value
+    assert state.load(home)[0].context == "off"
+    # a panel opened later still shows the saved choice, even for a project that is gone
+    home.update_settings(context="gone")
+    assert DeployPanel(DeployService(home, inference)).context.value == "gone"
