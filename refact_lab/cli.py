@@ -245,9 +245,10 @@ def _cmd_finetune(args) -> int:
     except (SettingsError, TypeError) as e:
         return _fail(str(e))
     from refact_lab.finetune import runs
+    from refact_lab.serve.state import active_model
 
     home = Home.resolve(args.home).ensure()
-    model = args.model or home.load_settings().get("model") or "default"
+    model = args.model or active_model(home)
     run_id = runs.create_run(home, args.project, model, settings, launch=launch)
     block = runs.read_json(home.run_dir(run_id) / "settings.json", {}).get("launch") or {}
     memory = (block.get("memory") or {}).get("message")

@@ -488,7 +488,9 @@ def run_scan(home: Home, project: str = DEFAULT_PROJECT, settings: ScanSettings 
             survivors = [i for i, v in enumerate(verdicts) if v is None]
             items = [_text_of(entries[i]) for i in survivors]
             # No model named: the one the workbench serves (settings.json), else the embedded default.
-            model = settings.model or home.load_settings().get("model")
+            from refact_lab.serve.state import active_model
+
+            model = settings.model or active_model(home)
             losses, loss_info = compute_losses(
                 items, model=model, cache_dir=paths["loss_cache"], batch_size=settings.lm_batch_size,
                 max_tokens=settings.lm_max_tokens, progress=lambda d, t: report("loss", d, t), should_stop=stop)

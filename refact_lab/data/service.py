@@ -185,6 +185,17 @@ class ProjectService:
             value = stats["loss"].get("threshold")
         return value
 
+    def default_loss_threshold(self, model: str | None = None) -> float | None:
+        """The threshold "auto" stands for before any scan applied one: the registry's for the model the scan
+        would use (`model`, else the served one); None for a model the registry cannot resolve."""
+        from refact_lab.models.registry import resolve
+        from refact_lab.serve.state import active_model
+
+        try:
+            return resolve(model or active_model(self.home)).loss_threshold
+        except ValueError:
+            return None   # an unknown model: the scan itself will say so
+
     # --- per-file overrides ---------------------------------------------------------------------------
 
     def overrides(self) -> dict[str, list[str]]:

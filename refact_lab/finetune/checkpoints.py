@@ -145,30 +145,37 @@ def list_runs(home: Home, *, loadable_only: bool = True) -> list[Run]:
     return out
 
 
+def pick_run(runs: list[Run], run_id: str | None, where: str) -> Run:
+    """`run_id` among `runs`, or else the newest run that has a checkpoint; ValueError saying what `where`
+    (the runs folder, a project) holds."""
+    if run_id:
+        run = next((r for r in runs if r.run_id == run_id), None)
+        if run is None:
+            raise ValueError(f"no run {run_id!r} in {where}; it has {', '.join(r.run_id for r in runs) or 'none'}")
+    else:
+        run = next((r for r in runs if r.checkpoints), None)
+        if run is None:
+            raise ValueError(f"no run with a checkpoint yet in {where}: fine-tune first")
+    if not run.checkpoints:
+        raise ValueError(f"run {run.run_id} has no checkpoint yet")
+    return run
+
+
+def pick_checkpoint(run: Run, choice: str) -> Checkpoint:
+    """`best` (else the newest), `latest` or a checkpoint's name; ValueError listing what the run has."""
+    found = {"best": run.best_checkpoint or run.latest, "latest": run.latest}.get(choice) or run.checkpoint(choice)
+    if found is None:
+        raise ValueError(f"run {run.run_id} has no checkpoint {choice!r}; it has best, latest, "
+                         f"{', '.join(c.name for c in run.checkpoints)}")
+    return found
+
+
 def select(home: Home, mode: str, run_id: str | None = None, checkpoint: str | None = None) -> Checkpoint | None:
     """The checkpoint that `mode` (off / best / latest / checkpoint) means right now, in `run_id` or else the
     newest run that has one. None for off. Raises ValueError saying what is missing."""
     if mode == "off":
         return None
-    runs = list_runs(home)
-    if run_id:
-        run = next((r for r in runs if r.run_id == run_id), None)
-        if run is None:
-            raise ValueError(f"no run {run_id!r} in {home.runs_dir}")
-    else:
-        run = next((r for r in runs if r.checkpoints), None)
-        if run is None:
-            raise ValueError(f"no run with a checkpoint yet in {home.runs_dir}: fine-tune first")
-    if not run.checkpoints:
-        raise ValueError(f"run {run.run_id} has no checkpoint yet")
-    if mode == "checkpoint":
-        found = run.checkpoint(checkpoint or "")
-        if found is None:
-            raise ValueError(f"run {run.run_id} has no checkpoint {checkpoint!r}; it has "
-                             f"{', '.join(c.name for c in run.checkpoints)}")
-        return found
-    if mode == "latest":
-        return run.latest
-    if mode == "best":
-        return run.best_checkpoint or run.latest
-    raise ValueError(f"lora: {mode!r} is not one of off, best, latest, checkpoint")
+    if mode not in ("best", "latest", "checkpoint"):
+        raise ValueError(f"lora: {mode!r} is not one of off, best, latest, checkpoint")
+    run = pick_run(list_runs(home), run_id, str(home.runs_dir))
+    return pick_checkpoint(run, (checkpoint or "") if mode == "checkpoint" else mode)

@@ -510,7 +510,9 @@ class RunService:
         from refact_lab.models.registry import KNOWN_MODELS
 
         names = list(KNOWN_MODELS)
-        active = self.home.load_settings().get("model")
+        from refact_lab.serve.state import active_model
+
+        active = active_model(self.home)
         if active and active not in names:
             names.insert(0, active)
         return names

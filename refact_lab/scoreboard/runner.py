@@ -71,23 +71,14 @@ def resolve_targets(home: Home, project: str, model: str, run_id: str | None, ch
     wanted = [c for c in choices if c != "off"]
     if not wanted:
         return targets
-    runs = project_runs(home, project)
-    if run_id:
-        run = next((r for r in runs if r.run_id == run_id), None)
-        if run is None:
-            raise EvalError(f"project {project!r} has no run {run_id!r}; it has "
-                            f"{', '.join(r.run_id for r in runs) or 'none'}")
-    else:
-        run = next((r for r in runs if r.checkpoints), None)
-        if run is None:
-            raise EvalError(f"project {project!r} has no run with a checkpoint: fine-tune first, or --checkpoint off")
-    if not run.checkpoints:
-        raise EvalError(f"run {run.run_id} has no checkpoint yet")
-    for choice in wanted:
-        ck = {"best": run.best_checkpoint or run.latest, "latest": run.latest}.get(choice) or run.checkpoint(choice)
-        if ck is None:
-            raise EvalError(f"run {run.run_id} has no checkpoint {choice!r}; it has best, latest, "
-                            f"{', '.join(c.name for c in run.checkpoints)}")
+    from refact_lab.finetune.checkpoints import pick_checkpoint, pick_run
+
+    try:
+        run = pick_run(project_runs(home, project), run_id, f"project {project!r}")
+        picked = [pick_checkpoint(run, choice) for choice in wanted]
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    for ck in picked:
         if all(t.lora != ck.key for t in targets):
             targets.append(Target(f"{model}+{ck.key}", ck.key, ck))
     return targets
@@ -100,7 +91,9 @@ def run_model(home: Home, project: str) -> str:
     for status in list_statuses(home):
         if status.get("project") == project and status.get("model"):
             return status["model"]
-    return home.load_settings().get("model") or "default"
+    from refact_lab.serve.state import active_model
+
+    return active_model(home)
 
 
 def complete_all(engine, model_name: str, cursors: list[Cursor], progress: Progress | None = None,

@@ -312,14 +312,9 @@ class ScanPanel(MessageMixin):
         if applied is not None:
             self.fields["loss_threshold"].show_auto(float(applied), "applied by the last scan")
             return
-        from refact_lab.models.registry import resolve
-
-        # no scan applied one yet: the registry's threshold for the model the scan would use (as the pipeline)
-        model = self.fields["model"].get() or self.service.home.load_settings().get("model")
-        try:
-            self.fields["loss_threshold"].show_auto(resolve(model).loss_threshold, "the model's default")
-        except ValueError:
-            pass  # an unknown model: the scan itself will say so
+        default = self.service.default_loss_threshold(self.fields["model"].get() or None)
+        if default is not None:
+            self.fields["loss_threshold"].show_auto(default, "the model's default")
 
     def _render_summary(self, stats: dict) -> None:
         rows = "".join(f"<tr><td>{html.escape(r)}</td><td style='text-align:right'>{n}</td></tr>"
