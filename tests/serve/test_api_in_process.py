@@ -298,6 +298,9 @@ def test_a_checkpoint_downloads_as_a_zip_with_its_adapter_and_card(jp_fetch, jp_
     make_run(lab_home, "run-a", varied_model_dir, [10, 20], [2.0, 1.5], seed=3)
 
     async def check():
+        # the engine loads its model in a thread; leaving before it is done lets that load overlap the next
+        # module's model building (transformers' meta-device loading is not confined to its thread)
+        await ready(jp_fetch)
         r = await jp_fetch("v1/refact-lab/export", params={"run": "run-a", "checkpoint": "best", "format": "peft"},
                            raise_error=False)
         assert r.code == 200, r.body[:300]
