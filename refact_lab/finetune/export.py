@@ -131,13 +131,14 @@ def _write_merged(model: str, adapter: Path, tmp: Path) -> None:
     import torch
     from peft import PeftModel
 
-    from refact_lab.models.loading import load_model, load_tokenizer
+    from refact_lab.models.loading import MODEL_LOADING, load_model, load_tokenizer
     from refact_lab.models.registry import resolve
 
     spec = resolve(model)
     base = load_model(spec, device="cpu", dtype="float32")
     stored = getattr(base.config, "dtype", None) or getattr(base.config, "torch_dtype", None)
-    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    with MODEL_LOADING:
+        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)
     if isinstance(stored, torch.dtype) and stored != torch.float32:

@@ -5,7 +5,16 @@ torch and transformers are imported inside the functions so importing refact_lab
 
 from __future__ import annotations
 
+import threading
+
 from refact_lab.models.registry import ModelSpec, resolve
+
+MODEL_LOADING = threading.RLock()
+"""Held by every model or adapter load in this process. transformers 5 patches class attributes process-wide
+while `from_pretrained` runs (`PreTrainedModel.tie_weights` becomes a no-op, torch's init functions too), and
+restores what it saw on entry: two loads in two threads at once leave one model's tied weights on the meta
+device ("Cannot copy out of meta tensor"), and can leave the no-op patch in place for every later load. The
+server loads in more than one thread (the engine, a LoRA switch, an export), so loads take turns."""
 
 
 def load_tokenizer(spec: ModelSpec | str):
@@ -50,7 +59,12 @@ def load_model(spec: ModelSpec | str, device: str = "cpu", dtype: str | None = N
     kwargs = {"dtype": torch_dtype, "attn_implementation": "sdpa"}
     if device == "auto":
         kwargs["device_map"] = "auto"
-    model = AutoModelForCausalLM.from_pretrained(spec.source, **kwargs)
+    with MODEL_LOADING:
+        model = AutoModelForCausalLM.from_pretrained(spec.source, **kwargs)
+    empty = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if empty:
+        raise RuntimeError(f"{spec.source}: {len(empty)} weights were not loaded (first: {empty[0]}); "
+                           "the model folder is incomplete")
     if device != "auto":
         model.to(device)
     model.eval()

@@ -62,7 +62,10 @@ def build_tiny_model(folder: Path | str, texts: Iterable[str] | None = None, *, 
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
         max_position_embeddings=n_ctx, tie_word_embeddings=True,
         bos_token_id=None, eos_token_id=tok.token_to_id(QWEN_FIM.eot), pad_token_id=tok.token_to_id(QWEN_FIM.eot))
-    model = LlamaForCausalLM(config)
+    from refact_lab.models.loading import MODEL_LOADING
+
+    with MODEL_LOADING:  # construction ties the embeddings: not while another thread's load has that patched
+        model = LlamaForCausalLM(config)
     model.save_pretrained(str(folder), safe_serialization=True)
     return folder
 

@@ -719,11 +719,14 @@ class Engine:
             return
         from peft import PeftModel
 
+        from refact_lab.models.loading import MODEL_LOADING
+
         name = f"lora{next(self._adapter_seq)}"
-        if isinstance(self.model, PeftModel):
-            self.model.load_adapter(str(ck.path), adapter_name=name)
-        else:
-            self.model = PeftModel.from_pretrained(self.model, str(ck.path), adapter_name=name)
+        with MODEL_LOADING:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(ck.path), adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(ck.path), adapter_name=name)
         self.model.eval()
         self._adapter_names[ck.key] = name
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from refact_lab.models.loading import MODEL_LOADING
+
 STDLIB = Path(os.__file__).parent
 # A slice of the standard library: ordinary, well-written Python (the kind of code a team fine-tunes on).
 TRAIN_FILES = ["json/__init__.py", "json/decoder.py", "json/encoder.py", "json/scanner.py", "html/__init__.py",
@@ -65,7 +67,9 @@ def build_learnable_model(folder: Path, *, hidden: int = 64, layers: int = 2, vo
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=n_ctx, tie_word_embeddings=True,
         initializer_range=init, bos_token_id=None, eos_token_id=tok.token_to_id(QWEN_FIM.eot),
         pad_token_id=tok.token_to_id(QWEN_FIM.eot))
-    LlamaForCausalLM(config).save_pretrained(str(folder), safe_serialization=True)
+    with MODEL_LOADING:
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(str(folder), safe_serialization=True)
     return folder
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from refact_lab.cli import main
 from refact_lab.finetune.export import ExportError, export_checkpoint
+from refact_lab.models.loading import MODEL_LOADING
 from tests.finetune.conftest import STDLIB, TEST_FILES, TRAIN_FILES, quick_settings
 
 PROMPTS = ["def parse(text):\n    return json.loads(", "class Queue:\n    def __init__(self, maxsize=0):\n"]
@@ -45,7 +46,8 @@ def _logits(model, tokenizer):
 def _base(model_dir):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="float32").eval()
+    with MODEL_LOADING:
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="float32").eval()
 
 
 def test_peft_and_merged_load_and_match_the_served_adapter(home, trained, learnable_model_dir, tmp_path):
@@ -72,7 +74,8 @@ def test_peft_and_merged_load_and_match_the_served_adapter(home, trained, learna
     names = {p.name for p in merged_dir.iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"} <= names
     assert not any(n.startswith("adapter_") for n in names)
-    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype="float32").eval()
+    with MODEL_LOADING:
+        merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype="float32").eval()
     merged_tok = AutoTokenizer.from_pretrained(str(merged_dir))
     assert merged_tok("def f(x):")["input_ids"] == tok("def f(x):")["input_ids"]
     for a, b in zip(_logits(merged, merged_tok), served):

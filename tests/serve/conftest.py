@@ -20,7 +20,10 @@ def reference(varied_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(varied_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(varied_model_dir).eval()
+    from refact_lab.models.loading import MODEL_LOADING
+
+    with MODEL_LOADING:
+        model = AutoModelForCausalLM.from_pretrained(varied_model_dir).eval()
 
     def greedy(prompt: str, max_new_tokens: int, model_override=None) -> str:
         """generate()'s greedy text. A FIM prompt is token-healed as the server does it: the prefix's last token

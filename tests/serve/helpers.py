@@ -20,8 +20,11 @@ def build_varied_model(folder: Path) -> Path:
 
     from refact_lab.models.tokenizer_build import build_tiny_model
 
+    from refact_lab.models.loading import MODEL_LOADING
+
     build_tiny_model(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    with MODEL_LOADING:  # an engine may be loading in another thread of this process
+        model = AutoModelForCausalLM.from_pretrained(folder)
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -37,7 +40,10 @@ def save_lora(model_dir: Path, out: Path, seed: int) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    from refact_lab.models.loading import MODEL_LOADING
+
+    with MODEL_LOADING:
+        base = AutoModelForCausalLM.from_pretrained(model_dir)
     torch.manual_seed(seed)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0))
     with torch.no_grad():

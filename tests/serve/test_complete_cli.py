@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from refact_lab.home import Home
+from refact_lab.models.loading import MODEL_LOADING
 from tests.serve.conftest import cut_at_special
 from tests.serve.helpers import make_run
 
@@ -35,7 +36,8 @@ def test_complete_with_the_base_model_and_a_lora(tmp_path, varied_model_dir, ref
     out = run_cli(prefix, "--suffix", suffix, "--home", str(home.root), "--model", str(varied_model_dir),
                   "--max-tokens", "10", "--lora", "run-x/step-000006")
     assert out.returncode == 0, out.stderr
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(varied_model_dir), str(folders[1]))
+    with MODEL_LOADING:
+        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(varied_model_dir), str(folders[1]))
     assert out.stdout == cut_at_special(reference(fim, 10, model_override=tuned.eval())) + "\n"
     assert "tinycoder:lora = run-x/step-000006" in out.stderr
     assert "lora" not in home.load_settings() and "model" not in home.load_settings()  # one-off: nothing saved

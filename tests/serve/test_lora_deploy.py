@@ -43,8 +43,11 @@ def lora_reference(model_dir, adapter_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    from refact_lab.models.loading import MODEL_LOADING
+
+    with MODEL_LOADING:  # the server's engine may be loading in this process too
+        base = AutoModelForCausalLM.from_pretrained(model_dir)
+        return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
 def deploy(srv, lora) -> dict:
