@@ -1,11 +1,15 @@
-"""The retrieval index of a project's accepted files: BM25 (bm25s) over chunks of whole lines.
+"""The retrieval index of a project's accepted files: BM25 (bm25s) over chunks of whole definitions or lines.
 
 The scan builds it after filtering (`build_index`), into `projects/<p>/index/<id>/`, switched in by the link
-`index/current` as scan results are, so a server reading it never sees half an index. A file is chunked into
-windows of WINDOW lines overlapping by half, so a definition cut by one window is whole in the next. Rebuilding
-is incremental: the chunks of a file whose sha256 has not changed are reused from the previous index (no read,
-no chunking); bm25s then rebuilds its matrix from the chunk list, which is cheap beside reading and chunking
-(bench/retrieval.py measures both).
+`index/current` as scan results are, so a server reading it never sees half an index. Files are chunked by
+`chunking.chunk_file`: whole functions and classes where tree-sitter has a grammar, line windows otherwise.
+
+Rebuilding is incremental. Each file's chunks and their BM25 terms (as ids into the store's vocabulary) are kept
+in a store keyed by the file's content hash (`index/store-.../<sha[:2]>/<sha>.<kind>`), so a rescan reads, parses and
+tokenizes only the files whose content is new; a file renamed or copied is not chunked again either. What bm25s
+needs from all files, the term-frequency matrix, is then computed again from the stored ids in a few vectorized
+passes (`_VectorBM25`, bm25s's own scoring functions), and the build folder holds only the file manifest and
+that matrix: the chunks' text stays in the store (bench/retrieval.py measures a full build against a rebuild).
 
 Code is tokenized for BM25 as identifiers and their parts: `convert_with_kestrel_rate` is one term and also
 `convert`, `with`, `kestrel`, `rate`, so a cursor that has typed half a name still matches its definition.
@@ -17,29 +21,34 @@ character budget; the server turns them into `Snippet`s for the prompt builder.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
 import time
-from dataclasses import dataclass
+from itertools import chain, islice
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+
+from refact_lab.context import chunking
+from refact_lab.context.chunking import MAX_CHUNK_CHARS, STRIDE, WINDOW, Chunk  # noqa: F401  (public names)
 from refact_lab.home import DEFAULT_PROJECT, Home, atomic_write_text
 from refact_lab.models.prompt import Snippet
 
-WINDOW = 20          # lines per chunk
-STRIDE = 10          # a new chunk every STRIDE lines: windows overlap by half
-MAX_CHUNK_CHARS = 4000   # a minified line must not make one chunk the size of a file
 MAX_TERMS = 400      # terms of a chunk beyond this add little to BM25 and cost build time
+TERMS_VERSION = 1    # bump when `terms` changes: the store's ids then no longer match and it starts afresh
 INDEX = "index"
 CURRENT = "current"
-INFO = "info.json"       # the build's file and chunk counts, for a scan that finds nothing changed
-MANIFEST = "files.json"
-CHUNKS = "chunks.jsonl"
+INFO = "info.json"       # the build's file and chunk counts and its store, for a scan that finds nothing changed
+MANIFEST = "files.json"  # path -> content hash, in chunk order
+CHUNKS = "chunks.jsonl"  # builds before the store kept their chunks here; still loadable
 BM25_DIR = "bm25"
+STORE = f"store-c{chunking.VERSION}-t{TERMS_VERSION}"
+VOCAB = "vocab.json"
 CHARS_PER_TOKEN = 4  # to turn a token budget into a character budget before the builder counts exactly
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+")
@@ -52,10 +61,7 @@ pass try except finally with raise lambda yield the a an of to is it this that v
 
 def terms(text: str) -> list[str]:
     """BM25 terms of code: identifiers (lower-cased) and, for compound names, their parts."""
-    out: list[str] = []
-    for word in _IDENT.findall(text):
-        out.extend(_word_terms(word))
-    return out
+    return list(chain.from_iterable(map(_word_terms, _IDENT.findall(text))))
 
 
 @functools.lru_cache(maxsize=200_000)
@@ -68,32 +74,239 @@ def _word_terms(word: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-@dataclass(frozen=True)
-class Chunk:
-    path: str     # the file's path in its source ("pkg/rates.py")
-    line: int     # first line, 0-based
-    text: str
-
-
 def chunk_text(path: str, text: str) -> list[Chunk]:
-    """Windows of WINDOW whole lines every STRIDE lines; the last window reaches the end of the file."""
-    lines = text.splitlines(keepends=True)
-    out = []
-    for start in range(0, max(len(lines) - WINDOW, 0) + 1, STRIDE):
-        out.append(Chunk(path, start, "".join(lines[start:start + WINDOW])[:MAX_CHUNK_CHARS]))
-    if len(lines) > WINDOW and (len(lines) - WINDOW) % STRIDE:
-        start = len(lines) - WINDOW
-        out.append(Chunk(path, start, "".join(lines[start:])[:MAX_CHUNK_CHARS]))
-    return [c for c in out if c.text.strip()]
+    """The chunks the index keeps for one file (see chunking.chunk_file)."""
+    return chunking.chunk_file(path, text)
+
+
+class _Counts:
+    """Term counts of chunks, concatenated: chunk i has `sizes[i]` distinct terms, their ids in `ids` and counts
+    in `tf`, and `lengths[i]` terms in all. How the stored files come together without a Python loop per chunk."""
+
+    def __init__(self, sizes: np.ndarray, ids: np.ndarray, tf: np.ndarray, lengths: np.ndarray):
+        self.sizes, self.ids, self.tf, self.lengths = sizes, ids, tf, lengths
+
+    @classmethod
+    def of(cls, ids: list[int], lengths: list[int]) -> "_Counts":
+        """Counts of chunks given as their term ids, concatenated, and how many each has."""
+        flat = np.array(ids, dtype=np.int64)
+        lengths_ = np.array(lengths, dtype=np.int64)
+        doc = np.repeat(np.arange(len(lengths_), dtype=np.int64), lengths_)
+        # (chunk, term) pairs and how often each occurs: one sort per file
+        width = int(flat.max(initial=0)) + 1
+        pairs, tf = np.unique(doc * width + flat, return_counts=True)
+        return cls(np.bincount(pairs // width, minlength=len(lengths_)).astype(np.int32),
+                   (pairs % width).astype(np.int32), tf.astype(np.int32), lengths_.astype(np.int32))
+
+    @classmethod
+    def join(cls, parts: list["_Counts"]) -> "_Counts":
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) if parts else np.zeros(0, np.int32)
+                     for f in ("sizes", "ids", "tf", "lengths")))
+
+
+@functools.lru_cache(maxsize=None)
+def _bm25_class():
+    import bm25s
+    from bm25s.scoring import _select_idf_scorer, _select_tfc_scorer
+
+    class _VectorBM25(bm25s.BM25):
+        """bm25s with its documented extension point, `build_index_from_ids`, computed from term counts in a few
+        array passes: the same document frequencies, idf and term-frequency components (bm25s's own scoring
+        functions), without bm25s's loop over chunks in Python (a minute for 10,000 files). The index it saves
+        is plain bm25s; loaded through this class, a query's scores are summed in one pass."""
+
+        @staticmethod
+        def _compute_relevance_from_scores(data, indptr, indices, num_docs, query_tokens_ids, dtype):
+            # a term's postings name each chunk once, so all the query terms' postings are summed by one
+            # bincount (bm25s adds them term by term with np.add.at, several times slower on long postings)
+            spans = [(indptr[t], indptr[t + 1]) for t in query_tokens_ids]
+            rows = np.concatenate([indices[a:b] for a, b in spans]) if spans else np.zeros(0, np.int64)
+            weights = np.concatenate([data[a:b] for a, b in spans]) if spans else np.zeros(0)
+            return np.bincount(rows, weights=weights, minlength=num_docs).astype(dtype)
+
+        def build_index_from_ids(self, unique_token_ids, corpus_token_ids, show_progress=True,
+                                 leave_progress=False):
+            if self.method in self.methods_requiring_nonoccurrence:
+                raise ValueError(f"{self.method} is not supported by the vectorized build")
+            self.nonoccurrence_array = None
+            counts: _Counts = corpus_token_ids
+            lengths = counts.lengths.astype(np.int64)
+            n_docs, n_vocab = len(lengths), len(unique_token_ids)
+            rows = np.repeat(np.arange(n_docs, dtype=np.int64), counts.sizes)
+            cols = counts.ids.astype(np.int64)
+            df = np.bincount(cols, minlength=n_vocab)
+            idf = np.zeros(n_vocab, dtype=self.dtype)
+            seen = np.unique(df[df > 0])   # idf depends on df alone: computed once per distinct df
+            idf_fn = _select_idf_scorer(self.idf_method)
+            per_df = np.array([idf_fn(int(d), N=n_docs) for d in seen], dtype=self.dtype)
+            idf[df > 0] = per_df[np.searchsorted(seen, df[df > 0])]
+            tfc = _select_tfc_scorer(self.method)(tf_array=counts.tf.astype(self.dtype), l_d=lengths[rows],
+                                                  l_avg=lengths.mean() if n_docs else 1.0, k1=self.k1, b=self.b,
+                                                  delta=self.delta)
+            scores = (idf[cols] * tfc).astype(self.dtype)
+            try:
+                import scipy.sparse as sp   # installed with datasketch; bm25s does not require it
+            except ImportError:
+                data, indices, indptr = self._np_csc(scores, rows.astype(self.int_dtype), cols, (n_docs, n_vocab))
+                return {"data": data, "indices": indices, "indptr": indptr, "num_docs": n_docs}
+            # rows come in chunk order: the matrix is a CSR as it stands, and scipy turns it into bm25s's CSC
+            # in one linear pass (bm25s's numpy builder sorts every entry: several seconds for 10,000 files)
+            indptr = np.zeros(n_docs + 1, dtype=np.int64)
+            np.cumsum(counts.sizes, out=indptr[1:])
+            csc = sp.csr_matrix((scores, cols, indptr), shape=(n_docs, n_vocab)).tocsc()
+            return {"data": csc.data.astype(self.dtype), "indices": csc.indices.astype(self.int_dtype),
+                    "indptr": csc.indptr.astype(np.int64), "num_docs": n_docs}
+
+    return _VectorBM25
+
+
+def _bm25_from_counts(counts: _Counts, vocab: dict[str, int]):
+    """A bm25s model of chunks given as term counts over `vocab`."""
+    from bm25s.tokenization import Tokenized
+
+    model = _bm25_class()()
+    # a plain dict: the model must not grow the vocabulary when a query looks up an unknown term
+    model.index(Tokenized(ids=counts, vocab=dict(vocab)), create_empty_token=False, show_progress=False)
+    return model
+
+
+class _Vocab(dict):
+    """Term -> id, a new term taking the next id. Lookups go through map() over a word -> term ids cache, so a
+    known identifier costs no Python call: tokenizing is most of the time a full build spends outside parsing."""
+
+    def __init__(self, terms: list[str]):
+        super().__init__((t, i) for i, t in enumerate(terms))
+        self.terms = terms
+        self._words = _WordIds(self)
+
+    def __missing__(self, term: str) -> int:
+        i = self[term] = len(self.terms)
+        self.terms.append(term)
+        return i
+
+    def ids(self, chunks: list[Chunk]) -> _Counts:
+        """The term counts of `chunks`: the ids of terms(text)[:MAX_TERMS] for each."""
+        ids: list[int] = []
+        lengths = []
+        for c in chunks:
+            n = len(ids)
+            ids.extend(islice(chain.from_iterable(map(self._words.__getitem__, _IDENT.findall(c.text))), MAX_TERMS))
+            lengths.append(len(ids) - n)
+        return _Counts.of(ids, lengths)
+
+
+class _WordIds(dict):
+    """Identifier -> the ids of its terms in a vocabulary."""
+
+    def __init__(self, vocab: _Vocab):
+        super().__init__()
+        self.vocab = vocab
+
+    def __missing__(self, word: str) -> tuple[int, ...]:
+        ids = self[word] = tuple(map(self.vocab.__getitem__, _word_terms(word)))
+        return ids
 
 
 def _bm25(chunks: list[Chunk]):
-    """A BM25 model of the chunks' terms."""
-    import bm25s
+    """A BM25 model of the chunks' terms, with a vocabulary of its own (an in-memory index)."""
+    vocab = _Vocab([])
+    return _bm25_from_counts(vocab.ids(chunks), vocab)
 
-    model = bm25s.BM25()
-    model.index([terms(c.text)[:MAX_TERMS] for c in chunks], show_progress=False)
-    return model
+
+class _Store:
+    """Chunks and term counts of files by content hash and kind (`_key`), and the vocabulary the term ids index (append-only, so
+    an id written once means the same term for as long as the store lives). An entry is one file: a JSON line
+    (first lines, distinct terms and terms per chunk), the term ids and their counts as int32, then the texts
+    as JSON, last, so a rebuild reads the numbers without decoding text. An entry that does not read back whole
+    is chunked again; a vocabulary that does not read back starts the store afresh."""
+
+    def __init__(self, folder: Path, writing: bool = False):
+        self.folder = folder
+        terms_: list[str] = []
+        if writing:   # a reader (the server loading chunks) needs no vocabulary
+            try:
+                terms_ = json.loads((folder / VOCAB).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                shutil.rmtree(folder, ignore_errors=True)   # ids in the entries would mean nothing without it
+        self.vocab = _Vocab(terms_)
+        self._saved = len(terms_)
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / key
+
+    def _read(self, key: str) -> tuple[bytes, dict, int, int] | None:
+        try:
+            data = self._path(key).read_bytes()
+            cut = data.index(b"\n") + 1
+            head = json.loads(data[:cut])
+            n = sum(head["sizes"])
+            if not len(head["lines"]) == len(head["sizes"]) == len(head["lengths"]) or len(data) < cut + 8 * n:
+                return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return data, head, cut, n
+
+    def counts(self, key: str) -> _Counts | None:
+        """The term counts of a stored file, or None."""
+        got = self._read(key)
+        if got is None:
+            return None
+        data, head, cut, n = got
+        ids = np.frombuffer(data, dtype=np.int32, count=n, offset=cut)
+        if n and int(ids.max()) >= len(self.vocab.terms):
+            return None
+        return _Counts(np.array(head["sizes"], dtype=np.int32), ids,
+                       np.frombuffer(data, dtype=np.int32, count=n, offset=cut + 4 * n),
+                       np.array(head["lengths"], dtype=np.int32))
+
+    def chunks(self, key: str, path: str) -> list[Chunk] | None:
+        """The chunks of a stored file under `path`, or None."""
+        got = self._read(key)
+        if got is None:
+            return None
+        data, head, cut, n = got
+        try:
+            texts = json.loads(data[cut + 8 * n:])
+        except ValueError:
+            return None
+        if len(texts) != len(head["lines"]):
+            return None
+        return [Chunk(path, line, text) for line, text in zip(head["lines"], texts)]
+
+    def add(self, chunks: list[Chunk]) -> tuple[bytes, _Counts]:
+        """Term counts of `chunks` (new terms join the vocabulary), and the entry that stores them."""
+        counts = self.vocab.ids(chunks)
+        head = json.dumps({"lines": [c.line for c in chunks], "sizes": counts.sizes.tolist(),
+                           "lengths": counts.lengths.tolist()})
+        texts = json.dumps([c.text for c in chunks])
+        return (head.encode("ascii") + b"\n" + counts.ids.tobytes() + counts.tf.tobytes()
+                + texts.encode("ascii")), counts
+
+    def save(self, entries: dict[str, bytes]) -> None:
+        """The vocabulary first (entries' ids must always be in it), then the new entries."""
+        if len(self.vocab.terms) != self._saved or not (self.folder / VOCAB).exists():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.folder / VOCAB, json.dumps(self.vocab.terms))
+            self._saved = len(self.vocab.terms)
+        for key, data in entries.items():
+            path = self._path(key)
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_name(f".{key}.{secrets.token_hex(3)}.tmp")
+            tmp.write_bytes(data)   # no fsync per entry: one that does not read back whole is chunked again
+            os.replace(tmp, path)
+
+    def prune(self, keep: set[str]) -> None:
+        """Remove the entries of contents no kept build indexes."""
+        for sub in self.folder.iterdir():
+            if sub.is_dir():
+                for entry in sub.iterdir():
+                    if entry.name not in keep:
+                        entry.unlink(missing_ok=True)
+
+
+def _key(sha: str, path: str) -> str:
+    """A file's key in the store: its content and how its kind of file is chunked."""
+    return f"{sha}.{chunking.kind(path)}"
 
 
 def index_dir(home: Home, project: str = DEFAULT_PROJECT) -> Path:
@@ -106,19 +319,15 @@ def current_index(home: Home, project: str = DEFAULT_PROJECT) -> Path | None:
     return target if target is not None and target.is_dir() else None
 
 
-def _read_previous(folder: Path | None) -> tuple[dict, dict[str, list[Chunk]]]:
-    if folder is None:
-        return {}, {}
+def _manifest(folder: Path | None) -> dict[str, str]:
     try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        by_path: dict[str, list[Chunk]] = {}
-        with open(folder / CHUNKS, encoding="utf-8") as f:
-            for line in f:
-                path, start, text = json.loads(line)
-                by_path.setdefault(path, []).append(Chunk(path, start, text))
-        return manifest, by_path
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8")) if folder is not None else {}
     except (OSError, ValueError):
-        return {}, {}   # an unreadable previous index only costs a full rebuild
+        return {}
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def _unchanged(folder: Path | None, records: list[dict]) -> dict | None:
@@ -135,54 +344,76 @@ def _unchanged(folder: Path | None, records: list[dict]) -> dict | None:
         info = json.loads((folder / INFO).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    return {"files": info["files"], "chunks": info["chunks"], "bytes": size}
+    if info.get("store") != STORE:
+        return None   # built by another chunker or tokenizer version (or before the store existed): build again
+    store = folder.parent / info["store"]
+    if not all((store / sha[:2] / _key(sha, path)).is_file() for path, sha in wanted.items()):
+        return None   # its chunks are gone from the store: build again
+    store_bytes = _size(store) if store.is_dir() else 0
+    return {"files": info["files"], "chunks": info["chunks"], "bytes": _size(folder) + store_bytes,
+            "store_bytes": store_bytes}
 
 
 def build_index(home: Home, project: str, records: Iterable[dict]) -> dict:
     """Index the accepted files `records` (scan records: path, file, sha256); returns the stats the scan reports:
-    files, chunks, reused (files whose chunks came from the previous index), build seconds, bytes on disk."""
+    files, chunks, reused_files (whose chunks and terms came from the store), chunked_files (read, parsed and
+    tokenized in this build), chunk_s (the time that took), build_s (all of it), bytes (all of the index on
+    disk) and store_bytes (of which the store: the chunks and term counts of the kept builds' files)."""
     started = time.perf_counter()
     records = list(records)
     previous_dir = current_index(home, project)
     unchanged = _unchanged(previous_dir, records)
     if unchanged is not None:
         # the same files with the same contents: the index in place is this one (a rebuild of a large project
-        # costs about a minute and the scan's disk twice)
-        return {**unchanged, "reused_files": unchanged["files"], "unchanged": True,
+        # costs seconds and the scan's disk twice)
+        return {**unchanged, "reused_files": unchanged["files"], "chunked_files": 0, "unchanged": True,
                 "chunk_s": 0.0, "build_s": round(time.perf_counter() - started, 3)}
-    old_manifest, old_chunks = _read_previous(previous_dir)
+    root = index_dir(home, project)
+    store = _Store(root / STORE, writing=True)
     manifest: dict[str, str] = {}
-    chunks: list[Chunk] = []
-    reused = 0
+    new: dict[str, bytes] = {}
+    parts: dict[str, _Counts] = {}   # store key -> its chunks' term counts
+    keys: list[str] = []             # the store key of each manifest entry, in order
+    n_chunks = reused = chunked = 0
     for r in records:
         path, sha = r.get("path"), r.get("sha256")
         if not path or path in manifest:
             continue
-        if sha and old_manifest.get(path) == sha and path in old_chunks:
-            chunks.extend(old_chunks[path])
+        key = _key(sha, path) if sha else None
+        got = parts.get(key) if key else None
+        if got is None and key:
+            got = store.counts(key)
+            if got is not None:
+                parts[key] = got
+        if got is not None:
             reused += 1
         else:
             try:
-                text = Path(r["file"]).read_text(encoding="utf-8", errors="replace")
+                data = Path(r["file"]).read_bytes()
             except (OSError, KeyError):
                 continue   # gone since the scan read it: the next scan indexes it again
-            chunks.extend(chunk_text(path, text))
-        manifest[path] = sha or ""
+            # the hash of what was read: a file changed since the scan must not be stored under its old hash
+            sha = hashlib.sha256(data).hexdigest()
+            key = _key(sha, path)
+            if key not in parts:
+                new[key], parts[key] = store.add(chunk_text(path, data.decode("utf-8", errors="replace")))
+                chunked += 1
+            got = parts[key]
+        manifest[path] = sha
+        keys.append(key)
+        n_chunks += len(got.sizes)
     chunked_s = time.perf_counter() - started
-    root = index_dir(home, project)
     root.mkdir(parents=True, exist_ok=True)
+    store.save(new)
     build_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     tmp = root / f".{build_id}.tmp"
     tmp.mkdir()
     try:
-        with open(tmp / CHUNKS, "w", encoding="utf-8") as f:
-            for c in chunks:
-                f.write(json.dumps([c.path, c.line, c.text]) + "\n")
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest))
-        atomic_write_text(tmp / INFO, json.dumps({"files": len(manifest), "chunks": len(chunks)}))
-        if chunks:
-            _bm25(chunks).save(str(tmp / BM25_DIR), show_progress=False)
+        atomic_write_text(tmp / INFO, json.dumps({"files": len(manifest), "chunks": n_chunks, "store": STORE}))
+        if n_chunks:
+            counts = _Counts.join([parts[key] for key in keys])
+            _bm25_from_counts(counts, store.vocab).save(str(tmp / BM25_DIR), show_progress=False)
         folder = root / build_id
         os.rename(tmp, folder)
         link_tmp = root / f".{CURRENT}.{build_id}"
@@ -191,12 +422,16 @@ def build_index(home: Home, project: str, records: Iterable[dict]) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # the previous build stays one build longer (a server may be loading it), with its store entries
+    kept = {build_id, previous_dir.name if previous_dir else "", STORE, CURRENT}
     for old in root.iterdir():
-        if old.is_dir() and not old.is_symlink() and old.name not in (build_id, previous_dir.name if previous_dir else ""):
-            shutil.rmtree(old, ignore_errors=True)
-    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    return {"files": len(manifest), "chunks": len(chunks), "reused_files": reused,
-            "chunk_s": round(chunked_s, 3), "build_s": round(time.perf_counter() - started, 3), "bytes": size}
+        if old.name not in kept and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    store.prune(set(keys) | {_key(sha, path) for path, sha in _manifest(previous_dir).items()})
+    store_bytes = _size(store.folder)
+    return {"files": len(manifest), "chunks": n_chunks, "reused_files": reused, "chunked_files": chunked,
+            "chunk_s": round(chunked_s, 3), "build_s": round(time.perf_counter() - started, 3),
+            "bytes": _size(folder) + store_bytes, "store_bytes": store_bytes}
 
 
 class ProjectIndex:
@@ -217,14 +452,24 @@ class ProjectIndex:
     @classmethod
     def load(cls, folder: Path) -> "ProjectIndex":
         """The index the scan saved in `folder`."""
-        import bm25s
-
         chunks: list[Chunk] = []
-        with open(folder / CHUNKS, encoding="utf-8") as f:
-            for line in f:
-                path, start, text = json.loads(line)
-                chunks.append(Chunk(path, start, text))
-        return cls(chunks, bm25s.BM25.load(str(folder / BM25_DIR), show_progress=False) if chunks else None, folder)
+        if (folder / CHUNKS).exists():   # a build from before the store
+            with open(folder / CHUNKS, encoding="utf-8") as f:
+                for line in f:
+                    path, start, text = json.loads(line)
+                    chunks.append(Chunk(path, start, text))
+        else:
+            info = json.loads((folder / INFO).read_text(encoding="utf-8"))
+            store = _Store(folder.parent / info["store"])
+            for path, sha in _manifest(folder).items():
+                got = store.chunks(_key(sha, path), path)
+                if got is None:   # the matrix's rows would no longer match the chunks
+                    raise OSError(f"the retrieval index {folder} lacks the chunks of {path}")
+                chunks.extend(got)
+            if len(chunks) != info["chunks"]:
+                raise OSError(f"the retrieval index {folder} does not match its chunks")
+        return cls(chunks, _bm25_class().load(str(folder / BM25_DIR), show_progress=False) if chunks else None,
+                   folder)
 
     @classmethod
     def in_memory(cls, files: Iterable[tuple[str, str]]) -> "ProjectIndex":
@@ -257,8 +502,11 @@ class ProjectIndex:
         scores = self.model.get_scores(q)
         for lo, hi in self._excluded(exclude_path):
             scores[lo:hi] = 0
-        n = min(len(self.chunks), 4 * k)
-        top = np.argpartition(scores, -n)[-n:] if n < len(scores) else np.arange(len(scores))
+        # only chunks sharing a term with the query compete: besides saving work, numpy's argpartition slows
+        # down thirtyfold on an array of mostly equal values (the zeros of every other chunk)
+        candidates = np.flatnonzero(scores)
+        n = min(len(candidates), 4 * k)
+        top = candidates[np.argpartition(scores[candidates], -n)[-n:]] if n < len(candidates) else candidates
         top = top[np.argsort(-scores[top], kind="stable")]
         budget = None if token_budget is None else token_budget * CHARS_PER_TOKEN
         out: list[Snippet] = []
@@ -271,7 +519,7 @@ class ProjectIndex:
                 break
             if c.path in banned:
                 continue
-            if any(t.path == c.path and abs(t.line - c.line) < WINDOW for t in taken):
+            if any(t.path == c.path and t.line < c.end and c.line < t.end for t in taken):   # overlapping windows
                 continue
             if budget is not None and used + len(c.text) > budget:
                 continue

@@ -1,12 +1,16 @@
 """The retrieval index: the scan builds it from a real project (this repository's own code), rebuilds only
-changed files, and retrieval finds a definition in another file while never returning the file being edited."""
+changed files (their chunks and terms kept by content hash), its BM25 matrix is bm25s's own, and retrieval finds a
+definition in another file while never returning the file being edited."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from refact_lab.context.index import (IndexCache, chunk_text, current_index, retrieve, terms, WINDOW)
+import numpy as np
+
+from refact_lab.context.index import (MAX_TERMS, STORE, IndexCache, ProjectIndex, _bm25, build_index, chunk_text,
+                                      current_index, index_dir, retrieve, terms, WINDOW)
 from tests.data.conftest import scan_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +28,7 @@ def _project(tmp_path) -> Path:
 
 def test_chunks_are_whole_lines_that_cover_the_file():
     text = "".join(f"line {i}\n" for i in range(47))
-    chunks = chunk_text("a.py", text)
+    chunks = chunk_text("a.txt", text)
     assert all(len(c.text.splitlines()) <= WINDOW and c.text.endswith("\n") for c in chunks)
     covered = {c.line + j for c in chunks for j in range(len(c.text.splitlines()))}
     assert covered == set(range(47))
@@ -62,11 +66,13 @@ def test_scan_builds_the_index_incrementally_and_retrieval_excludes_the_edited_f
     (root / "refact_lab/models/prompt.py").write_text(
         (root / "refact_lab/models/prompt.py").read_text() + "\n\ndef zebra_quokka_marker():\n    return 1\n")
     _, _, stats2 = scan_folder(home, root)
-    assert stats2["index"]["reused_files"] == len(accepted) - 1
+    assert stats2["index"]["reused_files"] == len(accepted) - 1 and stats2["index"]["chunked_files"] == 1
     assert current_index(home) != first   # a new build switched in; the previous one is kept one build longer
     cache = IndexCache(home)
     hit = retrieve(home, "default", "zebra_quokka_marker()", cache=cache)
     assert hit and hit[0].path == "refact_lab/models/prompt.py" and "zebra_quokka_marker" in hit[0].text
+    # whole definitions (this one merged with the one before it), not a window that starts mid-function
+    assert hit[0].text.startswith("def ") and hit[0].text.endswith("def zebra_quokka_marker():\n    return 1\n")
 
 
 def test_a_rescan_with_nothing_changed_keeps_the_index_in_place(home, tmp_path):
@@ -80,3 +86,100 @@ def test_a_rescan_with_nothing_changed_keeps_the_index_in_place(home, tmp_path):
     (root / "refact_lab/models/prompt.py").write_text("x = 1\n" * 30)
     _, _, changed = scan_folder(home, root)
     assert "unchanged" not in changed["index"] and current_index(home) != first
+
+
+def test_an_index_built_by_another_chunker_version_is_built_again(home, tmp_path):
+    import json
+
+    from refact_lab.context.index import INFO
+
+    root = _project(tmp_path)
+    scan_folder(home, root)
+    first = current_index(home)
+    info = json.loads((first / INFO).read_text())
+    info["store"] = "store-c0-t0"     # what an older release wrote (or none: before the store existed)
+    (first / INFO).write_text(json.dumps(info))
+    _, _, again = scan_folder(home, root)
+    assert "unchanged" not in again["index"] and current_index(home) != first
+    # this version's chunks of the same contents come from its own store (an older release's store has another
+    # name, so after an upgrade every file is chunked again)
+    assert again["index"]["reused_files"] == again["index"]["files"]
+
+
+def test_the_matrix_is_the_one_bm25s_builds():
+    import bm25s
+
+    chunks = [c for p in sorted((ROOT / "refact_lab").rglob("*.py")) for c in chunk_text(str(p), p.read_text())]
+    ours = _bm25(chunks)
+    theirs = bm25s.BM25()
+    theirs.index([terms(c.text)[:MAX_TERMS] for c in chunks], show_progress=False)
+    for query in ("build_fim_ids tok fim prefix", "atomic_write_text json dumps", "class ProjectIndex retrieve"):
+        q = [t for t in terms(query) if t in theirs.vocab_dict]
+        ours_scores, their_scores = ours.get_scores(q), theirs.get_scores(q)
+        assert their_scores.max() > 0 and np.allclose(ours_scores, their_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_a_saved_index_is_plain_bm25s_and_scores_the_same_loaded_either_way(home):
+    import bm25s
+
+    files = sorted((ROOT / "refact_lab").rglob("*.py"))
+    build_index(home, "default", [_record(ROOT, str(p.relative_to(ROOT))) for p in files])
+    ours = ProjectIndex.load(current_index(home))
+    plain = bm25s.BM25.load(str(current_index(home) / "bm25"))
+    for query in ("build_fim_ids tok fim prefix", "atomic_write_text json dumps", "zzz_not_a_term home"):
+        q = [t for t in terms(query) if t in plain.vocab_dict]
+        assert plain.get_scores(q).max() > 0
+        assert np.allclose(ours.model.get_scores(q), plain.get_scores(q), rtol=1e-5, atol=1e-6)
+
+
+def _record(root: Path, path: str) -> dict:
+    import hashlib
+
+    return {"path": path, "file": str(root / path), "sha256": hashlib.sha256((root / path).read_bytes()).hexdigest()}
+
+
+def test_the_store_keeps_chunks_by_content_and_a_damaged_entry_is_chunked_again(home, tmp_path):
+    root = tmp_path / "p"
+    files = {"rates.py": "def convert_with_kestrel_rate(x):\n    return x * KESTREL\n",
+             "main.py": "from rates import convert_with_kestrel_rate\n\nprint(convert_with_kestrel_rate(2))\n",
+             "util.go": "package util\n\nfunc Falcon() int {\n\treturn 1\n}\n"}
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    first = build_index(home, "default", [_record(root, p) for p in files])
+    assert (first["chunked_files"], first["reused_files"]) == (3, 0) and first["store_bytes"] > 0
+    # a rename (same content, new path) is not chunked again; the index answers with the new path
+    (root / "rates.py").rename(root / "money.py")
+    renamed = build_index(home, "default", [_record(root, p) for p in ("money.py", "main.py", "util.go")])
+    assert (renamed["chunked_files"], renamed["reused_files"]) == (0, 3)
+    hits = retrieve(home, "default", "convert_with_kestrel_rate", exclude_path="main.py")
+    assert [h.path for h in hits] == ["money.py"] and hits[0].text == files["rates.py"]
+    # a damaged entry (a crash while writing it) is chunked again, not trusted
+    store = index_dir(home) / STORE
+    sha = _record(root, "util.go")["sha256"]
+    (store / sha[:2] / f"{sha}.go").write_bytes(b'{"lines": [0')
+    (root / "main.py").write_text("print(1)\n")
+    again = build_index(home, "default", [_record(root, p) for p in ("money.py", "main.py", "util.go")])
+    assert again["chunked_files"] == 2 and again["reused_files"] == 1
+    index = ProjectIndex.load(current_index(home))
+    assert [c.path for c in index.chunks] == ["money.py", "main.py", "util.go"]
+    assert "func Falcon() int {\n\treturn 1\n}" in index.retrieve("Falcon()")[0].text
+    # entries no kept build indexes are removed: the old main.py's is gone after one more build
+    build_index(home, "default", [_record(root, p) for p in ("money.py", "util.go")])
+    kept = {p.name for p in store.glob("*/*")}
+    assert _record(root, "main.py")["sha256"] + ".python" in kept and len(kept) == 3
+    build_index(home, "default", [_record(root, "util.go")])
+    assert {p.name for p in store.glob("*/*")} == {f"{sha}.go", _record(root, "money.py")["sha256"] + ".python"}
+
+
+def test_the_same_content_under_another_kind_of_file_is_chunked_its_own_way(home, tmp_path):
+    text = "".join(f"X_{i} = {i}\n" for i in range(12)) + "def long_one(x):\n" + "    x += 1\n" * 24 + "    return x\n"
+    for name in ("a.py", "a.txt"):
+        (tmp_path / name).write_text(text)
+    stats = build_index(home, "default", [_record(tmp_path, "a.py"), _record(tmp_path, "a.txt")])
+    assert stats["chunked_files"] == 2
+    index = ProjectIndex.load(current_index(home))
+    py = [c.text for c in index.chunks if c.path == "a.py"]
+    txt = [c.text for c in index.chunks if c.path == "a.txt"]
+    assert any(t.startswith("def long_one") and t.endswith("return x\n") for t in py)   # the definition, whole
+    assert txt == [c.text for c in chunk_text("a.txt", text)] and py != txt             # windows
