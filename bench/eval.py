@@ -35,6 +35,20 @@ def fetch(package: str, into: Path) -> Path:
     return found[0]
 
 
+def fine_tune(home, project: str, settings, label: str) -> tuple[str, dict]:
+    """Create and run a fine-tune of the default model in this process; prints how it went."""
+    from refact_lab.finetune import runs
+
+    run_id = runs.create_run(home, project, "default", settings)
+    started = time.time()
+    runs.execute_run(home.run_dir(run_id), log=lambda m: None)
+    status = runs.read_status(home, run_id)
+    best = status.get("best") or {}
+    print(f"fine-tune {label}: {status['state']} at step {status.get('step')} in {time.time() - started:.0f} s, "
+          f"best {best.get('checkpoint')} (test loss {best.get('test_loss', float('nan')):.4f})", flush=True)
+    return run_id, status
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--package", default="toolz==1.0.0", help="pinned PyPI source release (default toolz==1.0.0)")
@@ -46,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from refact_lab.config import FinetuneSettings, ScanSettings
     from refact_lab.data.service import ProjectService
-    from refact_lab.finetune import runs
     from refact_lab.home import Home
     from refact_lab.scoreboard import results, runner
     from refact_lab.scoreboard.cursors import DEFAULT_SEED, KINDS
@@ -62,13 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = FinetuneSettings(train_steps=args.steps, eval_cursors=0, seq_len=512, batch_size=8,
                                 learning_rate=1e-3, early_stop_patience=0)
-    run_id = runs.create_run(home, project, "default", settings)
-    started = time.time()
-    runs.execute_run(home.run_dir(run_id), log=lambda m: None)
-    status = runs.read_status(home, run_id)
-    best = status.get("best") or {}
-    print(f"fine-tune {run_id}: {status['state']} at step {status.get('step')} in {time.time() - started:.0f} s, "
-          f"best {best.get('checkpoint')} (test loss {best.get('test_loss', float('nan')):.4f})")
+    run_id, status = fine_tune(home, project, settings, "of the default model")
 
     targets = runner.resolve_targets(home, project, "default", run_id, ["best"])
     cursors = runner.project_cursors(home, project, args.cursors, DEFAULT_SEED)

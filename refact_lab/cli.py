@@ -1,4 +1,5 @@
-"""The `refact-lab` command line: serve | scan | finetune | resume | runs | complete | eval | deploy | update | export.
+"""The `refact-lab` command line: serve | host | scan | finetune | resume | runs | complete | eval | deploy | update |
+export.
 
 Each subcommand parses its flags, builds the same settings dataclass the UI uses, and calls a service.
 Heavy imports (torch, jupyter_server) happen inside the handlers so `refact-lab --help` is instant.
@@ -16,6 +17,7 @@ from refact_lab.config import SettingsError
 EXIT_BAD_INPUT = 2
 # serving settings `serve` takes as flags and remembers in settings.json, like --model
 SERVE_REMEMBERED = ("device", "dtype", "max_batch")
+SERVE_OPTIONS = ("prefix_cache_mib", "speculative_tokens")   # the engine's options for this start only (not saved)
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
@@ -33,7 +35,10 @@ def _add_serve(sub) -> None:
     auth = p.add_mutually_exclusive_group()
     auth.add_argument("--token", help="API and login token (default: $REFACT_LAB_TOKEN, else generated)")
     auth.add_argument("--no-auth", action="store_true", help="no token (only on a loopback address)")
-    p.add_argument("--model", help="base model: registry name, hub id or local folder (remembered)")
+    p.add_argument("--model", action="append",
+                   help="model to host: registry name, hub id or local folder (remembered). Repeat it to host "
+                        "several at once: the first is the completion default, the others are hosted beside it "
+                        "(they replace the hosting list; `refact-lab host` edits it while the server runs)")
     from refact_lab.config import ServeSettings, field_specs
 
     specs = {f["name"]: f for f in field_specs(ServeSettings)}
@@ -41,6 +46,8 @@ def _add_serve(sub) -> None:
         spec = specs[name]
         p.add_argument(f"--{name.replace('_', '-')}", type=spec["type"] if spec["type"] in (int, str) else str,
                        choices=spec.get("choices"), help=f"{spec['help']} (remembered)")
+    for name in SERVE_OPTIONS:
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, help=specs[name]["help"])
     p.set_defaults(handler=_cmd_serve)
 
 
@@ -50,15 +57,131 @@ def _cmd_serve(args) -> int:
     from refact_lab.config import ServeSettings
 
     given = {k: getattr(args, k) for k in SERVE_REMEMBERED if getattr(args, k) is not None}
+    models = args.model or []
     try:
         settings = ServeSettings(host=args.host, port=args.port, home=args.home,
                                  token=None if args.no_auth else (args.token or os.environ.get("REFACT_LAB_TOKEN")),
-                                 no_auth=args.no_auth, model=args.model, **given)
-    except SettingsError as e:
+                                 no_auth=args.no_auth, model=models[0] if models else None, **given,
+                                 **{k: getattr(args, k) for k in SERVE_OPTIONS if getattr(args, k) is not None})
+        hosted = _hosted_from_flags(models, given) if len(models) > 1 else None
+    except (SettingsError, ValueError) as e:
         return _fail(str(e))
     from refact_lab.serve.server import run_server
 
-    return run_server(settings, remember=given)
+    return run_server(settings, remember=given, hosted=hosted)
+
+
+def _hosted_from_flags(models: list[str], given: dict) -> list:
+    """The models after the first --model as hosting list entries, named as the registry names them (the first
+    is entry one, the server's first model)."""
+    from refact_lab.models.registry import resolve
+    from refact_lab.serve.state import HostedModel
+
+    entries, names = [], {resolve(models[0]).name}
+    for model in models[1:]:
+        name = resolve(model).name
+        if name in names:
+            raise ValueError(f"--model {model}: the model {name!r} is given twice")
+        names.add(name)
+        entries.append(HostedModel(name=name, model=model, dtype=given.get("dtype", "auto"),
+                                   max_batch=given.get("max_batch", 16)))
+    return entries
+
+
+# --- host ------------------------------------------------------------------------------------------------
+
+def _add_host(sub) -> None:
+    import dataclasses
+
+    from refact_lab.serve.state import ROLES, HostedModel
+
+    p = sub.add_parser("host", help="the models a server hosts at once: list, add, remove, role, load, unload",
+                       description="Edits the hosting list in the state directory's settings.json; a running "
+                                   "server applies a change within a second, without a restart (a removed model "
+                                   "finishes its in-flight requests first). Entry one is the server's first model "
+                                   "(`serve --model`).")
+    hsub = p.add_subparsers(dest="host_command", metavar="ACTION")
+    specs = {f.name: f.metadata for f in dataclasses.fields(HostedModel)}
+
+    def common(q):
+        q.add_argument("--home", help="state directory (default $REFACT_LAB_HOME or ~/.refact_lab)")
+        q.add_argument("--url", help="the running server, for live state (default $REFACT_LAB_URL)")
+        q.add_argument("--token", help="its token (default $REFACT_LAB_TOKEN)")
+
+    q = hsub.add_parser("list", help="the hosting list with each model's state, placement and memory")
+    common(q)
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q = hsub.add_parser("add", help="host another model beside the first")
+    common(q)
+    q.add_argument("model", help=specs["model"]["help"])
+    q.add_argument("--name", help=specs["name"]["help"] + " (default: the model's registry name)")
+    q.add_argument("--placement", default="auto", help=specs["placement"]["help"])
+    q.add_argument("--dtype", default="auto", choices=specs["dtype"]["choices"], help=specs["dtype"]["help"])
+    q.add_argument("--role", default="none", choices=ROLES, help=specs["role"]["help"])
+    q.add_argument("--memory-share", type=float, default=1.0, help=specs["memory_share"]["help"])
+    q.add_argument("--max-batch", type=int, help=specs["max_batch"]["help"])
+    q.add_argument("--no-memory-check", action="store_true", help="save it even if the memory plan says it "
+                                                                   "does not fit now")
+    q.add_argument("--wait", action="store_true", help="wait until the server has loaded it (needs --url)")
+    q = hsub.add_parser("role", help="make a hosted model the completion or chat default (no reload)")
+    common(q)
+    q.add_argument("name", help="the hosted model's name")
+    q.add_argument("role", choices=ROLES, help=specs["role"]["help"])
+    for action, text in (("remove", "stop hosting a model (its in-flight requests finish first)"),
+                         ("load", "load an unloaded model again"),
+                         ("unload", "free a model's memory, keeping it in the list")):
+        q = hsub.add_parser(action, help=text)
+        common(q)
+        q.add_argument("name", help="the hosted model's name")
+    p.set_defaults(handler=_cmd_host)
+
+
+def _cmd_host(args) -> int:
+    import json
+    import os
+
+    from refact_lab.home import Home
+    from refact_lab.serve.client import HttpInference, LocalInference
+    from refact_lab.serve.hosting import HostingService
+
+    if not args.host_command:
+        return _fail("host: say what to do: list, add, remove, role, load or unload")
+    home = Home.resolve(args.home).ensure()
+    url = args.url or os.environ.get("REFACT_LAB_URL")
+    inference = HttpInference(url, args.token or os.environ.get("REFACT_LAB_TOKEN", ""), timeout=10) if url \
+        else LocalInference(home)  # not started: without a server, the list shows what settings.json says
+    service = HostingService(home, inference=inference)
+    if args.host_command == "list":
+        rows = service.hosted()
+        if args.json:
+            print(json.dumps(rows, sort_keys=True))
+            return 0
+        for r in rows:
+            mem = f"{r['weights_mb']:.0f} MiB" if r.get("weights_mb") else "-"
+            print(f"{r['name']:<28} {r.get('state', '?'):<9} {r['placement']:<12} {r['dtype']:<5} "
+                  f"role={r['role']:<10} weights={mem:<9} {r['model']}"
+                  + (f"  ({r['error']})" if r.get("error") else ""))
+        return 0
+    if args.host_command == "add":
+        entry = service.add_hosted(args.model, args.name, args.placement, args.dtype, args.role, args.memory_share,
+                                   args.max_batch, check_memory=not args.no_memory_check)
+        print(f"hosting {entry['name']} ({entry['model']} on {entry['placement']}, role {entry['role']})")
+        if args.wait and url:
+            row = service.wait_hosted(entry["name"])
+            print(f"{entry['name']}: {row.get('state')}" + (f" ({row['error']})" if row.get("error") else ""))
+            return 0 if row.get("state") == "ready" else 1
+        return 0
+    if args.host_command == "role":
+        entry = service.set_role(args.name, args.role)
+        print(f"{entry['name']}: role {entry['role']}")
+        return 0
+    if args.host_command == "remove":
+        service.remove_hosted(args.name)
+        print(f"{args.name} removed; the server stops it once its in-flight requests finish")
+        return 0
+    entry = service.set_loaded(args.name, args.host_command == "load")
+    print(f"{entry['name']}: {'loading' if entry['loaded'] else 'unloaded'}")
+    return 0
 
 
 # --- scan ------------------------------------------------------------------------------------------------
@@ -178,7 +301,8 @@ def _cmd_scan(args) -> int:
         if index:
             print(f"retrieval index: {index['error']}" if index.get("error") else
                   f"retrieval index: {index['files']} files, {index['chunks']} chunks, {human_size(index['bytes'])}, "
-                  f"built in {index['build_s']:.1f} s ({index['reused_files']} unchanged files reused)")
+                  f"built in {index['build_s']:.1f} s ({index.get('chunked_files', 0)} files chunked, "
+                  f"{index['reused_files']} unchanged files reused)")
         print(f"logs: {paths['dir']}/{{accepted.jsonl, rejected.jsonl, stats.json}}")
     if stats["reasons"].get("loss_too_high") and stats["accepted"] == 0:
         print(f"refact-lab: every file that reached stage 2 is above loss_threshold "
@@ -553,7 +677,7 @@ def _cmd_deploy(args) -> int:
           + (f" (cannot be served: {now['lora_error']})" if now["lora_error"] else ""))
     print(f"context:    {now['context']}" + (" (the deployed run's project)" if now["context_choice"] == "auto"
                                               and now["context"] != "off" else "")
-          + f", up to {now['context_tokens']} tokens")
+          + f", up to {now['context_tokens']} tokens" + (f" ({now['context_note']})" if now["context_note"] else ""))
     return 0
 
 
@@ -723,8 +847,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a code-completion model on your repositories and serve it to your IDE.")
     parser.add_argument("--version", action="version", version=f"refact-lab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_serve, _add_scan, _add_finetune, _add_resume, _add_runs, _add_complete, _add_deploy, _add_eval,
-                _add_export, _add_update):
+    for add in (_add_serve, _add_host, _add_scan, _add_finetune, _add_resume, _add_runs, _add_complete, _add_deploy,
+                _add_eval, _add_export, _add_update):
         add(sub)
     return parser
 

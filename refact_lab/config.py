@@ -191,6 +191,13 @@ class ServeSettings:
     loop_guard: bool = setting(True, help="Stop a completion that repeats one piece of text three times in a row "
                                           "and keep only the first copy (unless the code around the cursor "
                                           "repeats it too)")
+    prefix_cache_mib: int = setting(256, help="Memory for the KV of recent prompts, so a request that starts like a "
+                                              "recent one (the next keystroke) only computes what is new (0: off)",
+                                    min=0, max=65536)
+    speculative_tokens: int = setting(8, help="Tokens guessed from the prompt and the text so far, checked in one pass "
+                                              "of the model, for a lone greedy request: code repeats itself, so "
+                                              "several tokens come per step, with the same output (0: off)",
+                                      min=0, max=64)
 
     def __post_init__(self):
         validate(self)

@@ -43,7 +43,7 @@ if [ -n "$DRY" ]; then
   exit 0
 fi
 
-step gpu_tests 150 $PY -m pytest -q -p no:cacheprovider tests/serve/test_gpu.py
+step gpu_tests 150 $PY -m pytest -q -p no:cacheprovider tests/serve/test_gpu.py tests/serve/test_fleet_gpu.py tests/serve/test_memory_plan.py
 step serve_bench 200 $PY bench/serve.py --gpu
 step finetune_bench 150 $PY bench/finetune.py --gpu --rounds 1
 step recipe 100 $PY scripts/train_default_model.py --out /tmp/gpu-checks-recipe --device cuda --minutes 1.2 \

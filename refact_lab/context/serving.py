@@ -43,11 +43,15 @@ class RepoContext:
         self.home = home
         self.cache = IndexCache(home)
 
-    def project(self, choice: ServingChoice, deployed_run: str | None) -> str | None:
+    def project(self, choice: ServingChoice, deployed_run: str | None, model=None) -> str | None:
+        """The project whose index gives snippets, or None (off). `model`: the served ModelSpec; "auto" is off
+        for a model that was not trained to use repository context (`ModelSpec.repo_context`)."""
         if choice.context == CONTEXT_OFF or choice.context_tokens <= 0:
             return None
         if choice.context:
             return choice.context
+        if model is not None and not model.repo_context:
+            return None
         if deployed_run:
             from refact_lab.keep_current.deploys import run_project
 
@@ -57,13 +61,14 @@ class RepoContext:
         return DEFAULT_PROJECT
 
     def for_cursor(self, choice: ServingChoice, deployed_run: str | None, prefix: str, suffix: str, *,
-                   path: str | None = None, client: Sequence[Snippet] = (), retrieve: bool = True) -> PromptContext:
+                   path: str | None = None, client: Sequence[Snippet] = (), retrieve: bool = True,
+                   model=None) -> PromptContext:
         """The snippets for a cursor: `client`'s first, then (with `retrieve`) the project's best matches."""
         if choice.context == CONTEXT_OFF or choice.context_tokens <= 0:
             return PromptContext()
         budget = choice.context_tokens
         snippets = list(client)
-        project = self.project(choice, deployed_run) if retrieve else None
+        project = self.project(choice, deployed_run, model) if retrieve else None
         if project is not None and len(snippets) < MAX_SNIPPETS:
             index = self.cache.get(project)
             if index is not None:

@@ -8,6 +8,8 @@
 - degenerate: a blank completion where code was expected, a single-line completion that ran to its token limit
   without ending its line, or one the serving loop guard (`refact_lab.serve.stops.find_loop_cut`) still finds
   a loop in;
+- named_right: the completion's first identifier is the expected one (for cross_file cursors: the function
+  another file defines was called by its name);
 - p50_ms: median wall-clock time of a completion (the one number that differs between two identical runs).
 """
 
@@ -19,7 +21,7 @@ from collections import Counter
 
 from refact_lab.serve.stops import find_loop_cut
 
-FIELDS = ("exact_match", "edit_similarity", "identifier_f1", "degenerate", "p50_ms")
+FIELDS = ("exact_match", "edit_similarity", "identifier_f1", "named_right", "degenerate", "p50_ms")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -42,6 +44,11 @@ def identifier_f1(got: str, want: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def _first_identifier(text: str) -> str | None:
+    m = _IDENTIFIER.search(text)
+    return m.group(0) if m else None
+
+
 def compared(text: str, expected: str, single_line: bool) -> tuple[str, str]:
     """The parts of completion and expected text that are scored."""
     if single_line:
@@ -58,6 +65,7 @@ def score(text: str, expected: str, *, single_line: bool, finish_reason: str = "
     return {"exact_match": float(got.split("\n", 1)[0] == want.split("\n", 1)[0]),
             "edit_similarity": edit_similarity(got, want),
             "identifier_f1": identifier_f1(got, want),
+            "named_right": float(_first_identifier(got) == _first_identifier(want)),
             "degenerate": float(blank or runaway or find_loop_cut(text, context) is not None)}
 
 

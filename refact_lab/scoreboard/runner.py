@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from refact_lab.home import Home
-from refact_lab.scoreboard.cursors import DEFAULT_CURSORS, DEFAULT_SEED, KINDS, Cursor, fingerprint, sample_cursors
+from refact_lab.scoreboard.cursors import (
+    DEFAULT_CURSORS, DEFAULT_SEED, KINDS, Cursor, fingerprint, project_definitions, sample_cursors,
+)
 from refact_lab.scoreboard.metrics import aggregate, score
 
 SINGLE_LINE_TOKENS = 48
@@ -49,7 +51,9 @@ def project_cursors(home: Home, project: str, n: int = DEFAULT_CURSORS, seed: in
         dataset = load_dataset(home, project)
     except (FileNotFoundError, ValueError) as e:
         raise EvalError(str(e)) from None
-    cursors = sample_cursors(dataset.pairs("test"), n, seed)
+    # cross_file cursors call what the project defines in other files, held-out or not
+    definitions = project_definitions(dataset.pairs("train") + dataset.pairs("test"))
+    cursors = sample_cursors(dataset.pairs("test"), n, seed, definitions=definitions)
     if not cursors:
         raise EvalError(f"project {project!r} has no cursor positions in its {len(dataset.test)} test file(s)")
     return cursors
@@ -111,10 +115,11 @@ def complete_all(engine, model_name: str, cursors: list[Cursor], progress: Progr
                                      repo_context=context, path=c.file)
         done = engine.generate(prep.ids, prep.params, model=prep.route.name, timeout=600)
         ms = (time.perf_counter() - started) * 1000
-        context = c.prefix[-2000:] + c.suffix[:500]
+        around = c.prefix[-2000:] + c.suffix[:500]   # what the loop check may see repeated legitimately
         rows.append({"id": c.id, "kind": c.kind, "text": done["text"], "finish_reason": done["finish_reason"],
-                     "ms": ms, "snippets": len(prep.snippets), **score(done["text"], c.expected, single_line=c.single_line,
-                                       finish_reason=done["finish_reason"], context=context)})
+                     "ms": ms, "snippets": len(prep.snippets),
+                     **score(done["text"], c.expected, single_line=c.single_line,
+                             finish_reason=done["finish_reason"], context=around)})
         if progress:
             progress(label or model_name, i + 1, len(cursors))
     return rows
@@ -172,8 +177,8 @@ def evaluate(home: Home, project: str, targets: list[Target], *, cursors: list[C
 
 def format_table(report: dict) -> str:
     """The scoreboard as text: one block per model, a row per kind and overall."""
-    cols = ("exact_match", "edit_similarity", "identifier_f1", "degenerate", "p50_ms")
-    heads = ("KIND", "N", "EXACT", "EDIT SIM", "IDENT F1", "DEGEN", "P50 MS")
+    cols = ("exact_match", "edit_similarity", "identifier_f1", "named_right", "degenerate", "p50_ms")
+    heads = ("KIND", "N", "EXACT", "EDIT SIM", "IDENT F1", "NAMED", "DEGEN", "P50 MS")
     lines = [f"project {report['project']}: {report['cursors']} cursors"
              + (f", repository context on ({report.get('cursors_with_context', 0)} with snippets)"
                 if report.get("context") == "on" else "")]
@@ -182,7 +187,8 @@ def format_table(report: dict) -> str:
         lines.append(f"{m['name']}" + (f"  (LoRA {m['lora']})" if m["lora"] else "  (base model, LoRA off)"))
         rows = [heads]
         for kind, agg in [*m["by_kind"].items(), ("overall", {**m["overall"], "n": report["cursors"]})]:
-            rows.append((kind, str(agg["n"]), *("-" if agg[c] is None else f"{agg[c]:.1f}" if c == "p50_ms"
+            # .get: a report saved before a metric existed shows "-" there
+            rows.append((kind, str(agg["n"]), *("-" if agg.get(c) is None else f"{agg[c]:.1f}" if c == "p50_ms"
                                                else f"{agg[c]:.3f}" for c in cols)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(heads))]
         lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))

@@ -6,8 +6,12 @@ column, and padding columns are masked out. Positions are passed explicitly per 
 number of its real tokens so far), so padding never shifts a row's rotary positions.
 
 - `prefill(rows)` runs the new rows' prompts as their own small batch, then merges that cache into the running
-  one by left-padding whichever is shorter; new requests join a batch that is already decoding.
+  one by left-padding whichever is shorter; new requests join a batch that is already decoding. With a
+  `PrefixCache` (refact_lab.serve.prefix_cache), a row whose prompt starts like a recent one starts from that
+  prompt's stored columns and runs only the rest.
 - `step()` feeds each row's last sampled token and returns the next-token logits for every row.
+- `verify(drafts)` / `drop_last(n)`: speculative decoding for a batch of one row (refact_lab.serve.speculative):
+  the row's last token and drafted tokens in one pass, then the columns of rejected drafts taken back.
 - `keep(indices)` drops finished or cancelled rows from the cache and mask, then trims columns that are padding
   for every remaining row.
 
@@ -72,6 +76,19 @@ def _slack_layer_class():
             self.values = self._vbuf[:, :, :n + add]
             return self.keys, self.values
 
+        def crop(self, tokens_to_remove: int) -> None:
+            """Forget the last -tokens_to_remove columns (rejected speculative drafts), keeping the buffer: the
+            next update writes over them in place (DynamicLayer's crop would make the next update copy all)."""
+            drop = abs(tokens_to_remove)
+            if drop == 0 or not self.is_initialized:
+                return
+            n = self.keys.shape[-2] - drop
+            if self.keys is self._kview:
+                self.keys = self._kview = self._kbuf[:, :, :n]
+                self.values = self._vbuf[:, :, :n]
+            else:
+                self.keys, self.values = self.keys[:, :, :n], self.values[:, :, :n]
+
         def _reserve(self, n: int, capacity: int, like) -> None:
             import torch
 
@@ -115,15 +132,55 @@ class Batch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def prefill(self, model, new_rows: Sequence[Any]):
-        """Run the new rows' prompts and merge them into the batch; returns their next-token logits [n, vocab]."""
+    def prefill(self, model, new_rows: Sequence[Any], prefixes=None, key=None):
+        """Run the new rows' prompts and merge them into the batch; returns their next-token logits [n, vocab].
+
+        With `prefixes` (a `PrefixCache`), a row whose prompt shares a long enough prefix with a stored prompt of
+        adapter `key` starts from a copy of those stored columns and runs only the rest of its prompt (alone:
+        rows with different reused lengths do not line up in one batch); the other rows run together as before.
+        Every new row's prompt KV is stored afterwards."""
+        import torch
+
+        reuse = [prefixes.lookup(key, r.prompt_ids) if prefixes is not None and prefixes.enabled else (0, None)
+                 for r in new_rows]
+        fresh = [i for i, (n, _) in enumerate(reuse) if n == 0]
+        logits: list[Any] = [None] * len(new_rows)
+        joining = Batch()  # the newcomers, put together first so the running batch is rebuilt only once
+        if fresh:
+            rows = [new_rows[i] for i in fresh]
+            cache, mask, out = self._run_prompts(model, rows)
+            for j, i in enumerate(fresh):
+                logits[i] = out[j]
+            if prefixes is not None and prefixes.enabled:
+                for j, r in enumerate(rows):
+                    n = len(r.prompt_ids)  # the row's real columns are the last n (left padding)
+                    prefixes.store(key, r.prompt_ids, [(layer.keys[j:j + 1, :, -n:].clone(),
+                                                        layer.values[j:j + 1, :, -n:].clone())
+                                                       for layer in cache.layers])
+            joining._merge(cache, mask, rows)
+        for i, (n, stored) in enumerate(reuse):
+            if n == 0:
+                continue
+            r = new_rows[i]
+            cache, mask, out = self._run_rest(model, r, n, stored)
+            logits[i] = out[0]
+            prefixes.store(key, r.prompt_ids, [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
+            joining._merge(cache, mask, [r])
+        for r in new_rows:
+            r.pos = len(r.prompt_ids)
+        self._merge(joining.cache, joining.mask, joining.rows)
+        return torch.stack(logits)
+
+    @staticmethod
+    def _run_prompts(model, rows: Sequence[Any]):
+        """Whole prompts as one left-padded batch: (cache, mask, last logits [rows, vocab])."""
         import torch
 
         device = input_device(model)
-        width = max(len(r.prompt_ids) for r in new_rows)
-        ids = torch.zeros((len(new_rows), width), dtype=torch.long, device=device)
-        mask = torch.zeros((len(new_rows), width), dtype=torch.long, device=device)
-        for i, r in enumerate(new_rows):
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+        for i, r in enumerate(rows):
             n = len(r.prompt_ids)
             ids[i, width - n:] = torch.tensor(r.prompt_ids, dtype=torch.long, device=device)
             mask[i, width - n:] = 1
@@ -133,10 +190,24 @@ class Batch:
         padded = bool((mask == 0).any())
         out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions, use_cache=True,
                     logits_to_keep=1, **{cache_kwarg(model): cache})
-        for r in new_rows:
-            r.pos = len(r.prompt_ids)
-        self._merge(cache, mask, list(new_rows))  # the cache object was filled in place
-        return out.logits[:, -1, :]
+        return cache, mask, out.logits[:, -1, :]  # the cache object was filled in place
+
+    @staticmethod
+    def _run_rest(model, row, n: int, stored):
+        """One prompt whose first n tokens' keys/values are stored: run tokens n.. at positions n.. on a cache
+        holding a view of those columns (the first write copies them into the cache's own buffer)."""
+        import torch
+
+        device = input_device(model)
+        total = len(row.prompt_ids)
+        ids = torch.tensor([row.prompt_ids[n:]], dtype=torch.long, device=device)
+        positions = torch.arange(n, total, dtype=torch.long, device=device).unsqueeze(0)
+        cache = new_cache([(k[:, :, :n], v[:, :, :n]) for k, v in stored])
+        # one row without padding: no mask, the attention's plain causal path (queries sit at columns n..)
+        out = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **{cache_kwarg(model): cache})
+        mask = torch.ones((1, total), dtype=torch.long, device=device)
+        return cache, mask, out.logits[:, -1, :]
 
     def step(self, model):
         """Feed every row its last token; returns next-token logits [rows, vocab]."""
@@ -155,6 +226,36 @@ class Batch:
         for r in self.rows:
             r.pos += 1
         return out.logits[:, -1, :]
+
+    def verify(self, model, drafts: Sequence[int]):
+        """Speculative decoding, one row: feed its last token and the drafted tokens after it in one pass;
+        returns logits [1 + len(drafts), vocab] (row i: the next token after the i-th fed token). Every fed
+        token gets a cache column; `drop_last` takes back those of rejected drafts."""
+        import torch
+
+        if len(self.rows) != 1:
+            raise ValueError("verify takes a batch of exactly one row")
+        r = self.rows[0]
+        device = input_device(model)
+        width = 1 + len(drafts)
+        ids = torch.tensor([[r.last_token, *drafts]], dtype=torch.long, device=device)
+        positions = torch.arange(r.pos, r.pos + width, dtype=torch.long, device=device).unsqueeze(0)
+        self.mask = torch.cat([self.mask, torch.ones((1, width), dtype=self.mask.dtype, device=self.mask.device)],
+                              dim=1)
+        out = model(input_ids=ids, attention_mask=self.mask if self.padded else None, position_ids=positions,
+                    use_cache=True, **{cache_kwarg(model): self.cache})
+        r.pos += width
+        return out.logits[0]
+
+    def drop_last(self, n: int) -> None:
+        """Take back the last n fed tokens of every row (their cache columns, mask columns and positions)."""
+        if n <= 0:
+            return
+        for layer in self.cache.layers:
+            layer.crop(-n)
+        self.mask = self.mask[:, :-n]
+        for r in self.rows:
+            r.pos -= n
 
     def keep(self, indices: list[int]) -> None:
         """Keep only these rows (in this order)."""

@@ -54,14 +54,18 @@ class HttpInference:
 
     def complete(self, prefix: str, suffix: str | None = None, *, model: str | None = None, max_tokens: int = 32,
                  temperature: float = 0.0, single_line: bool = False) -> dict:
-        body = {"prompt": prefix, "max_tokens": max_tokens, "temperature": temperature, "single_line": single_line}
+        """The completion, with `prompt` (what the model saw) and `snippets` (the repository context in it)."""
+        body = {"prompt": prefix, "max_tokens": max_tokens, "temperature": temperature, "single_line": single_line,
+                "debug_options": {"return_prompt": True}}
         if suffix is not None:
             body["suffix"] = suffix
         if model:
             body["model"] = model
         out = self._call("POST", "/v1/completions", body)
         choice = out["choices"][0]
-        return {"text": choice["text"], "finish_reason": choice["finish_reason"], "model": out["model"]}
+        debug = out.get("debug_data") or {}
+        return {"text": choice["text"], "finish_reason": choice["finish_reason"], "model": out["model"],
+                "prompt": debug.get("prompt"), "snippets": debug.get("snippets") or []}
 
 
 class LocalInference:
@@ -102,7 +106,7 @@ class LocalInference:
                  temperature: float = 0.0, single_line: bool = False, timeout: float = 300) -> dict:
         from refact_lab.serve.engine import EngineError
         from refact_lab.serve.prepare import prepare_completion
-        from refact_lab.serve.protocol import ApiError, Sampling
+        from refact_lab.serve.protocol import ApiError, Sampling, debug_data
 
         engine = self.start()
         engine.wait_ready(timeout)
@@ -116,7 +120,8 @@ class LocalInference:
             raise InferenceError(e.message) from None
         except EngineError as e:
             raise InferenceError(str(e)) from None
-        return {"text": done["text"], "finish_reason": done["finish_reason"], "model": prep.route.name}
+        return {"text": done["text"], "finish_reason": done["finish_reason"], "model": prep.route.name,
+                **debug_data(engine.decode_prompt(prep.ids), prep.snippets)}
 
 
 def default_inference(home: Home):

@@ -85,11 +85,21 @@ class DeployService:
             ck, error = None, str(e)
         else:
             error = None
-        project = RepoContext(self.home).project(choice, ck.run_id if ck else None)
+        from refact_lab.models.registry import resolve
+
+        try:
+            spec = resolve(choice.model or "default")
+        except ValueError:
+            spec = None
+        project = RepoContext(self.home).project(choice, ck.run_id if ck else None, spec)
         return {"model": choice.model or "default", "lora": choice.lora.label(),
                 "checkpoint": ck.key if ck else None, "lora_error": error,
                 "context": project or state.CONTEXT_OFF, "context_choice": choice.context or "auto",
-                "context_tokens": choice.context_tokens}
+                "context_tokens": choice.context_tokens,
+                "context_note": ("auto is off for this model: it was not trained to use snippets of other files "
+                                 "(choose a project to turn it on anyway)")
+                if choice.context is None and spec is not None and not spec.repo_context
+                and choice.context_tokens > 0 else None}
 
     def status(self) -> dict:
         try:
@@ -117,9 +127,13 @@ class DeployService:
         """Complete at the cursor with the base model and, when a LoRA is deployed, the fine-tuned one.
 
         Waits (up to `wait_s`) until the engine has applied the saved choice, so a completion right after a
-        deploy uses what was just deployed, not the adapter before it. `base_ms` / `lora_ms`: wall time of each.
+        deploy uses what was just deployed, not the adapter before it. `base_ms` / `lora_ms`: wall time of each;
+        `snippets`: the repository context in the prompt ({path, text} each).
         """
         snap = self.status()
+        if snap.get("state") == "stopped" and hasattr(self.inference, "start"):
+            self.inference.start()   # no server: the engine in this process loads on first use, as the note says
+            snap = self.status()
         if wait_s and snap.get("state") != "unreachable":
             snap = self.wait_applied(timeout=wait_s)
         models = snap.get("models") or []
@@ -127,11 +141,13 @@ class DeployService:
             raise InferenceError(f"the model is not ready (state: {snap.get('state')}"
                                  + (f": {snap['error']}" if snap.get("error") else "") + ")")
         base = models[0]
-        out = {"base_model": base, "lora_model": None, "base": None, "lora": None, "base_ms": None, "lora_ms": None}
+        out = {"base_model": base, "lora_model": None, "base": None, "lora": None, "base_ms": None, "lora_ms": None,
+               "snippets": []}
         t0 = time.perf_counter()
-        out["base"] = self.inference.complete(prefix, suffix, model=base, max_tokens=max_tokens,
-                                              single_line=single_line)["text"]
+        done = self.inference.complete(prefix, suffix, model=base, max_tokens=max_tokens, single_line=single_line)
         out["base_ms"] = (time.perf_counter() - t0) * 1000
+        # the repository context both completions saw (the same for both: retrieval does not depend on the adapter)
+        out["base"], out["snippets"] = done["text"], done.get("snippets") or []
         if lora_model_name(base) in models:
             out["lora_model"] = lora_model_name(base)
             t0 = time.perf_counter()

@@ -8,7 +8,8 @@ Handlers (on tornado's event loop), the CLI and notebooks never touch the model.
 2. admits queued generations into per-adapter groups: generations are pinned to the adapter that was deployed
    when they were submitted, so a switch never changes a running completion;
 3. runs one step for one group at a time (round robin): a prefill that merges newcomers into that group's
-   batch, or one decode step for every row of the batch (`refact_lab.serve.batch`);
+   batch, or one decode step for every row of the batch (`refact_lab.serve.batch`); a lone greedy request
+   checks tokens drafted from its own prompt in that step and may take several (`refact_lab.serve.speculative`);
 4. after every token checks each row's stop rules, cancel flag (set when a client disconnects) and length,
    streams the safe part of the text to the row's sink, and drops finished rows from the batch.
 
@@ -29,11 +30,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from refact_lab.config import ServeSettings
 from refact_lab.context.serving import RepoContext
 from refact_lab.home import Home
 from refact_lab.models.healing import heal_fim_prompt, vocabulary
 from refact_lab.serve import checkpoints, state
 from refact_lab.serve.batch import Batch, sample
+from refact_lab.serve.prefix_cache import PrefixCache
+from refact_lab.serve.speculative import agreed, draft
 from refact_lab.serve.state import LoraChoice, ServingChoice, lora_model_name
 from refact_lab.serve.stops import REPLACEMENT_CHAR, StopRules
 
@@ -138,10 +142,16 @@ class Engine:
     """Serves one base model and its deployed LoRA. Thread-safe entry points: submit, route, encode, snapshot."""
 
     def __init__(self, home: Home, *, model: str | None = None, poll_interval: float = 0.2,
-                 rescan_interval: float = 3.0, max_records: int = 200, overrides: dict | None = None):
+                 rescan_interval: float = 3.0, max_records: int = 200, overrides: dict | None = None,
+                 prefix_cache_mib: int | None = None, entry=None, speculative_tokens: int | None = None):
         """`model`: used when settings.json names none. `overrides`: settings that win over settings.json
-        without being saved (the CLI's one-off --model / --lora)."""
+        without being saved (the CLI's one-off --model / --lora). `prefix_cache_mib`: memory for recent prompts'
+        KV (0: no prefix reuse; None: ServeSettings' default). `entry`: a `state.HostedModel` of the hosting list
+        (a model hosted beside the first, see serve/fleet.py): its model, placement and dtype are fixed (the fleet
+        replaces the engine when they change) and its routes carry the entry's name. `speculative_tokens`: tokens
+        drafted from the prompt per step for a lone greedy request (0: off; None: ServeSettings' default)."""
         self.home = home
+        self.entry = entry
         self.fallback_model = model
         self.overrides = dict(overrides or {})
         self.repo_context = RepoContext(home)   # FIM prompts' snippets from other files of the project
@@ -186,6 +196,14 @@ class Engine:
         # scheduling
         self._groups: dict[str | None, _Group] = {}
         self._rr = 0
+        if prefix_cache_mib is None:
+            prefix_cache_mib = ServeSettings.__dataclass_fields__["prefix_cache_mib"].default
+        self.prefix_cache = PrefixCache(int(prefix_cache_mib) * 2**20)
+        self._prefix_model = None  # weak reference to the base model the stored prompts were computed with
+        if speculative_tokens is None:
+            speculative_tokens = ServeSettings.__dataclass_fields__["speculative_tokens"].default
+        self.speculative_tokens = int(speculative_tokens)
+        self.speculative = collections.Counter()  # steps, drafted, accepted: drafts the model agreed with
         # bookkeeping
         self.counters = collections.Counter()
         self.records: collections.deque[dict] = collections.deque(maxlen=max_records)
@@ -221,11 +239,11 @@ class Engine:
         with self._lock:
             if self.state != "ready":
                 return []
-            base = Route(self.spec.name, self.spec.name, None, self.n_ctx, self.spec.fim)
+            name = self.entry.name if self.entry is not None else self.spec.name
+            base = Route(name, self.spec.name, None, self.n_ctx, self.spec.fim)
             out = [base]
             if self.deployed is not None:
-                out.append(Route(lora_model_name(self.spec.name), self.spec.name, self.deployed, self.n_ctx,
-                                 self.spec.fim))
+                out.append(Route(lora_model_name(name), self.spec.name, self.deployed, self.n_ctx, self.spec.fim))
             return out
 
     def is_loading(self) -> bool:
@@ -239,7 +257,7 @@ class Engine:
                 return None
             cfg = self.config or self._requested
             name = self._loading_name or (cfg.model if cfg else self.fallback_model) or "default"
-            return {"name": name, "state": self.state}
+            return {"name": self.entry.name if self.entry is not None else name, "state": self.state}
 
     def default_model(self) -> str | None:
         """What a request without a model gets: the fine-tuned variant when one is deployed."""
@@ -255,7 +273,7 @@ class Engine:
             models = self.served_models()
             if not name:
                 return models[-1]
-            aliases = {self.spec.name, self.spec.source}
+            aliases = {self.spec.name, self.spec.source} | ({self.entry.model} if self.entry is not None else set())
             for r in models:
                 if name == r.name or (r.adapter is None and name in aliases):
                     return r
@@ -416,6 +434,9 @@ class Engine:
                 "caps_version": self.caps_version,
                 "active": active, "waiting": waiting,
                 "counters": dict(self.counters),
+                "prefix_cache": self.prefix_cache.stats(),
+                "speculative": {"tokens": self.speculative_tokens,
+                                **{k: self.speculative[k] for k in ("steps", "drafted", "accepted", "ties")}},
                 "recent": list(self.records)[-50:],
             }
 
@@ -499,10 +520,11 @@ class Engine:
                 newcomers = [group.waiting.popleft() for _ in range(min(room, len(group.waiting)))]
                 for g in newcomers:
                     self._prepare(g)
+                self._check_prefix_owner(model)
                 with self._adapter_context(model, group.key):
-                    logits = group.batch.prefill(model, newcomers)
+                    logits = group.batch.prefill(model, newcomers, self.prefix_cache, group.key)
                 self._accept(group, newcomers, sample(logits, newcomers))
-            elif len(group.batch):
+            elif len(group.batch) and not self._speculate(group, model):
                 with self._adapter_context(model, group.key):
                     logits = group.batch.step(model)
                 self._accept(group, list(group.batch.rows), sample(logits, group.batch.rows))
@@ -526,6 +548,17 @@ class Engine:
             self._groups.pop(group.key, None)
             if group.key is not None and (self.deployed is None or self.deployed.key != group.key):
                 self._unload_adapter(group.key)
+                self.prefix_cache.drop_key(group.key)
+
+    def _check_prefix_owner(self, model) -> None:
+        """Stored prompts hold the KV of one base model: forget them when another one is served."""
+        import weakref
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        owner = self._prefix_model() if self._prefix_model is not None else None
+        if owner is not base:
+            self.prefix_cache.clear()
+            self._prefix_model = weakref.ref(base)
 
     def _prepare(self, g: Generation) -> None:
         import torch
@@ -564,6 +597,60 @@ class Engine:
             self.counters["tokens"] += len(rows)
         if finished:
             group.batch.keep([i for i, r in enumerate(group.batch.rows) if id(r) not in finished])
+
+    def _speculate(self, group: _Group, model) -> bool:
+        """One decode step with prompt-lookup drafts (refact_lab.serve.speculative); False when it does not apply
+        (then the caller takes a plain step). Only for a lone greedy row: there the model's argmax at each drafted
+        position is the token a plain step would pick (up to rounding, see below), so the output does not change.
+        Every token taken goes through `_advance` as in a plain step; the first one that finishes the row ends it."""
+        if self.speculative_tokens <= 0 or len(group.batch) != 1:
+            return False
+        g = group.batch.rows[0]
+        if g.params.temperature > 0 or (g.first_allowed and not g.generated):
+            return False  # sampling, or a healed first token (constrained, see `sample`)
+        # no drafts past max_tokens, nor past the model's last position
+        room = min(self.speculative_tokens, g.params.max_tokens - len(g.generated) - 1, g.route.n_ctx - g.pos - 1)
+        drafts = draft(g.prompt_ids + g.generated, room) if room > 0 else []
+        if not drafts:
+            return False
+        import torch
+
+        start = g.pos
+        with self._adapter_context(model, group.key):
+            logits = group.batch.verify(model, drafts)
+        top = logits.float().topk(2, dim=-1)
+        predicted = top.indices[:, 0].tolist()
+        n = agreed(drafts, predicted)
+        # Logits of one pass over several tokens round differently from one-token steps: where the best two are
+        # tied within two rounding steps of the logits' precision, a plain step might pick the other one, so no
+        # token is taken from there on (bf16 only, in practice; its rounding makes a few texts differ anyway, as
+        # batching with other requests or a prompt computed in two parts already does).
+        tie = 2 * torch.finfo(logits.dtype).eps
+        close = ((top.values[:, 0] - top.values[:, 1]) <= tie * top.values[:, 0].abs().clamp(min=1)).tolist()
+        sure = next((i for i in range(n + 1) if close[i]), n + 1)
+        if sure == 0:
+            group.batch.drop_last(1 + len(drafts))
+            with self._lock:
+                self.speculative.update(ties=1)
+            return False
+        taken, reason = 0, None
+        for i, tok in enumerate(predicted[:sure]):
+            g.pos = start + 1 + i  # as after i + 1 plain steps (the n_ctx rule in _advance reads it)
+            reason = self._advance(g, tok)
+            taken += 1
+            if reason or g.cancelled:
+                break
+        with self._lock:
+            self.counters["tokens"] += taken
+            self.speculative.update(steps=1, drafted=len(drafts), accepted=n)
+        if reason:
+            self._finish(g, reason)
+            group.batch.keep([])
+            return True
+        # the cache holds the last token and every draft; keep the columns of the tokens fed before the new last one
+        g.pos = start + 1 + len(drafts)
+        group.batch.drop_last(1 + len(drafts) - taken)
+        return True
 
     def _advance(self, g: Generation, tok: int) -> str | None:
         if tok in self._stop_ids:
@@ -656,6 +743,15 @@ class Engine:
             if self.settings_problems.get(part) != message:
                 log.warning("ignoring invalid %s settings: %s", part, message)
         requested = model_config(choice, self.fallback_model)
+        if self.entry is not None:
+            # a hosted entry's model and placement are its own, not the flat fields (those are entry one's)
+            e = self.entry
+            requested = ModelConfig(e.model, e.placement, e.dtype, e.memory_share, e.max_batch)
+            problems.pop(state.MODEL, None)
+        from refact_lab.serve.fleet import lora_for
+
+        # a LoRA deploys onto the hosted model it was trained from (off on the others)
+        choice = lora_for(self.home, choice, self.entry, self.fallback_model)
         if state.MODEL in problems and self._requested is None:
             requested = None  # nothing valid to load yet: the engine reports the problem as its failure
         elif state.MODEL in problems:
@@ -763,7 +859,7 @@ class Engine:
 
         import torch
 
-        from refact_lab.models.loading import auto_dtype, load_model, load_tokenizer
+        from refact_lab.models.loading import MODEL_LOADING, auto_dtype, load_model, load_tokenizer
         from refact_lab.models.registry import resolve
 
         if cfg is None:
@@ -785,23 +881,41 @@ class Engine:
             torch.cuda.empty_cache()
         started = time.monotonic()
         try:
+            from refact_lab.serve import fleet, memory_plan
+
             spec = resolve(cfg.model)
             with self._lock:
                 self._loading_name = spec.name
-            device = cfg.device
+            # an entry's placement in the engine's device words (gpu:N and share:N -> cuda:N, shard:N,M -> shard)
+            device = fleet.engine_device(cfg.device) if self.entry is not None else cfg.device
             if device == "auto":
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             if device.startswith("cuda") or device == "shard":
                 if not torch.cuda.is_available():
                     raise RuntimeError(f"device {cfg.device!r} needs a CUDA GPU and none is visible")
-                if cfg.gpu_memory_fraction < 1.0:
+            if device.startswith("cuda") or device == "shard":
+                # a per-process cap: only entry one (the single-model server's "share GPU") sets it; hosted
+                # entries share one process, so their memory share is held by the memory plan instead
+                if cfg.gpu_memory_fraction < 1.0 and self.entry is None:
                     for i in ([int(device.split(":")[1])] if ":" in device else range(torch.cuda.device_count())):
                         torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction, i)
             dtype = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.dtype]
             if dtype is None:
                 dtype = auto_dtype(device)
-            tokenizer = load_tokenizer(spec)
-            model = load_model(spec, device="auto" if device == "shard" else device, dtype=dtype)
+            # Refuse what cannot fit before loading, with the numbers (memory_plan.py). Planned and loaded under
+            # the load lock, so two engines loading at once never both count the same free memory (nor import
+            # transformers' lazy modules in two threads at once: that raised ImportError).
+            with MODEL_LOADING:
+                tokenizer = load_tokenizer(spec)
+                placement = cfg.device if self.entry is not None else \
+                    memory_plan.placement_of_device(device, cfg.gpu_memory_fraction)
+                memory_plan.check_spec(self.entry.name if self.entry is not None else spec.name, spec, placement,
+                                       cfg.dtype, cfg.max_batch, cfg.gpu_memory_fraction,
+                                       weights_only=self.entry is None)
+                if self.entry is not None and cfg.device.startswith("shard:"):
+                    model = fleet.load_on_gpus(spec, state.placement_gpus(cfg.device), dtype)
+                else:
+                    model = load_model(spec, device="auto" if device == "shard" else device, dtype=dtype)
             stop_ids = set(spec.fim.stop_ids(tokenizer))
             eos = [tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)]
             for e in eos:

@@ -1,9 +1,10 @@
 """Our jupyter_server extension: the inference API beside Voilà and JupyterLab, on the app's port.
 
 Server options are traitlets here, set by `refact-lab serve` (or a jupyter_server config file) and turned
-once into the state the handlers read from `self.settings["refact_lab"]`: the state directory, the engine
-(started here, so the model loads in the background while the app is already answering) and the upstream
-directory. Which model and LoRA are served afterwards is read from settings.json (see refact_lab.serve.state).
+once into the state the handlers read from `self.settings["refact_lab"]`: the state directory, the fleet of
+engines (entry one's engine and one per hosted model, see refact_lab.serve.fleet; started here, so the models
+load in the background while the app is already answering) and the upstream directory. Which models and LoRA
+are served afterwards is read from settings.json (see refact_lab.serve.state).
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ class RefactLabExtension(ExtensionApp):
     poll_interval = Float(0.2, config=True, help="Seconds between checks of settings.json for a new model or LoRA")
     load_wait_s = Float(ServeSettings.load_wait_s, config=True,
                         help="Seconds a request that needs the model waits while it loads, before a 503")
+    prefix_cache_mib = Int(ServeSettings.prefix_cache_mib, config=True,
+                           help="MiB of recent prompts' KV kept per hosted model, so the next keystroke's "
+                                "request computes only what is new (0: off)")
+    speculative_tokens = Int(ServeSettings.speculative_tokens, config=True,
+                             help="Tokens drafted from the prompt per decode step of a lone greedy request (0: off)")
     kernel_idle_timeout = Int(600, config=True,
                               help="Seconds an idle kernel with no open page lives before it is shut down (0: never; "
                                    "ignored when MappingKernelManager.cull_idle_timeout is set)")
@@ -41,10 +47,13 @@ class RefactLabExtension(ExtensionApp):
 
     def initialize_settings(self):
         from refact_lab.serve.engine import Engine
+        from refact_lab.serve.fleet import Fleet
         from refact_lab.serve.upstream import Directory
 
         home = Home.resolve(self.home or None).ensure()
-        engine = Engine(home, model=self.model or None, poll_interval=self.poll_interval)
+        options = {"prefix_cache_mib": self.prefix_cache_mib, "speculative_tokens": self.speculative_tokens}
+        engine = Engine(home, model=self.model or None, poll_interval=self.poll_interval, **options)
+        fleet = Fleet(home, engine, poll_interval=max(self.poll_interval, 0.2), engine_options=options)
         # model loading, LoRA switches and failures show in the server's output
         logger = logging.getLogger("refact_lab")
         if not logger.handlers:
@@ -57,9 +66,9 @@ class RefactLabExtension(ExtensionApp):
         cull_unattended_kernels(self.serverapp.kernel_manager, self.kernel_idle_timeout, self.kernel_cull_interval)
         self.settings["refact_lab"] = {"home": home, "version": __version__, "max_body_mb": self.max_body_mb,
                                        "load_wait_s": self.load_wait_s,
-                                       "model": self.model or None, "engine": engine,
+                                       "model": self.model or None, "engine": engine, "fleet": fleet,
                                        "upstream_directory": Directory()}
-        engine.start()
+        fleet.start()
         self.log.info("refact_lab %s: state directory %s; model loading in the background", __version__, home.root)
 
     def initialize_handlers(self):
@@ -93,8 +102,8 @@ class RefactLabExtension(ExtensionApp):
     async def stop_extension(self):
         if getattr(self, "_update_timer", None) is not None:
             self._update_timer.stop()
-        engine = self.settings.get("refact_lab", {}).get("engine")
-        if engine is not None:
-            # off the event loop: while the engine finishes (it tells waiting clients the server is stopping),
+        fleet = self.settings.get("refact_lab", {}).get("fleet")
+        if fleet is not None:
+            # off the event loop: while the engines finish (they tell waiting clients the server is stopping),
             # the loop must stay free to write those last events; bounded, a model load is not interruptible
-            await asyncio.to_thread(engine.stop, 3)
+            await asyncio.to_thread(fleet.stop, 3)

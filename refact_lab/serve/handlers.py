@@ -3,7 +3,8 @@
 Routes (all behind the token):
 
     GET  /v1/health                         ours and Tabby's agent's
-    GET  /v1/models                         OpenAI: local models (base, base:lora; one loading, with its state) and upstream ones
+    GET  /v1/models                         OpenAI: every hosted model (base, base:lora; loading or failed ones with
+                                            their state) and upstream ones
     POST /v1/completions                    OpenAI completions (suffix = FIM), or Tabby's segments request
     POST /v1/chat/completions               OpenAI chat; upstream model names are proxied
     GET  /refact-caps, /coding_assistant_caps.json    refact-lsp's caps (older flat layout)
@@ -17,6 +18,10 @@ POST bodies are streamed in and counted, so an oversized body gets a clean 413 J
 connection. Prompts are prepared (size check, tokenizing, budget) by `refact_lab.serve.prepare` in a worker
 thread, off the event loop. A request that needs the model while it loads (the server just started, or a new
 base model was chosen) waits for it, up to the server's `load_wait_s`, instead of failing at once.
+
+Several models: the server hosts a fleet of engines (`refact_lab.serve.fleet`); a request's `model` field picks
+the engine (without one, completions go to the completion role's model and chat to the chat role's), and the
+prompt is prepared and run on that engine alone.
 """
 
 from __future__ import annotations
@@ -37,11 +42,12 @@ from tornado.iostream import StreamClosedError
 from tornado.queues import Queue, QueueEmpty
 
 from refact_lab.serve.engine import EngineError, Generation
+from refact_lab.serve.fleet import CHAT, COMPLETION, Fleet, default_chat_name
 from refact_lab.serve.prepare import Prepared, off_loop, prepare_around_cursor, prepare_chat, prepare_completion
 from refact_lab.serve.protocol import (
-    ApiError, chat_chunk, chat_response, completion_chunk, completion_response, error_body, infill_response,
-    is_tabby, models_response, new_id, parse_chat, parse_completion, parse_infill, parse_json_object,
-    parse_tabby, refact_caps,
+    ApiError, chat_chunk, chat_response, completion_chunk, completion_response, debug_data, error_body,
+    infill_response, is_tabby, models_response, new_id, parse_chat, parse_completion, parse_infill,
+    parse_json_object, parse_tabby, refact_caps,
 )
 from refact_lab.serve.upstream import proxy, upstreams_from_choice
 
@@ -76,13 +82,18 @@ class ApiHandler(APIHandler):
 
     @property
     def engine(self):
+        """Entry one's engine: the server's settings (upstreams, guard) and its status."""
         return self.lab["engine"]
+
+    @property
+    def fleet(self):
+        return self.lab["fleet"]
 
     def set_default_headers(self):
         super().set_default_headers()
-        engine = self.settings.get("refact_lab", {}).get("engine")
-        if engine is not None:
-            self.set_header("X-Caps-Version", str(engine.caps_version))
+        fleet = self.settings.get("refact_lab", {}).get("fleet")
+        if fleet is not None:
+            self.set_header("X-Caps-Version", str(fleet.caps_version))
 
     def check_xsrf_cookie(self):
         # API clients (IDE plugins, the openai package) send a bearer token, never an XSRF cookie; a token-
@@ -130,23 +141,25 @@ class ApiHandler(APIHandler):
         return self.get_query_argument("token", None) or None
 
     def caps_version(self) -> int:
-        return self.engine.caps_version
+        return self.fleet.caps_version
 
     def upstreams(self):
         return upstreams_from_choice(self.engine.choice)
 
-    async def wait_for_model(self) -> None:
-        """While the model loads, wait for it (up to load_wait_s): an IDE started together with the server gets
-        its first completion late rather than a 503. The engine answers for itself afterwards (ready or not)."""
+    async def wait_for_model(self, name: str | None = None, kind: str = COMPLETION):
+        """While the model a request names (its kind's default without a name) loads, wait for it (up to
+        load_wait_s): an IDE started together with the server gets its first completion late rather than a 503.
+        Returns that model's engine, which answers for itself afterwards (ready or not)."""
         deadline = time.monotonic() + self.lab["load_wait_s"]
-        while self.engine.is_loading() and time.monotonic() < deadline and not self.request_gone():
+        while self.fleet.is_loading(name, kind) and time.monotonic() < deadline and not self.request_gone():
             await asyncio.sleep(LOAD_POLL_S)
+        return self.fleet.engine_for(name, kind)
 
     def request_gone(self) -> bool:
         return False
 
     async def upstream_models(self) -> list[dict]:
-        local = {r.name for r in self.engine.served_models()}
+        local = self.fleet.names()
         return await self.lab["upstream_directory"].all_models(self.upstreams(), exclude=local)
 
 
@@ -205,7 +218,7 @@ class JsonPostHandler(ApiHandler):
 
     # ---- running generations on the engine --------------------------------------------------------------
 
-    def _submit(self, prep: Prepared, n: int, stream: bool = False) -> Queue:
+    def _submit(self, engine, prep: Prepared, n: int, stream: bool = False) -> Queue:
         events: Queue = Queue()
         loop = asyncio.get_running_loop()
 
@@ -218,7 +231,7 @@ class JsonPostHandler(ApiHandler):
             self._generations.append(Generation(prep.ids, p, sink, route=prep.route, index=i,
                                                 extra_stops=prep.extra_stops, stream=stream))
         for g in self._generations:
-            self.engine.submit(g)
+            engine.submit(g)
         return events
 
     async def _next_event(self, events: Queue):
@@ -282,37 +295,40 @@ class CompletionsHandler(JsonPostHandler):
         if is_tabby(body):
             return await self._tabby(body)
         model = body.get("model")
-        if isinstance(model, str) and model and model not in {r.name for r in self.engine.served_models()}:
+        if isinstance(model, str) and model and model not in self.fleet.names():
             up = await self.lab["upstream_directory"].find(self.upstreams(), model)
             if up is not None:
                 return await proxy(self, up, "/completions", body)
         req = parse_completion(body)
-        await self.wait_for_model()
+        engine = await self.wait_for_model(req.model, COMPLETION)
         s = req.sampling
-        prep = await off_loop(prepare_completion, self.engine, req.model, req.prompt, req.suffix, s,
+        prep = await off_loop(prepare_completion, engine, req.model, req.prompt, req.suffix, s,
                               req.single_line)
         name = prep.route.name
-        events = self._submit(prep, s.n, stream=s.stream)
+        events = self._submit(engine, prep, s.n, stream=s.stream)
         rid, version = new_id("cmpl"), self.caps_version()
         if s.stream:
             return await self.stream(events, s.n, lambda i, t, f: completion_chunk(rid, name, i, t, f, version))
         done = await self.collect(events, s.n)
         if done is not None:
-            self.write_json(completion_response(rid, name, done, len(prep.ids), version))
+            out = completion_response(rid, name, done, len(prep.ids), version)
+            if req.return_prompt:
+                out["debug_data"] = debug_data(await off_loop(engine.decode_prompt, prep.ids), prep.snippets)
+            self.write_json(out)
 
     async def _tabby(self, body: dict):
         req = parse_tabby(body)
-        await self.wait_for_model()
-        prep = await off_loop(prepare_around_cursor, self.engine, req.prefix, req.suffix, req.max_tokens,
+        engine = await self.wait_for_model()
+        prep = await off_loop(prepare_around_cursor, engine, req.prefix, req.suffix, req.max_tokens,
                               req.temperature, req.single_line, req.seed, repo_context=True, path=req.filepath,
                               snippets=req.snippets)
-        events = self._submit(prep, 1)
+        events = self._submit(engine, prep, 1)
         done = await self.collect(events, 1)
         if done is not None:
             out = {"id": new_id("cmpl"), "choices": [{"index": 0, "text": done[0]["text"]}],
                    "model": prep.route.name, "caps_version": self.caps_version()}
             if req.return_prompt:
-                out["debug_data"] = {"prompt": await off_loop(self.engine.decode_prompt, prep.ids)}
+                out["debug_data"] = debug_data(await off_loop(engine.decode_prompt, prep.ids), prep.snippets)
             self.write_json(out)
 
 
@@ -323,10 +339,10 @@ class InfillHandler(JsonPostHandler):
     @api_errors
     async def post(self):
         req = parse_infill(self.body_json())
-        await self.wait_for_model()
-        prep = await off_loop(prepare_around_cursor, self.engine, req.prefix, req.suffix, req.max_tokens,
+        engine = await self.wait_for_model()
+        prep = await off_loop(prepare_around_cursor, engine, req.prefix, req.suffix, req.max_tokens,
                               req.temperature, False, req.seed, repo_context=True, snippets=req.snippets)
-        events = self._submit(prep, 1, stream=req.stream)
+        events = self._submit(engine, prep, 1, stream=req.stream)
         name = prep.route.name
         if not req.stream:
             done = await self.collect(events, 1)
@@ -361,16 +377,16 @@ class ChatCompletionsHandler(JsonPostHandler):
     async def post(self):
         body = self.body_json()
         model = body.get("model")
-        if isinstance(model, str) and model and model not in {r.name for r in self.engine.served_models()}:
+        if isinstance(model, str) and model and model not in self.fleet.names():
             up = await self.lab["upstream_directory"].find(self.upstreams(), model)
             if up is not None:
                 return await proxy(self, up, "/chat/completions", body)
         req = parse_chat(body)
-        await self.wait_for_model()
+        engine = await self.wait_for_model(req.model, CHAT)
         s = req.sampling
-        prep = await off_loop(prepare_chat, self.engine, req.model, req.messages, s)
+        prep = await off_loop(prepare_chat, engine, req.model, req.messages, s)
         route = prep.route
-        events = self._submit(prep, s.n, stream=s.stream)
+        events = self._submit(engine, prep, s.n, stream=s.stream)
         rid, version = new_id("chatcmpl"), self.caps_version()
         if s.stream:
             started = set()
@@ -393,13 +409,19 @@ class ModelsHandler(ApiHandler):
     @web.authenticated
     @api_errors
     async def get(self):
-        local = [{"name": r.name, "extra": {"n_ctx": r.n_ctx, "state": "ready",
-                                            "lora": {"run_id": r.adapter.run_id, "checkpoint": r.adapter.name}
-                                            if r.adapter else None}}
-                 for r in self.engine.served_models()]
-        pending = self.engine.loading_model()
-        if pending is not None:  # a client started with the server sees what is coming, and that it is not ready
-            local.append({"name": pending["name"], "extra": {"n_ctx": None, "state": pending["state"], "lora": None}})
+        local = []
+        for engine in self.fleet.engines():
+            local += [{"name": r.name, "extra": {"n_ctx": r.n_ctx, "state": "ready",
+                                                 "lora": {"run_id": r.adapter.run_id, "checkpoint": r.adapter.name}
+                                                 if r.adapter else None}}
+                      for r in engine.served_models()]
+            pending = engine.loading_model()
+            if pending is not None:  # a client started with the server sees what is coming, and that it is not ready
+                local.append({"name": pending["name"],
+                              "extra": {"n_ctx": None, "state": pending["state"], "lora": None}})
+            elif engine.entry is not None and engine.state == "failed":  # a hosted model that could not load
+                local.append({"name": engine.entry.name,
+                              "extra": {"n_ctx": None, "state": "failed", "error": engine.error, "lora": None}})
         upstream = await self.upstream_models()
         self.write_json(models_response(local, upstream, self.caps_version()))
 
@@ -411,19 +433,34 @@ class CapsHandler(ApiHandler):
         from refact_lab import __version__
 
         await self.wait_for_model()  # refact-lsp reads the caps once at start: give it the model's
-        local = [{"name": r.name, "n_ctx": r.n_ctx, "fim": r.fim} for r in self.engine.served_models()]
+        chat_engine = self.fleet.role_engine(CHAT)
+        chat_names = {r.name for r in chat_engine.served_models()} if chat_engine is not None else set()
+        routes = [r for _, r in self.fleet.routes()]
+        # refact-lsp sends code completion to a model listed as a chat model to the chat endpoint: the chat
+        # role's model is listed as a chat model only (the completion default is another model)
+        local = [{"name": r.name, "n_ctx": r.n_ctx, "fim": r.fim} for r in routes if r.name not in chat_names]
         upstream = [m["name"] for m in await self.upstream_models()]
-        self.write_json(refact_caps(local, upstream, self.engine.default_model(), self.caps_version(),
-                                    __version__, token=self.request_token()))
+        caps = refact_caps(local, upstream, self.fleet.default_engine(COMPLETION).default_model(),
+                           self.caps_version(), __version__, token=self.request_token())
+        if chat_names:
+            for r in routes:
+                if r.name in chat_names:
+                    caps["code_chat_models"][r.name] = {
+                        "n_ctx": r.n_ctx, "supports_scratchpads": {"PASSTHROUGH": {}},
+                        "default_scratchpad": "PASSTHROUGH", "similar_models": [], "supports_tools": False}
+            caps["code_chat_default_model"] = default_chat_name(self.fleet)
+            caps["running_models"] = list(dict.fromkeys(caps["running_models"] + sorted(chat_names)))
+            caps["tokenizer_rewrite_path"].update({n: n for n in chat_names})
+        self.write_json(caps)
 
 
 class TokenizerHandler(ApiHandler):
     @web.authenticated
     @api_errors
     async def get(self, name: str):
-        await self.wait_for_model()
-        self.engine.route(name)  # 404 for a model we do not serve
-        text = await off_loop(self.engine.tokenizer_json)  # megabytes of JSON for a large vocabulary
+        engine = await self.wait_for_model(name)
+        engine.route(name)  # 404 for a model we do not serve
+        text = await off_loop(engine.tokenizer_json)  # megabytes of JSON for a large vocabulary
         self.set_header("Content-Type", "application/json")
         self.finish(text)
 
@@ -438,6 +475,12 @@ class StatusHandler(ApiHandler):
             names, error = await self.lab["upstream_directory"].models(up)
             ups.append({"name": up.name, "base_url": up.base_url, "models": list(names), "error": error})
         snap["upstreams"] = ups
+        lora_engine = await off_loop(self.fleet.lora_engine)
+        if lora_engine is not self.engine:  # the LoRA went to the hosted model its run was trained from
+            snap["lora"] = {**lora_engine.snapshot()["lora"], "model": lora_engine.entry.name}
+        snap["hosted"] = await off_loop(self.fleet.listing)  # every hosted model: entry one, then the others
+        snap["hosted_error"] = self.fleet.problem()
+        snap["caps_version"] = self.caps_version()
         self.write_json(snap)
 
 
@@ -483,16 +526,26 @@ class HealthHandler(ApiHandler):
     def get(self):
         snap = self.engine.snapshot() if "engine" in self.lab else {}
         device = str(snap.get("device") or "cpu")
+        fleet = self.lab.get("fleet")
+        default = fleet.default_engine(COMPLETION) if fleet else None
+        # every hosted model with its state (Tabby reads `model`; the others are for people and our panels)
+        hosted = [{"name": r.name, "state": "ready", "n_ctx": r.n_ctx} for _, r in fleet.routes()] if fleet else []
+        for engine in fleet.engines() if fleet else []:
+            name = Fleet._pending_name(engine) if engine.state != "ready" else None
+            if name:
+                hosted.append({"name": name, "state": engine.state, "error": engine.error})
         self.write_json({
             "status": "ok", "version_text": self.lab["version"], "home": str(self.lab["home"].root),
-            "model": (self.engine.default_model() if snap else None) or snap.get("model"),
-            "model_state": snap.get("state"), "chat_model": None,
+            "model": (default.default_model() if default else None) or snap.get("model"),
+            "model_state": (default.state if default else None) or snap.get("state"),
+            "chat_model": default_chat_name(fleet) if fleet else None,
+            "models": hosted,
             "device": "cuda" if device.startswith(("cuda", "shard")) else "cpu",
             "arch": platform.machine(), "cpu_info": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "cuda_devices": [], "accelerators": [],
             "version": {"build_date": "", "git_describe": f"v{self.lab['version']}", "git_sha": "",
                         "cargo_target_triple": "", "refact_lab": self.lab["version"]},
-            "caps_version": snap.get("caps_version"),
+            "caps_version": fleet.caps_version if fleet else snap.get("caps_version"),
         })
 
 

@@ -4,6 +4,10 @@ The choice (model, device, dtype, GPU share) is validated here with the registry
 through `refact_lab.serve.state` (its one reader and writer), where the server's engine picks it up and reloads.
 Live state, memory and errors come from the engine through an inference client (`refact_lab.serve.client`).
 Also keeps the upstream credentials (an OpenAI key, or another OpenAI-compatible engine's URL).
+
+The hosting list: the first model above is entry one; `add_hosted` / `remove_hosted` / `set_loaded` edit the
+models hosted beside it (settings.json's `hosted`, which the server's fleet watches), checking the model and its
+memory plan first (`refact_lab.serve.memory_plan`); `hosted` is the list with each entry's live state.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+
+import dataclasses
 
 from refact_lab.config import ServeSettings, field_specs
 from refact_lab.home import Home
@@ -159,3 +165,97 @@ class HostingService:
             raise ValueError(f"{url!r} is not an http(s) URL (e.g. http://10.0.0.5:8000/v1)")
         state.save(self.home, upstream_url=url or None, upstream_api_key=(api_key or "").strip() or None)
         return self.upstream()
+
+    # ---- the hosting list (several models at once) ------------------------------------------------------------
+
+    def hosted(self, snap: dict | None = None) -> list[dict]:
+        """Every hosted model, entry one first, with its live state when the server answers ("unknown" if not).
+        `snap`: a status already fetched."""
+        live = (snap if snap is not None else self.status()).get("hosted")
+        if isinstance(live, list):
+            return live
+        return [{**row, "state": "unknown", "error": None, "models": []} for row in state.hosting_list(self.home)]
+
+    def _taken_names(self) -> set[str]:
+        first = state.hosting_list(self.home)[0]
+        names = {first["name"]}
+        try:
+            from refact_lab.models.registry import resolve
+
+            names.add(resolve(first["model"]).name)
+        except ValueError:
+            pass
+        return names
+
+    def add_hosted(self, model: str, name: str | None = None, placement: str = "auto", dtype: str = "auto",
+                   role: str = "none", memory_share: float = 1.0, max_batch: int | None = None,
+                   check_memory: bool = True) -> dict:
+        """Host another model beside the first (the server loads it without a restart). Raises ValueError with
+        the reason: unknown model, a name in use, a bad placement, or a memory plan that does not fit. A role
+        another entry held moves to this one."""
+        from refact_lab.models.registry import resolve
+        from refact_lab.serve import memory_plan
+
+        model = (model or "").strip()
+        spec = resolve(model)
+        entry = state.HostedModel(name=(name or "").strip() or spec.name, model=model, placement=placement,
+                                  dtype=dtype, role=role, memory_share=memory_share,
+                                  max_batch=max_batch or self.current()["max_batch"])
+        entries = list(state.hosted_entries(self.home))
+        if entry.name in self._taken_names() or any(e.name == entry.name for e in entries):
+            raise ValueError(f"the name {entry.name!r} is already hosted: give this one another name (--name)")
+        if check_memory:
+            memory_plan.check_spec(entry.name, spec, entry.placement, entry.dtype, entry.max_batch,
+                                   entry.memory_share)
+        if role != "none":
+            entries = [dataclasses.replace(e, role="none") if e.role == role else e for e in entries]
+        state.save_hosted(self.home, entries + [entry])
+        return entry.to_dict()
+
+    def remove_hosted(self, name: str) -> None:
+        """Stop hosting `name` (its in-flight requests finish first). Entry one cannot be removed."""
+        entries = list(state.hosted_entries(self.home))
+        if not any(e.name == name for e in entries):
+            if name in self._taken_names():
+                raise ValueError(f"{name!r} is the server's first model: change it with `refact-lab serve --model` "
+                                 "or the Model hosting form, it cannot be removed")
+            others = ", ".join(e.name for e in entries) or "only the first model"
+            raise ValueError(f"{name!r} is not hosted; hosted: {others}")
+        state.save_hosted(self.home, [e for e in entries if e.name != name])
+
+    def set_loaded(self, name: str, loaded: bool) -> dict:
+        """Load or unload a hosted entry (an unloaded one stays in the list, its memory freed)."""
+        entries = list(state.hosted_entries(self.home))
+        match = [e for e in entries if e.name == name]
+        if not match:
+            raise ValueError(f"{name!r} is not one of the models hosted beside the first "
+                             f"({', '.join(e.name for e in entries) or 'none'})")
+        new = dataclasses.replace(match[0], loaded=bool(loaded))
+        state.save_hosted(self.home, [new if e.name == name else e for e in entries])
+        return new.to_dict()
+
+    def set_role(self, name: str, role: str) -> dict:
+        """Make a hosted entry the completion or chat default (the entry that had the role gives it up), or
+        neither. The model keeps serving: no reload."""
+        entries = list(state.hosted_entries(self.home))
+        if not any(e.name == name for e in entries):
+            raise ValueError(f"{name!r} is not one of the models hosted beside the first "
+                             f"({', '.join(e.name for e in entries) or 'none'})")
+        if role not in state.ROLES:
+            raise ValueError(f"role: {role!r} is not one of {', '.join(state.ROLES)}")
+        entries = [dataclasses.replace(e, role=role) if e.name == name else
+                   dataclasses.replace(e, role="none") if role != "none" and e.role == role else e for e in entries]
+        state.save_hosted(self.home, entries)
+        return next(e for e in entries if e.name == name).to_dict()
+
+    def wait_hosted(self, name: str, timeout: float = 300, poll: float = 0.25) -> dict:
+        """Wait until the server's entry `name` settles (ready, failed, unloaded, or gone from the list)."""
+        deadline = time.monotonic() + timeout
+        row: dict = {}
+        while time.monotonic() < deadline:
+            rows = {r["name"]: r for r in self.hosted()}
+            row = rows.get(name, {"name": name, "state": "removed"})
+            if row.get("state") in ("ready", "failed", "unloaded", "removed", "unreachable"):
+                return row
+            time.sleep(poll)
+        return row

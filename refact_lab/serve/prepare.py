@@ -83,7 +83,8 @@ def _repo_context(engine, prefix: str, suffix: str, path: str | None = None, cli
     """Snippets for a FIM prompt as the serving choice says (models/prompt.py lays them out)."""
     dep = getattr(engine, "deployed", None)
     return engine.repo_context.for_cursor(engine.choice, dep.run_id if dep else None, prefix, suffix,
-                                          path=path, client=client, retrieve=retrieve)
+                                          path=path, client=client, retrieve=retrieve,
+                                          model=getattr(engine, "spec", None))
 
 
 def prepare_around_cursor(engine, prefix: str, suffix: str, max_tokens: int, temperature: float,

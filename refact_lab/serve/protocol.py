@@ -153,6 +153,20 @@ class CompletionRequest:
     suffix: str | None
     sampling: Sampling
     single_line: bool = False
+    return_prompt: bool = False      # debug_options.return_prompt, as Tabby's: the prompt and its context snippets
+
+
+def _debug_options(body: dict) -> dict:
+    debug = body.get("debug_options") or {}
+    if not isinstance(debug, dict):
+        raise ApiError(400, "'debug_options' must be an object", "debug_options")
+    return debug
+
+
+def debug_data(prompt: str, snippets) -> dict:
+    """What `debug_options.return_prompt` answers with: the prompt the model saw, and the context snippets in it
+    (path and text; the prompt builder may have cut the last one to the budget)."""
+    return {"prompt": prompt, "snippets": [{"path": s.path, "text": s.text} for s in snippets]}
 
 
 def parse_completion(body: dict) -> CompletionRequest:
@@ -175,6 +189,7 @@ def parse_completion(body: dict) -> CompletionRequest:
         suffix=_get(body, "suffix", str, None),
         sampling=_sampling(body, default_max_tokens=16),
         single_line=_get(body, "single_line", bool, False),
+        return_prompt=_debug_options(body).get("return_prompt") is True,
     )
 
 
@@ -272,9 +287,7 @@ def parse_tabby(body: dict) -> TabbyRequest:
         raise ApiError(400, "'segments.filepath' must be a string", "segments.filepath")
     snippets = tuple(s for key in TABBY_CONTEXT_KEYS
                      for s in client_snippets(seg.get(key), f"segments.{key}", "filepath", "body"))
-    debug = body.get("debug_options") or {}
-    if not isinstance(debug, dict):
-        raise ApiError(400, "'debug_options' must be an object", "debug_options")
+    debug = _debug_options(body)
     # Tabby's agent decides line vs block itself; mid-line (text right of the cursor) gets one line, as its
     # server does, so a completion does not run over the rest of the line.
     rest_of_line = suffix.split("\n", 1)[0]

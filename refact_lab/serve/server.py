@@ -45,6 +45,8 @@ def server_argv(settings: ServeSettings, home: Home, token: str) -> list[str]:
         f"--RefactLabExtension.home={home.root}",
         f"--RefactLabExtension.max_body_mb={settings.max_body_mb}",
         f"--RefactLabExtension.load_wait_s={settings.load_wait_s}",
+        f"--RefactLabExtension.prefix_cache_mib={settings.prefix_cache_mib}",
+        f"--RefactLabExtension.speculative_tokens={settings.speculative_tokens}",
         # the shipped walk-throughs are saved from /lab without outputs, so the checkout stays clean
         "--ContentsManager.pre_save_hook=refact_lab.serve.notebook_saving.strip_outputs",
         "--VoilaConfiguration.show_tracebacks=True",
@@ -91,10 +93,11 @@ def _make_server_app():
     return RefactLabServerApp
 
 
-def run_server(settings: ServeSettings, remember: dict | None = None) -> int:
+def run_server(settings: ServeSettings, remember: dict | None = None, hosted: list | None = None) -> int:
     """Serve until SIGTERM or Ctrl-C, then end the process with status 0 (it does not return). `remember`:
     serving fields given on the command line (device, dtype, max_batch), saved to settings.json like --model
-    so the next start and the Settings tab see them."""
+    so the next start and the Settings tab see them. `hosted`: the models to host beside the first (the CLI's
+    second and later --model), saved as the hosting list; None leaves the saved list alone."""
     home = Home.resolve(settings.home).ensure()
     token = "" if settings.no_auth else (settings.token or secrets.token_urlsafe(24))
     if settings.model:
@@ -104,6 +107,10 @@ def run_server(settings: ServeSettings, remember: dict | None = None) -> int:
         home.update_settings(model=settings.model)
     if remember:
         home.update_settings(**remember)
+    if hosted is not None:
+        from refact_lab.serve import state
+
+        state.save_hosted(home, hosted)
     # Kernels (the Voilà app, notebooks) inherit these, so panels find the same state and can show the URL.
     base = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
     os.environ["REFACT_LAB_HOME"] = str(home.root)

@@ -19,6 +19,11 @@ jupyter_server that holds the model. They never reach into the server's memory. 
    Without a server (a notebook on its own, the CLI), the services drive an in-process `Engine` that watches
    the same file, so the same code paths run.
 
+**Several models at once.** `hosted` in settings.json lists the models served beside the first one (each a
+`HostedModel`: name, model, placement, dtype, role, loaded); the first one is still the flat `model`, `device`,
+... fields above, so a home without `hosted` serves exactly one model as before. `hosting_list` gives the
+whole list, first entry included; `refact_lab.serve.fleet` runs one engine per loaded entry.
+
 The file is the single source of truth; the HTTP status is a read-only view of how far the engine got in
 applying it (`applied` vs `requested` in the status), which the services wait on after a change.
 
@@ -30,9 +35,10 @@ The engine, the hosting and deploy services and the CLI all go through these two
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import asdict, dataclass, field
 
-from refact_lab.config import ServeSettings, SettingsError
+from refact_lab.config import ServeSettings, SettingsError, setting, validate
 from refact_lab.home import Home, check_name
 
 LORA_MODES = ("off", "best", "latest", "checkpoint")
@@ -88,13 +94,109 @@ def lora_model_name(base: str) -> str:
     return f"{base}{LORA_SUFFIX}"
 
 
+ROLES = ("completion", "chat", "none")
+_PLACEMENT = re.compile(r"auto|cpu|gpu:\d+|shard:\d+(,\d+)+|share:\d+")
+_HOSTED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+
+
+def check_placement(text: str) -> str:
+    if not isinstance(text, str) or not _PLACEMENT.fullmatch(text):
+        raise SettingsError(f"placement: {text!r} is not auto, cpu, gpu:N, shard:N,M,... (two or more GPUs) "
+                            "or share:N (a memory share of GPU N)")
+    if text.startswith("shard:"):
+        gpus = text[6:].split(",")
+        if len(set(gpus)) != len(gpus):
+            raise SettingsError(f"placement: {text!r} names a GPU twice")
+    return text
+
+
+def placement_gpus(placement: str) -> tuple[int, ...]:
+    """The GPU indexes a placement uses (none for cpu and auto)."""
+    if placement.startswith(("gpu:", "share:")):
+        return (int(placement.split(":")[1]),)
+    if placement.startswith("shard:"):
+        return tuple(int(i) for i in placement[6:].split(","))
+    return ()
+
+
+def placement_label(device: str, gpu_memory_fraction: float = 1.0) -> str:
+    """The first model's `device` setting in placement words (what the hosting list shows for entry one)."""
+    if device.startswith("cuda"):
+        index = device.split(":")[1] if ":" in device else "0"
+        return f"share:{index}" if gpu_memory_fraction < 1.0 else f"gpu:{index}"
+    return {"shard": "shard:all"}.get(device, device)
+
+
+@dataclass(frozen=True)
+class HostedModel:
+    """One model the server hosts besides the first: what it is, where it runs and what it is the default for."""
+
+    name: str = setting(help="The name API requests use in their `model` field (and NAME:lora for its LoRA)")
+    model: str = setting(help="Registry name, hub id or local folder")
+    placement: str = setting("auto", help="Where it runs: auto, cpu, gpu:N, shard:N,M,... (split over those GPUs) "
+                                          "or share:N (on GPU N beside other models, within memory_share)")
+    dtype: str = setting("auto", help="Weights precision", choices=("auto", "bf16", "fp16", "fp32"))
+    role: str = setting("none", help="completion: the default for completions; chat: the default for chat; none",
+                        choices=ROLES)
+    memory_share: float = setting(1.0, help="share:N placement: the fraction of GPU N's memory this model may use "
+                                            "(weights and KV cache)", min=0.05, max=1.0)
+    max_batch: int = setting(ServeSettings.max_batch, help="Requests decoded together in one batch",
+                             min=1, max=256)
+    loaded: bool = setting(True, help="Whether the server runs it now (an unloaded entry stays in the list)")
+
+    def __post_init__(self):
+        validate(self)
+        if not _HOSTED_NAME.fullmatch(self.name) or self.name.endswith(LORA_SUFFIX):
+            raise SettingsError(f"name: {self.name!r} must be 1-128 letters, digits, '.', '_', '-' or '/', "
+                                f"and not end in {LORA_SUFFIX}")
+        if not self.model.strip():
+            raise SettingsError("model: a registry name, hub id or folder is required")
+        check_placement(self.placement)
+
+    @classmethod
+    def from_dict(cls, raw) -> "HostedModel":
+        if not isinstance(raw, dict):
+            raise SettingsError(f"hosted: expected an object per model, got {raw!r}")
+        unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise SettingsError(f"hosted: unknown keys {', '.join(sorted(unknown))}")
+        try:
+            return cls(**raw)
+        except TypeError as e:  # a missing name or model
+            raise SettingsError(f"hosted: {e}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def gpus(self) -> tuple[int, ...]:
+        return placement_gpus(self.placement)
+
+
+def _hosted_value(raw) -> tuple[HostedModel, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, (list, tuple)):
+        raise SettingsError(f"hosted: expected a list of models, got {raw!r}")
+    entries = tuple(e if isinstance(e, HostedModel) else HostedModel.from_dict(e) for e in raw)
+    names = [e.name for e in entries]
+    for n in names:
+        if names.count(n) > 1:
+            raise SettingsError(f"hosted: the name {n!r} is used twice")
+    for role in ("completion", "chat"):
+        claims = [e.name for e in entries if e.role == role]
+        if len(claims) > 1:
+            raise SettingsError(f"hosted: only one model can have the {role} role ({', '.join(claims)} do)")
+    return entries
+
+
 # The parts of the serving choice: what a change of each means to the engine.
 MODEL = "model"        # the base model and where it runs: a change reloads the model
 LORA = "lora"          # the deployed adapter: loaded between steps
 GUARD = "guard"        # per-request behaviour, read for every new request
 UPSTREAM = "upstream"  # other engines proxied: a change moves caps_version
 CONTEXT = "context"    # repository context for FIM prompts: read for every new request
-PARTS = (MODEL, LORA, GUARD, UPSTREAM, CONTEXT)
+HOSTED = "hosted"      # the models hosted beside the first: the fleet starts and stops their engines
+PARTS = (MODEL, LORA, GUARD, UPSTREAM, CONTEXT, HOSTED)
 CONTEXT_OFF = "off"
 DEFAULT_CONTEXT_TOKENS = 1024
 
@@ -131,6 +233,7 @@ class ServingChoice:
     # project whose index gives FIM prompts context from other files; "off"; None: the deployed run's project
     context: str | None = _in(CONTEXT)
     context_tokens: int = _in(CONTEXT, DEFAULT_CONTEXT_TOKENS)   # at most this many prompt tokens of context
+    hosted: tuple[HostedModel, ...] = _in(HOSTED, ())   # the models hosted beside the first (entry one)
 
     def __post_init__(self):
         # the model part is checked by ServeSettings (bounds, choices, device syntax): one set of rules
@@ -146,6 +249,7 @@ class ServingChoice:
         if isinstance(self.context_tokens, bool) or not isinstance(self.context_tokens, int) \
                 or not 0 <= self.context_tokens <= 32768:
             raise SettingsError(f"context_tokens: expected a whole number from 0 to 32768, got {self.context_tokens!r}")
+        object.__setattr__(self, "hosted", _hosted_value(self.hosted))
         for name in fields_of(UPSTREAM):
             value = getattr(self, name)
             if name.endswith("_models"):
@@ -166,6 +270,8 @@ class ServingChoice:
             value = getattr(self, f.name)
             if isinstance(value, LoraChoice):
                 value = value.to_dict()
+            elif f.name == "hosted":
+                value = [e.to_dict() for e in value] or None
             elif isinstance(value, tuple):
                 value = list(value)
             if value is not None:
@@ -205,6 +311,8 @@ def parse(data: dict, previous: ServingChoice | None = None) -> tuple[ServingCho
                 wanted["loop_guard"] = _serve_default("loop_guard")
             elif part == CONTEXT and wanted["context_tokens"] is None:
                 wanted["context_tokens"] = DEFAULT_CONTEXT_TOKENS
+            elif part == HOSTED:
+                wanted["hosted"] = _hosted_value(wanted["hosted"])
             elif part == MODEL:
                 wanted = {k: v if v is not None or k == "model" else getattr(ServingChoice(), k)
                           for k, v in wanted.items()}
@@ -247,7 +355,40 @@ def save(home: Home, **changes) -> ServingChoice:
     values = {k: ServingChoice.__dataclass_fields__[k].default if k in removed else v for k, v in changes.items()}
     if "lora" in values:
         values["lora"] = _lora_value(values["lora"])
+    if "hosted" in values:
+        values["hosted"] = _hosted_value(values["hosted"])
     checked = dataclasses.replace(current, **values)
     stored = checked.to_settings()
     home.update_settings(**{k: None if k in removed else stored.get(k) for k in changes})
     return checked
+
+
+# ---- the hosting list -------------------------------------------------------------------------------------
+
+FIRST = "first"   # the hosting list's entry one is the flat model fields; its `source` says so
+
+
+def first_entry(choice: ServingChoice, fallback_model: str | None = None) -> dict:
+    """Entry one of the hosting list (the flat model fields), in the list's shape. Its role: completion, unless
+    another entry claims that role; chat when no other entry claims chat either would be a guess, so none."""
+    claimed = {e.role for e in choice.hosted}
+    return {"name": choice.model or fallback_model or "default", "model": choice.model or fallback_model or "default",
+            "placement": placement_label(choice.device, choice.gpu_memory_fraction), "dtype": choice.dtype,
+            "role": "none" if "completion" in claimed else "completion",
+            "memory_share": choice.gpu_memory_fraction, "max_batch": choice.max_batch, "loaded": True,
+            "source": FIRST}
+
+
+def hosting_list(home: Home, fallback_model: str | None = None) -> list[dict]:
+    """Every hosted model as settings.json says: entry one (the first model), then `hosted`."""
+    choice, _ = load(home)
+    return [first_entry(choice, fallback_model)] + [{**e.to_dict(), "source": HOSTED} for e in choice.hosted]
+
+
+def hosted_entries(home: Home) -> tuple[HostedModel, ...]:
+    return load(home)[0].hosted
+
+
+def save_hosted(home: Home, entries) -> tuple[HostedModel, ...]:
+    """Validate and write the `hosted` list (entries two and on); an empty list removes it."""
+    return save(home, hosted=tuple(entries) or None).hosted

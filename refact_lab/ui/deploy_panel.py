@@ -30,6 +30,19 @@ def _pre(text: str | None, cls: str) -> str:
     return f"<pre class='{cls}' style='{style}'>{body}</pre>"
 
 
+def _snippets_html(snippets: list[dict]) -> str:
+    """The repository context a playground completion saw: each snippet's path, its text folded away."""
+    if not snippets:
+        return ("<span class='refact-lab-playground-snippets'>repository context: none in this prompt (off, no "
+                "index for the project, or nothing matched)</span>")
+    items = "".join(
+        f"<details><summary><code class='refact-lab-snippet-path'>{html.escape(s['path'])}</code> "
+        f"({len(s['text'].splitlines())} lines)</summary><pre style='background:#f6f8fa;padding:6px;"
+        f"max-height:16em;overflow:auto'>{html.escape(s['text'])}</pre></details>" for s in snippets)
+    return (f"<div class='refact-lab-playground-snippets'><b>repository context in the prompt</b>: "
+            f"{len(snippets)} snippet{'s' if len(snippets) != 1 else ''}{items}</div>")
+
+
 def _head(title: str, model: str | None, ms: float | None) -> str:
     timing = f" · <span class='refact-lab-playground-ms'>{ms:.0f} ms</span>" if ms is not None else ""
     name = f" <code>{html.escape(model)}</code>" if model else ""
@@ -77,6 +90,7 @@ class DeployPanel:
         self.lora_head.add_class("refact-lab-playground-lora-head")
         self.base_out = w.HTML(_pre("", "refact-lab-playground-base"))
         self.lora_out = w.HTML(_pre(None, "refact-lab-playground-lora"))
+        self.snippets_out = w.HTML()
         self.complete_button.on_click(lambda _: self._in_background(self.complete))
 
         self.connection = w.HTML()
@@ -119,6 +133,7 @@ class DeployPanel:
             self.prefix, self.suffix, w.HBox([self.max_tokens, self.single_line, self.complete_button]),
             w.HBox([w.VBox([self.base_head, self.base_out], layout=w.Layout(width="50%")),
                     w.VBox([self.lora_head, self.lora_out], layout=w.Layout(width="50%"))]),
+            self.snippets_out,
             w.HTML("<h4>Connect your IDE</h4>"), self.connection,
             w.HTML("<h4>Export</h4><p>The step chosen above, with a card (base model, sources, files, scores), "
                    "to back it up or serve it elsewhere.</p>"),
@@ -223,7 +238,8 @@ class DeployPanel:
     def _context_line(summary: dict) -> str:
         project = summary["context"]
         what = "off" if project == "off" else f"{html.escape(project)}, up to {summary['context_tokens']} tokens"
-        return f"repository context: <code class='refact-lab-context-now'>{what}</code>"
+        note = f" <i>({html.escape(summary['context_note'])})</i>" if summary.get("context_note") else ""
+        return f"repository context: <code class='refact-lab-context-now'>{what}</code>{note}"
 
     def save_context(self) -> None:
         """Save the context choice through the deploy service (as `refact-lab deploy --context` does)."""
@@ -308,6 +324,7 @@ class DeployPanel:
         """Complete with the base model and the deployed adapter (after the engine applied the last deploy)."""
         self.base_out.value = _pre("…", "refact-lab-playground-base")
         self.lora_out.value = _pre("…", "refact-lab-playground-lora")
+        self.snippets_out.value = ""
         self.base_head.value, self.lora_head.value = "<b>base model</b>", "<b>fine-tuned</b>"
         self.complete_button.disabled = True
         try:
@@ -323,6 +340,7 @@ class DeployPanel:
         self.lora_head.value = _head("fine-tuned", out["lora_model"], out["lora_ms"])
         self.base_out.value = _pre(out["base"], "refact-lab-playground-base")
         self.lora_out.value = _pre(out["lora"], "refact-lab-playground-lora")
+        self.snippets_out.value = _snippets_html(out.get("snippets") or [])
         return out
 
     def _render_connection(self, snap: dict) -> None:

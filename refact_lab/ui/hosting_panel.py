@@ -2,8 +2,10 @@
 
 Pick the base model (the embedded demo model, a registry/hub model or a local folder) and where it runs
 (CPU, one GPU, sharded over all GPUs, or a share of one GPU), load it, and watch its state (loading, ready,
-failed with the reason) and memory. Optionally save an OpenAI key (GPT models are then offered and proxied) or
-the URL of another OpenAI-compatible engine. The choice is saved by the service; the server's engine loads it.
+failed with the reason) and memory. Below it, the hosting list: every model the server hosts at once with its
+state, placement and memory, a load / unload / remove button per entry, and a form to host another model.
+Optionally save an OpenAI key (GPT models are then offered and proxied) or the URL of another OpenAI-compatible
+engine. The choice is saved by the service; the server's engine loads it.
 A background thread refreshes the state after an action until the engine settles. No file I/O or torch here.
 """
 
@@ -16,6 +18,7 @@ import time
 import ipywidgets as w
 
 from refact_lab.serve.hosting import DEMO_NOTE, DEVICE_CHOICES, HostingService
+from refact_lab.serve.state import ROLES
 
 OTHER = "other: hub id or local folder"
 
@@ -55,11 +58,31 @@ def render_state(snap: dict) -> str:
     return "<br>".join(rows)
 
 
+def render_hosted(row: dict) -> str:
+    """One entry of the hosting list as HTML: name, state, placement, dtype, role, memory, error."""
+    state = row.get("state", "?")
+    color = {"ready": "#1a7f37", "loading": "#9a6700", "starting": "#9a6700", "failed": "#cf222e"}.get(state, "#555")
+    parts = [f"<code class='refact-lab-hosted-name'>{html.escape(str(row['name']))}</code>",
+             f"<b style='color:{color}' class='refact-lab-hosted-state'>{html.escape(str(state))}</b>",
+             html.escape(str(row.get("placement"))) + (f" ({html.escape(str(row['device']))})"
+                                                       if row.get("device") else ""),
+             html.escape(str(row.get("dtype"))), f"role: {html.escape(str(row.get('role')))}",
+             f"weights {_mb(row.get('weights_mb'))}"]
+    if str(row.get("placement", "")).startswith("share:"):
+        parts.append(f"share {row.get('memory_share', 1.0):.0%}")
+    if row.get("model") != row.get("name"):
+        parts.append(f"<span style='color:#777'>{html.escape(str(row.get('model')))}</span>")
+    if row.get("error"):
+        parts.append(f"<span style='color:#cf222e'>{html.escape(str(row['error']))}</span>")
+    return " · ".join(parts)
+
+
 class HostingPanel:
     def __init__(self, service: HostingService, poll_s: float = 0.5):
         self.service = service
         self.poll_s = poll_s
         self._poller: threading.Thread | None = None
+        self._refresh_lock = threading.Lock()
         current = service.current()
         specs = service.setting_specs()
         style = {"description_width": "110px"}
@@ -105,6 +128,23 @@ class HostingPanel:
         self.save_upstream_button = w.Button(description="Save", icon="save")
         self.save_upstream_button.on_click(lambda _: self.save_upstreams())
 
+        # the hosting list: several models at once
+        self.hosted_rows = w.VBox()
+        self.hosted_rows.add_class("refact-lab-hosted")
+        self.hosted_buttons: dict[str, list] = {}   # entry name -> its buttons (load/unload, remove)
+        self.add_model = w.Text(placeholder="registry name, hub id or folder", description="model", style=style,
+                                layout=w.Layout(width="520px"))
+        self.add_name = w.Text(placeholder="(the model's name)", description="name", style=style)
+        self.add_placement = w.Text(value="auto", description="placement", style=style,
+                                    tooltip="auto, cpu, gpu:N, shard:N,M or share:N")
+        self.add_dtype = w.Dropdown(options=list(specs["dtype"]["choices"]), value="auto", description="dtype",
+                                    style=style)
+        self.add_role = w.Dropdown(options=list(ROLES), value="none", description="role", style=style)
+        self.add_share = w.FloatSlider(value=1.0, min=0.05, max=1.0, step=0.05, description="memory share",
+                                       style=style)
+        self.add_button = w.Button(description="Host it", icon="plus")
+        self.add_button.on_click(lambda _: self.add_hosted())
+
         self.widget = w.VBox([
             w.HTML("<h3>Model hosting</h3>"
                    f"<p style='max-width:900px' class='refact-lab-demo-note'>{html.escape(DEMO_NOTE)}</p>"),
@@ -116,6 +156,12 @@ class HostingPanel:
                    "(e.g. vLLM with LoRA modules) through this one.</p>"),
             self.openai_key, w.HBox([self.key_state, self.remove_key_button]), self.upstream_url, self.upstream_key,
             self.save_upstream_button,
+            w.HTML("<h4>Several models at once</h4><p style='max-width:900px'>The model above is the first one. "
+                   "Host others beside it, each on its own devices (a GPU, a shard over several, or a memory "
+                   "share of one); requests pick one by its name in their <code>model</code> field, and the "
+                   "roles make one the default for completions and one for chat.</p>"),
+            self.hosted_rows, self.add_model, w.HBox([self.add_name, self.add_placement]),
+            w.HBox([self.add_dtype, self.add_role]), self.add_share, self.add_button,
         ])
         self.widget.add_class("refact-lab-hosting")
         self._show_key_state()
@@ -170,9 +216,63 @@ class HostingPanel:
         self.message.value = "OpenAI key removed: GPT models are no longer offered."
 
     def refresh(self) -> dict:
-        snap = self.service.status()
-        self.state.value = render_state(snap)
-        return snap
+        # one at a time: the background watcher's older read must not be drawn over a newer one
+        with self._refresh_lock:
+            snap = self.service.status()
+            self.state.value = render_state(snap)
+            self._show_hosted(self.service.hosted(snap))
+            return snap
+
+    def _show_hosted(self, rows: list[dict]) -> None:
+        children, buttons_of = [], {}   # built aside, then swapped in whole (a watcher thread redraws too)
+        for row in rows:
+            buttons = []
+            if row.get("source") == "hosted":
+                toggle = w.Button(description="Unload" if row.get("loaded") else "Load",
+                                  icon="stop" if row.get("loaded") else "play")
+                toggle.on_click(lambda _, n=row["name"], on=not row.get("loaded"): self.set_loaded(n, on))
+                remove = w.Button(description="Remove", icon="trash", button_style="danger")
+                remove.on_click(lambda _, n=row["name"]: self.remove_hosted(n))
+                buttons = [toggle, remove]
+            buttons_of[row["name"]] = buttons
+            children.append(w.HBox([w.HTML(render_hosted(row)), *buttons]))
+        self.hosted_buttons = buttons_of
+        self.hosted_rows.children = children
+
+    def _error(self, e: Exception) -> None:
+        self.message.value = f"<span style='color:#cf222e'>{html.escape(str(e))}</span>"
+
+    def add_hosted(self) -> None:
+        try:
+            entry = self.service.add_hosted(self.add_model.value, self.add_name.value or None,
+                                            self.add_placement.value.strip(), self.add_dtype.value,
+                                            self.add_role.value, self.add_share.value)
+        except (ValueError, TypeError) as e:
+            self._error(e)
+            return
+        self.message.value = (f"Hosting <code>{html.escape(entry['name'])}</code> on "
+                              f"{html.escape(entry['placement'])}: the server loads it now.")
+        self.refresh()
+        self.watch()
+
+    def set_loaded(self, name: str, loaded: bool) -> None:
+        try:
+            self.service.set_loaded(name, loaded)
+        except ValueError as e:
+            self._error(e)
+            return
+        self.message.value = f"<code>{html.escape(name)}</code>: {'loading' if loaded else 'unloaded'}."
+        self.refresh()
+        self.watch()
+
+    def remove_hosted(self, name: str) -> None:
+        try:
+            self.service.remove_hosted(name)
+        except ValueError as e:
+            self._error(e)
+            return
+        self.message.value = f"<code>{html.escape(name)}</code> removed; its requests in flight finish first."
+        self.refresh()
 
     def watch(self, timeout: float = 600) -> None:
         """Refresh in the background until the engine settles (ready or failed) or `timeout` passes."""
@@ -186,7 +286,8 @@ class HostingPanel:
                 snap = self.refresh()
                 applied = (snap.get("applied") or {}).get("model")
                 settled = snap.get("state") in ("ready", "failed", "unreachable")
-                if settled and applied == self.service.current()["model"]:
+                busy = any(r.get("state") in ("starting", "loading", "stopping") for r in snap.get("hosted") or [])
+                if settled and not busy and applied == self.service.current()["model"]:
                     return
 
         self._poller = threading.Thread(target=run, daemon=True, name="hosting-panel-refresh")

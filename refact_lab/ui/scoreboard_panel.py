@@ -15,7 +15,7 @@ import io
 
 import ipywidgets as w
 
-METRICS = ("edit_similarity", "exact_match", "identifier_f1", "degenerate")
+METRICS = ("edit_similarity", "exact_match", "identifier_f1", "named_right", "degenerate")
 
 
 class ScoreboardPanel:

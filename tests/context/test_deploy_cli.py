@@ -16,6 +16,7 @@ def deploy(capsys, home, *args) -> tuple[int, str, str]:
 
 
 def test_deploy_choices_are_saved_and_printed(home, tiny_model_dir, capsys):
+    state.save(home, model=str(tiny_model_dir))   # a model that uses repository context: auto is on
     make_run(home, "run-a", tiny_model_dir, [10, 20], [1.5, 1.2])
     status = read_json(home.run_dir("run-a") / "status.json")
     atomic_write_json(home.run_dir("run-a") / "status.json", {**status, "project": "shop"})
@@ -46,3 +47,13 @@ def test_bad_choices_exit_2_with_one_line(home, capsys):
                         (["--run", "missing-run"], "missing-run")]:
         code, _, err = deploy(capsys, home, *args)
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_auto_context_is_off_for_a_model_not_trained_to_use_it(home, capsys):
+    """The embedded model's scoreboard falls with context on: auto leaves it off and says why; a project chosen
+    explicitly still turns it on."""
+    (home.projects_dir / "shop").mkdir(parents=True)
+    code, out, _ = deploy(capsys, home)
+    assert code == 0 and "context:    off" in out and "not trained to use snippets of other files" in out
+    code, out, _ = deploy(capsys, home, "--context", "shop")
+    assert code == 0 and "context:    shop, up to" in out and "not trained" not in out

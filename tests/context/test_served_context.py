@@ -12,7 +12,7 @@ import time
 import pytest
 
 from pytest_jupyter.jupyter_server import *  # noqa: F401,F403  (jp_fetch and the fixtures it needs)
-from refact_lab.home import Home
+from refact_lab.home import DEFAULT_PROJECT, Home
 from refact_lab.serve import state
 from tests.data.conftest import scan_folder
 
@@ -49,6 +49,8 @@ def lab_home(tmp_path):
     (project / "notes.py").write_text("# nothing about rates here\nVALUE = 3\n")
     _, _, stats = scan_folder(home, project)
     assert stats["index"]["files"] == 3
+    # the embedded model's "auto" is off (it was not trained on repository context): choose the project
+    state.save(home, context=DEFAULT_PROJECT)
     return home
 
 
@@ -170,3 +172,59 @@ def test_infill_uses_input_extra_and_streams_like_llama_cpp(jp_fetch, jp_asyncio
         assert status == 400 and "input_extra[0]" in bad["error"]["message"]
 
     jp_asyncio_loop.run_until_complete(check())
+
+
+def test_openai_return_prompt_names_the_snippets_it_used(jp_fetch, jp_asyncio_loop):
+    body = {"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 4, "temperature": 0,
+            "debug_options": {"return_prompt": True}}
+    status, out = jp_asyncio_loop.run_until_complete(post_when_ready(jp_fetch, "/v1/completions", body))
+    assert status == 200, out
+    debug = out["debug_data"]
+    assert [s["path"] for s in debug["snippets"]][0] == "rates.py"
+    assert "def convert_with_kestrel_rate" in debug["snippets"][0]["text"]
+    assert "<|file_sep|>rates.py\n" in debug["prompt"] and debug["prompt"].endswith("<|fim_middle|>")
+    plain = {k: v for k, v in body.items() if k != "debug_options"}
+    status, out = jp_asyncio_loop.run_until_complete(post_when_ready(jp_fetch, "/v1/completions", plain))
+    assert status == 200 and "debug_data" not in out
+    status, out = jp_asyncio_loop.run_until_complete(fetch(jp_fetch, "/v1/completions",
+                                                           {**body, "debug_options": "yes"}))
+    assert status == 400 and "debug_options" in out["error"]["message"]
+
+
+def test_the_playground_shows_the_snippets_its_completion_used(lab_home):
+    from refact_lab.serve.client import LocalInference
+    from refact_lab.serve.deploy import DeployService
+    from refact_lab.ui.deploy_panel import DeployPanel
+
+    inference = LocalInference(lab_home)
+    try:
+        panel = DeployPanel(DeployService(lab_home, inference=inference))
+        panel.prefix.value, panel.suffix.value, panel.max_tokens.value = PREFIX, SUFFIX, 4
+        out = panel.complete()
+        assert out is not None, panel.base_out.value
+        assert out["snippets"][0]["path"] == "rates.py"
+        n = len(out["snippets"])
+        assert "rates.py" in panel.snippets_out.value and f": {n} snippet" in panel.snippets_out.value
+        assert "convert_with_kestrel_rate" in panel.snippets_out.value
+
+        state.save(lab_home, context="off")
+        inference.engine.wait_ready(60)
+        deadline = time.monotonic() + 30
+        while inference.engine.choice.context != "off":
+            assert time.monotonic() < deadline, "the engine did not apply context: off"
+            time.sleep(0.05)
+        panel.complete()
+        assert "none in this prompt" in panel.snippets_out.value
+    finally:
+        inference.stop()
+
+
+def test_auto_context_is_off_for_the_embedded_model(jp_fetch, jp_asyncio_loop, lab_home, jp_serverapp):
+    state.save(lab_home, context=None)   # auto: the deployed run's project, for models that use context
+    engine = jp_serverapp.web_app.settings["refact_lab"]["engine"]
+    deadline = time.monotonic() + 30
+    while engine.choice.context is not None:
+        assert time.monotonic() < deadline, "the engine did not apply context: auto"
+        time.sleep(0.02)
+    prompt = jp_asyncio_loop.run_until_complete(tabby(jp_fetch, filepath="main.py"))
+    assert prompt == "<|fim_prefix|>" + PREFIX + "<|fim_suffix|>" + SUFFIX + "<|fim_middle|>"

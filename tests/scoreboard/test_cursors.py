@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from refact_lab.scoreboard.cursors import KINDS, fingerprint, sample_cursors
+from refact_lab.scoreboard.cursors import KINDS, defined_names, fingerprint, project_definitions, sample_cursors
 from tests.finetune.conftest import STDLIB
 
 FILES = [(name, (STDLIB / name).read_text()) for name in ("textwrap.py", "sched.py", "json/decoder.py")]
@@ -13,7 +13,8 @@ FILES = [(name, (STDLIB / name).read_text()) for name in ("textwrap.py", "sched.
 
 def test_each_kind_gets_its_share_at_its_position():
     cursors = sample_cursors(FILES, 100, seed=7)
-    assert Counter(c.kind for c in cursors) == {k: 20 for k in KINDS}
+    # without the project's definitions there are no cross_file cursors: the five others share the set
+    assert Counter(c.kind for c in cursors) == {k: 20 for k in KINDS if k != "cross_file"}
     texts = dict(FILES)
     for c in cursors:
         text = texts[c.file]
@@ -49,3 +50,35 @@ def test_a_kind_that_runs_short_leaves_its_share_to_the_others():
     cursors = sample_cursors(flat, 20, seed=1)
     kinds = Counter(c.kind for c in cursors)
     assert "multi_line" not in kinds and len(cursors) == 20
+
+
+JSON_PACKAGE = [(name, (STDLIB / name).read_text())
+                for name in ("json/__init__.py", "json/decoder.py", "json/encoder.py", "json/scanner.py")]
+
+
+def test_cross_file_cursors_start_a_call_of_what_only_another_file_defines():
+    definitions = project_definitions(JSON_PACKAGE)
+    assert {"JSONDecoder", "JSONEncoder"} <= definitions["json/decoder.py"] | definitions["json/encoder.py"]
+    held_out = [f for f in JSON_PACKAGE if f[0] == "json/__init__.py"]
+    cursors = sample_cursors(held_out, 60, seed=2, definitions=definitions)
+    cross = [c for c in cursors if c.kind == "cross_file"]
+    assert len(cross) >= 3
+    own = definitions["json/__init__.py"]
+    assert {"dump", "loads"} <= own
+    for c in cross:
+        name = re.match(r"[A-Za-z_][A-Za-z0-9_]*", c.expected).group(0)
+        assert name not in own and any(name in names for key, names in definitions.items() if key != c.file)
+        assert c.expected.startswith(name) and re.match(rf"{name}\s*\(", c.expected)
+        assert "\n" not in c.expected and c.single_line
+    assert {re.match(r"\w+", c.expected).group(0) for c in cross} <= {"JSONDecoder", "JSONEncoder"} | {
+        n for key, names in definitions.items() if key != "json/__init__.py" for n in names}
+
+
+def test_definitions_are_found_in_the_common_languages():
+    assert defined_names("def load(x):\n    class Inner:\n        async def run(self): ...\n") == {
+        "load", "Inner", "run"}
+    assert defined_names("export function parseRate(a) {}\nconst toCents = (x) => x * 100;\n"
+                         "export default class Shop {}\n") == {"parseRate", "toCents", "Shop"}
+    assert defined_names("func (s *Server) Serve() error {\n}\nfunc NewServer() *Server {}\n") == {
+        "Serve", "NewServer"}
+    assert defined_names("pub fn convert(x: u32) -> u32 { x }\npub(crate) struct Rate;\n") == {"convert", "Rate"}

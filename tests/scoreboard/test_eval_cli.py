@@ -11,7 +11,7 @@ from refact_lab.cli import main
 from refact_lab.scoreboard import results
 from refact_lab.scoreboard.cursors import KINDS
 
-FIELDS = {"exact_match", "edit_similarity", "identifier_f1", "degenerate", "p50_ms"}
+FIELDS = {"exact_match", "edit_similarity", "identifier_f1", "named_right", "degenerate", "p50_ms"}
 
 
 def _eval(capsys, *args) -> tuple[int, str, str]:

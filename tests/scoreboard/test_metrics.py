@@ -46,9 +46,19 @@ def test_degenerate_completions():
 
 
 def test_aggregate_means_and_median_latency():
-    rows = [{"exact_match": 1.0, "edit_similarity": 1.0, "identifier_f1": 1.0, "degenerate": 0.0, "ms": 10.0},
-            {"exact_match": 0.0, "edit_similarity": 0.5, "identifier_f1": 0.0, "degenerate": 1.0, "ms": 30.0},
-            {"exact_match": 0.0, "edit_similarity": 0.25, "identifier_f1": 0.5, "degenerate": 0.0, "ms": 20.0}]
+    rows = [{"exact_match": 1.0, "edit_similarity": 1.0, "identifier_f1": 1.0, "named_right": 1.0, "degenerate": 0.0,
+             "ms": 10.0},
+            {"exact_match": 0.0, "edit_similarity": 0.5, "identifier_f1": 0.0, "named_right": 1.0, "degenerate": 1.0,
+             "ms": 30.0},
+            {"exact_match": 0.0, "edit_similarity": 0.25, "identifier_f1": 0.5, "named_right": 0.0, "degenerate": 0.0,
+             "ms": 20.0}]
     assert aggregate(rows) == {"exact_match": 0.3333, "edit_similarity": 0.5833, "identifier_f1": 0.5,
-                               "degenerate": 0.3333, "p50_ms": 20.0, "n": 3}
+                               "named_right": 0.6667, "degenerate": 0.3333, "p50_ms": 20.0, "n": 3}
     assert aggregate([])["n"] == 0
+
+
+def test_named_right_compares_the_first_identifier_only():
+    want = "convert_with_kestrel_rate(total)"
+    assert score("convert_with_kestrel_rate(amount)", want, single_line=True)["named_right"] == 1.0
+    assert score("convert_with_rate(total)", want, single_line=True)["named_right"] == 0.0
+    assert score("", want, single_line=True)["named_right"] == 0.0

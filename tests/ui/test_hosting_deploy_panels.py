@@ -345,3 +345,41 @@ def test_deploy_panel_saves_repository_context_and_its_budget(home, inference):
     # a panel opened later still shows the saved choice, even for a project that is gone
     home.update_settings(context="gone")
     assert DeployPanel(DeployService(home, inference)).context.value == "gone"
+
+
+def test_hosting_panel_lists_hosted_models_and_adds_unloads_and_removes_them(home, model_dir, inference):
+    from refact_lab.serve import state
+
+    service = HostingService(home, inference)
+    panel = HostingPanel(service, poll_s=0.05)
+    assert [c.children[0].value.count("refact-lab-hosted-name") for c in panel.hosted_rows.children] == [1]
+    assert "default" in panel.hosted_rows.children[0].children[0].value and panel.hosted_buttons["default"] == []
+    panel.add_model.value = str(model_dir)
+    panel.add_name.value = "side"
+    panel.add_placement.value = "cpu"
+    panel.add_role.value = "chat"
+    panel.add_button.click()
+    assert [(e.name, e.placement, e.role) for e in state.hosted_entries(home)] == [("side", "cpu", "chat")]
+    row = panel.hosted_rows.children[1].children[0].value
+    assert "side" in row and "cpu" in row and "role: chat" in row
+    unload, remove = panel.hosted_buttons["side"]
+    assert unload.description == "Unload"
+    unload.click()
+    assert state.hosted_entries(home)[0].loaded is False and panel.hosted_buttons["side"][0].description == "Load"
+    panel.hosted_buttons["side"][1].click()
+    assert state.hosted_entries(home) == () and len(panel.hosted_rows.children) == 1
+    # bad input: the reason in the message, nothing saved
+    panel.add_model.value, panel.add_placement.value = str(model_dir), "gpu"
+    panel.add_button.click()
+    assert "placement: &#x27;gpu&#x27; is not" in panel.message.value and state.hosted_entries(home) == ()
+
+
+def test_render_hosted_shows_state_placement_memory_and_error():
+    from refact_lab.ui.hosting_panel import render_hosted
+
+    text = render_hosted({"name": "big", "model": "Qwen/Qwen2.5-Coder-7B", "state": "failed", "placement": "share:0",
+                          "memory_share": 0.3, "dtype": "bf16", "role": "chat", "weights_mb": 2048.0,
+                          "error": "big does not fit on share:0"})
+    for part in ("big", "failed", "share:0", "share 30%", "bf16", "role: chat", "2.00 GiB", "Qwen/Qwen2.5-Coder-7B",
+                 "does not fit"):
+        assert part in text
