@@ -30,7 +30,7 @@ import shutil
 import time
 from itertools import chain, islice
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -354,6 +354,44 @@ def _unchanged(folder: Path | None, records: list[dict]) -> dict | None:
             "store_bytes": store_bytes}
 
 
+# Parsing is most of a first build (about 0.3 s per MB here) and holds the GIL: with more than one core, worker
+# processes parse while this one tokenizes what they return. Below this many files a process start costs more.
+_POOL_MIN_FILES = 300
+_POOL_BATCH = 32
+
+
+def _chunk_file(path: str, file: str) -> tuple[str, list[Chunk]] | None:
+    """(sha256 of what was read, its chunks), or None when the file cannot be read any more."""
+    try:
+        data = Path(file).read_bytes()
+    except OSError:
+        return None
+    return hashlib.sha256(data).hexdigest(), chunk_text(path, data.decode("utf-8", errors="replace"))
+
+
+def _chunk_batch(jobs: list[tuple[str, str]]) -> list[tuple[str, list[Chunk]] | None]:
+    return [_chunk_file(*job) for job in jobs]
+
+
+def _chunk_files(jobs: list[tuple[str, str]]) -> Iterator[tuple[str, list[Chunk]] | None]:
+    """`_chunk_file` of each (path, file) job, in order; in worker processes when there are many and the cores."""
+    workers = min((os.cpu_count() or 1) - 1, 7)
+    if workers < 1 or len(jobs) < _POOL_MIN_FILES:
+        yield from map(lambda job: _chunk_file(*job), jobs)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the scan runs in a thread of a kernel that may hold other threads and locks
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_chunk_batch, jobs[i:i + _POOL_BATCH]) for i in range(0, len(jobs), _POOL_BATCH)]
+        try:
+            for fut in futures:
+                yield from fut.result()
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+
 def build_index(home: Home, project: str, records: Iterable[dict]) -> dict:
     """Index the accepted files `records` (scan records: path, file, sha256); returns the stats the scan reports:
     files, chunks, reused_files (whose chunks and terms came from the store), chunked_files (read, parsed and
@@ -370,15 +408,17 @@ def build_index(home: Home, project: str, records: Iterable[dict]) -> dict:
                 "chunk_s": 0.0, "build_s": round(time.perf_counter() - started, 3)}
     root = index_dir(home, project)
     store = _Store(root / STORE, writing=True)
-    manifest: dict[str, str] = {}
     new: dict[str, bytes] = {}
     parts: dict[str, _Counts] = {}   # store key -> its chunks' term counts
-    keys: list[str] = []             # the store key of each manifest entry, in order
-    n_chunks = reused = chunked = 0
+    entries: list[tuple[str, str, str] | None] = []   # (path, sha, store key) in the records' order
+    pending: list[tuple[int, str, str]] = []          # (entry, path, file) of the files to chunk
+    seen: set[str] = set()
+    reused = chunked = 0
     for r in records:
         path, sha = r.get("path"), r.get("sha256")
-        if not path or path in manifest:
+        if not path or path in seen:
             continue
+        seen.add(path)
         key = _key(sha, path) if sha else None
         got = parts.get(key) if key else None
         if got is None and key:
@@ -387,21 +427,23 @@ def build_index(home: Home, project: str, records: Iterable[dict]) -> dict:
                 parts[key] = got
         if got is not None:
             reused += 1
-        else:
-            try:
-                data = Path(r["file"]).read_bytes()
-            except (OSError, KeyError):
-                continue   # gone since the scan read it: the next scan indexes it again
-            # the hash of what was read: a file changed since the scan must not be stored under its old hash
-            sha = hashlib.sha256(data).hexdigest()
-            key = _key(sha, path)
-            if key not in parts:
-                new[key], parts[key] = store.add(chunk_text(path, data.decode("utf-8", errors="replace")))
-                chunked += 1
-            got = parts[key]
-        manifest[path] = sha
-        keys.append(key)
-        n_chunks += len(got.sizes)
+            entries.append((path, sha, key))
+        elif r.get("file"):
+            entries.append(None)
+            pending.append((len(entries) - 1, path, r["file"]))
+    for (i, path, _), done in zip(pending, _chunk_files([(p, f) for _, p, f in pending])):
+        if done is None:
+            continue   # gone since the scan read it: the next scan indexes it again
+        # the hash of what was read: a file changed since the scan must not be stored under its old hash
+        sha, chunks = done
+        key = _key(sha, path)
+        if key not in parts:
+            new[key], parts[key] = store.add(chunks)
+            chunked += 1
+        entries[i] = (path, sha, key)
+    manifest = {path: sha for path, sha, _ in filter(None, entries)}
+    keys = [key for _, _, key in filter(None, entries)]
+    n_chunks = sum(len(parts[key].sizes) for key in keys)
     chunked_s = time.perf_counter() - started
     root.mkdir(parents=True, exist_ok=True)
     store.save(new)

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from refact_lab.context.index import (MAX_TERMS, STORE, IndexCache, ProjectIndex, _bm25, build_index, chunk_text,
                                       current_index, index_dir, retrieve, terms, WINDOW)
@@ -183,3 +184,31 @@ def test_the_same_content_under_another_kind_of_file_is_chunked_its_own_way(home
     txt = [c.text for c in index.chunks if c.path == "a.txt"]
     assert any(t.startswith("def long_one") and t.endswith("return x\n") for t in py)   # the definition, whole
     assert txt == [c.text for c in chunk_text("a.txt", text)] and py != txt             # windows
+
+
+def test_chunking_in_worker_processes_builds_the_same_index(tmp_path, monkeypatch):
+    import os
+
+    from refact_lab.context import index as index_module
+    from refact_lab.home import Home
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("worker processes are used only with more than one core")
+    root = _project(tmp_path)
+    serial_home = Home.resolve(tmp_path / "serial").ensure()
+    _, _, serial = scan_folder(serial_home, root)
+    pooled_home = Home.resolve(tmp_path / "pooled").ensure()
+    calls = []
+    real = index_module._chunk_file
+    monkeypatch.setattr(index_module, "_POOL_MIN_FILES", 1)
+    monkeypatch.setattr(index_module, "_chunk_file", lambda *job: calls.append(job) or real(*job))
+    _, _, pooled = scan_folder(pooled_home, root)
+    assert calls == []   # every file was parsed in a worker process (this process's _chunk_file never ran)
+    for k in ("files", "chunks", "chunked_files"):
+        assert pooled["index"][k] == serial["index"][k], k
+    query = "zebra_quokka_marker()"
+    a = retrieve(serial_home, "default", query)
+    b = retrieve(pooled_home, "default", query)
+    assert [(s.path, s.text) for s in a] == [(s.path, s.text) for s in b] and a
+    manifest = index_module.MANIFEST
+    assert (current_index(pooled_home) / manifest).read_text() == (current_index(serial_home) / manifest).read_text()
