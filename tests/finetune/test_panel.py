@@ -92,7 +92,10 @@ def test_preview_start_stop_resume_and_the_live_plot(home, stdlib_project, learn
         assert "Stopping" not in panel.message.value
         assert f"stopped by request at step {stopped_at} of 30" in panel.progress_text.value
         panel.resume_button.click()
-        assert "Resuming" in panel.message.value
+        # "Resuming..." until the run is seen running; the click's own refresh may already see it running
+        message = panel.message.value
+        assert f"Resuming {run_id}" in message or f"Run {run_id} running" in message \
+            or f"Run {run_id} finished" in message, message
         _wait_for(lambda: "Resuming" not in panel.message.value, what="resume settled")
         _wait_for(lambda: service.status(run_id)["state"] == "finished", what="finished")
         _wait_for(lambda: "train loss: 30 points" in panel.plot_caption.value, timeout=10, what="plot redrawn")
