@@ -154,19 +154,11 @@ def estimate(source: str, dtype_bytes: int, n_ctx: int, max_batch: int, registry
 # ---- what the machine has -------------------------------------------------------------------------------------
 
 def available_ram() -> int:
-    """RAM this process may still take: MemAvailable, bounded by its cgroup's limit when it has one."""
-    free = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    free = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if free is None:
-        import psutil
+    """RAM this process may still take: MemAvailable (as the trainer's plan reads it), bounded by its cgroup's
+    limit when it has one."""
+    from refact_lab.finetune.memory import cpu_device
 
-        free = psutil.virtual_memory().available
+    free = cpu_device().free
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
@@ -178,14 +170,14 @@ def available_ram() -> int:
 
 
 def gpu_memory(index: int) -> tuple[int, int]:
-    """(free, total) bytes of GPU `index`."""
-    import torch
+    """(free, total) bytes of GPU `index`, read as the trainer's plan reads them (NVML, or a short child process:
+    no CUDA context is created in this process just to plan)."""
+    from refact_lab.finetune.memory import gpu_devices
 
-    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-        raise MemoryPlanError(f"GPU {index} is not visible (this machine has "
-                              f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} GPU(s))")
-    free, total = torch.cuda.mem_get_info(index)
-    return int(free), int(total)
+    gpus = {d.index: d for d in gpu_devices()}
+    if index not in gpus:
+        raise MemoryPlanError(f"GPU {index} is not visible (this machine has {len(gpus)} GPU(s))")
+    return gpus[index].free, gpus[index].total
 
 
 def resolve_placement(placement: str) -> str:
