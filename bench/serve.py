@@ -144,7 +144,7 @@ def full_length_prompts(tok, model, stop_ids, candidates: list[str], want: int) 
 
 class Server:
     def __init__(self, folder: str, home: Path, threads: int | None = None, dtype: str = "auto",
-                 speculative_tokens: int | None = None):
+                 speculative_tokens: int | None = None, compile_decode: str = "auto"):
         import socket
 
         with socket.socket() as s:
@@ -154,6 +154,7 @@ class Server:
         self.log = open(home.parent / f"server-{home.name}.log", "wb")
         self.text = ""  # the last completion's text
         spec = [] if speculative_tokens is None else ["--speculative-tokens", str(speculative_tokens)]
+        spec += ["--compile-decode", compile_decode]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "refact_lab.cli", "serve", "--port", str(self.port), "--home", str(home),
              "--token", self.token, "--model", folder, "--dtype", dtype, *spec],
@@ -246,12 +247,13 @@ def cpu_bench(args) -> None:
         if os.getloadavg()[0] > os.cpu_count() / 2 and torch.get_num_threads() > 1:
             print("note: the machine is busy; torch's threads spin against other work and every number swings. "
                   "--threads 1 gives steadier numbers here.")
-        server = Server(folder, tmp / "home", threads=torch.get_num_threads(), dtype=args.dtype)
+        server = Server(folder, tmp / "home", threads=torch.get_num_threads(), dtype=args.dtype,
+                        compile_decode=args.compile_decode)
         plain = None
         try:
             # the same server with speculative decoding off (the one above has ServeSettings' default)
             plain = Server(folder, tmp / "home-plain", threads=torch.get_num_threads(), dtype=args.dtype,
-                           speculative_tokens=0)
+                           speculative_tokens=0, compile_decode=args.compile_decode)
             tok, model, stop_ids = load_reference(folder, server.dtype)
             prompts = full_length_prompts(tok, model, stop_ids, code_prompts(200), want=args.requests)
             print(f"weights in {server.dtype} on both sides; {len(prompts)} prompts whose greedy completion runs "
@@ -302,7 +304,14 @@ def cpu_bench(args) -> None:
             server.stop()
             if plain is not None and plain.proc.poll() is None:
                 plain.stop()
-        slow, fast, stats = keystroke_replay(folder, server.dtype, tmp, args.keystrokes)
+        # In a fresh process: torch's OpenMP threads serve the first thread that used them (here: generate's);
+        # ops from any other thread (an engine's) pay a wake-up per op, about twice the time of every step here.
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            slow, fast, stats = pool.submit(keystroke_replay, folder, server.dtype, tmp, args.keystrokes,
+                                            args.threads, args.compile_decode).result()
         print(f"keystroke replay    : {len(fast)} keystrokes, FIM prompt up to {stats['prompt_tokens_last']} tokens, "
               f"{REPLAY_TOKENS} new tokens each")
         for label, times in (("without reuse", slow), ("with reuse", fast)):
@@ -345,38 +354,46 @@ def replay_text(tokenize, room: int, keystrokes: int) -> tuple[str, str, str]:
     return context, typed, suffix
 
 
-def keystroke_replay(folder: str, dtype: str, tmp: Path, keystrokes: int) -> tuple[list[float], list[float], dict]:
-    """Per-keystroke latencies (without reuse, with reuse) of the same FIM requests, and the cache's stats."""
+def keystroke_replay(folder: str, dtype: str, tmp: Path, keystrokes: int, threads: int = 0,
+                     compile_decode: str = "auto") -> tuple[list[float], list[float], dict]:
+    """Per-keystroke latencies (without reuse, with reuse) of the same FIM requests, and the cache's stats.
+
+    One engine serves both sides, its prefix cache swapped in and out between requests (the engine is idle then):
+    two engines in one process would each drive their own OpenMP thread team, and the idle team's spinning
+    threads take the cores from the busy one (that doubled every step's time on this 2-core machine)."""
     from refact_lab.home import Home
     from refact_lab.serve.engine import Engine, SamplingParams
+    from refact_lab.serve.prefix_cache import PrefixCache
 
-    engines = []
-    for mib in (0, 256):
-        home = Home.resolve(tmp / f"replay-{mib}").ensure()
-        home.update_settings(model=folder, dtype={"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype])
-        engines.append(Engine(home, prefix_cache_mib=mib).start().wait_ready(180))
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    home = Home.resolve(tmp / "replay").ensure()
+    home.update_settings(model=folder, dtype={"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype])
+    engine = Engine(home, prefix_cache_mib=256, compile_decode=compile_decode).start().wait_ready(300)
+    caches = [PrefixCache(0), engine.prefix_cache]
     try:
-        off, on = engines
-        route = on.route(None)
-        context, typed, suffix = replay_text(on.encode, route.n_ctx - REPLAY_TOKENS - 8, keystrokes)
+        route = engine.route(None)
+        context, typed, suffix = replay_text(engine.encode, route.n_ctx - REPLAY_TOKENS - 8, keystrokes)
         params = SamplingParams(max_tokens=REPLAY_TOKENS)
         times: dict[int, list[float]] = {0: [], 1: []}
         differ = 0
         for k in range(1, len(typed) + 1):
-            ids = on.encode_fim(route.fim, context + typed[:k], suffix)
+            ids = engine.encode_fim(route.fim, context + typed[:k], suffix)
             texts = []
-            for i, engine in enumerate(engines):  # one each in turn: both see the same machine load
+            for i, cache in enumerate(caches):  # one each in turn: both see the same machine load
+                engine.prefix_cache = cache
                 t = time.perf_counter()
                 texts.append(engine.generate(list(ids), params)["text"])
                 times[i].append(time.perf_counter() - t)
             differ += texts[0] != texts[1]
-        stats = on.snapshot()["prefix_cache"]
+        stats = caches[1].stats()
         stats["prompt_tokens_last"] = len(ids)
         stats["texts_differ"] = differ
         return times[0], times[1], stats
     finally:
-        for e in engines:
-            e.stop()
+        engine.stop()
 
 
 # ---- decode step probe: static cache + torch.compile ---------------------------------------------------------
@@ -570,6 +587,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
                         help="the server's weights (auto: bf16 on a CPU with AMX / AVX512-BF16); generate matches it")
     parser.add_argument("--keystrokes", type=int, default=200, help="characters typed in the keystroke replay")
+    parser.add_argument("--compile-decode", default="auto", choices=("auto", "on", "off"),
+                        help="the server's --compile-decode (auto: on with a GPU only)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer requests, shorter throughput runs and replay (about a minute)")
     parser.add_argument("--compile-probe", action="store_true",

@@ -48,6 +48,8 @@ def _add_serve(sub) -> None:
                        choices=spec.get("choices"), help=f"{spec['help']} (remembered)")
     for name in SERVE_OPTIONS:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, help=specs[name]["help"])
+    p.add_argument("--compile-decode", choices=specs["compile_decode"]["choices"],
+                   help=specs["compile_decode"]["help"])
     p.set_defaults(handler=_cmd_serve)
 
 
@@ -62,7 +64,8 @@ def _cmd_serve(args) -> int:
         settings = ServeSettings(host=args.host, port=args.port, home=args.home,
                                  token=None if args.no_auth else (args.token or os.environ.get("REFACT_LAB_TOKEN")),
                                  no_auth=args.no_auth, model=models[0] if models else None, **given,
-                                 **{k: getattr(args, k) for k in SERVE_OPTIONS if getattr(args, k) is not None})
+                                 **{k: getattr(args, k) for k in (*SERVE_OPTIONS, "compile_decode")
+                                    if getattr(args, k) is not None})
         hosted = _hosted_from_flags(models, given) if len(models) > 1 else None
     except (SettingsError, ValueError) as e:
         return _fail(str(e))

@@ -198,6 +198,10 @@ class ServeSettings:
                                               "of the model, for a lone greedy request: code repeats itself, so "
                                               "several tokens come per step, with the same output (0: off)",
                                       min=0, max=64)
+    compile_decode: str = setting("auto", help="Compile the decode step with torch.compile, at model load: on, off, "
+                                               "or auto (on with a GPU; off on a CPU, where it gains about a "
+                                               "fifth for tens of seconds of compiling at every load)",
+                                  choices=("auto", "on", "off"))
 
     def __post_init__(self):
         validate(self)

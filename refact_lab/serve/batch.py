@@ -43,12 +43,14 @@ def input_device(model):
 
 
 def _slack_layer_class():
-    """A DynamicLayer whose keys/values are views into buffers with spare columns.
+    """A DynamicLayer whose keys/values are views into buffers with spare rows and columns.
 
     DynamicLayer appends a token with torch.cat, copying the whole cache of every row on every step; with 16 rows
     of a few hundred tokens that copy cost as much as the model's matmuls on a CPU. Here a step writes one column
-    in place and the buffer grows by half its length when full. Code that replaces `keys`/`values` outright
-    (Batch.keep, _trim, _merge) is noticed by identity and the buffer is rebuilt from the new tensors.
+    in place and the buffer grows by half its length when full. Rows are slots: a row that leaves the batch takes
+    the last row's slot (`select_rows` copies that one row, not the batch), and a row that joins is written into the
+    next free slot (`join`). Code that replaces `keys`/`values` outright is noticed by identity and the buffer is
+    rebuilt from the new tensors.
     """
     from transformers.cache_utils import DynamicLayer
 
@@ -62,19 +64,103 @@ def _slack_layer_class():
             layer.keys, layer.values = keys, values
             return layer
 
+        def _ensure(self, rows: int, columns: int, like) -> None:
+            """Buffers with room for `rows` rows of `columns` columns, holding the current keys/values."""
+            fresh = self.keys is not self._kview
+            if fresh or rows > self._kbuf.shape[0] or columns > self._kbuf.shape[2]:
+                n = self.keys.shape[-2] if self.keys is not None and self.keys.numel() else 0
+                self._reserve(n, columns + max(32, columns // 2), like, rows=max(rows, self._row_room(like, rows)))
+
+        @staticmethod
+        def _row_room(like, rows: int) -> int:
+            return rows if rows <= 1 else rows + rows // 2
+
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
-            fresh = self.keys is not self._kview
+            rows = key_states.shape[0]
             n = self.keys.shape[-2] if self.keys.numel() else 0
             add = key_states.shape[-2]
-            if fresh or n + add > self._kbuf.shape[-2]:
-                self._reserve(n, n + add + max(32, (n + add) // 2), key_states)
-            self._kbuf[:, :, n:n + add] = key_states
-            self._vbuf[:, :, n:n + add] = value_states
-            self.keys = self._kview = self._kbuf[:, :, :n + add]
-            self.values = self._vbuf[:, :, :n + add]
+            self._ensure(rows, n + add, key_states)
+            self._kbuf[:rows, :, n:n + add] = key_states
+            self._vbuf[:rows, :, n:n + add] = value_states
+            self._view(rows, n + add)
             return self.keys, self.values
+
+        def reserve(self, add: int):
+            """Views of the key and value buffers over the batch's rows and every column, with room for `add`
+            more columns after the current ones (for a caller that writes them itself,
+            refact_lab.serve.decode_step; `advance` then takes them in)."""
+            rows, n = self.keys.shape[0], self.keys.shape[-2]
+            self._ensure(rows, n + add, self.keys)
+            return self._kbuf[:rows], self._vbuf[:rows]
+
+        def advance(self, total: int) -> None:
+            self._view(self.keys.shape[0], total)
+
+        def _view(self, rows: int, columns: int) -> None:
+            self.keys = self._kview = self._kbuf[:rows, :, :columns]
+            self.values = self._vbuf[:rows, :, :columns]
+
+        def select_rows(self, keep: list[int]) -> list[int]:
+            """Keep the rows at these indices; returns the new order (which old row each slot now holds). A row
+            after the kept count moves into a freed slot: one row copied per row that left, not the batch."""
+            import torch
+
+            count = len(keep)
+            kept = set(keep)
+            holes = [i for i in range(count) if i not in kept]
+            movers = [i for i in sorted(kept) if i >= count]
+            order = [i if i in kept else movers[holes.index(i)] for i in range(count)]
+            rows, n = self.keys.shape[0], self.keys.shape[-2]
+            if self.keys is not self._kview:
+                idx = torch.tensor(order, dtype=torch.long, device=self.keys.device)
+                self.keys, self.values = self.keys.index_select(0, idx), self.values.index_select(0, idx)
+                return order
+            for hole, mover in zip(holes, movers):
+                self._kbuf[hole, :, :n] = self._kbuf[mover, :, :n]
+                self._vbuf[hole, :, :n] = self._vbuf[mover, :, :n]
+            self._view(count, n)
+            return order
+
+        def join(self, keys, values, width: int) -> None:
+            """Append rows (keys/values [m, heads, columns <= width, dim]) after the current ones, the batch now
+            `width` columns wide: every row ends at the last column (left padding, zeros: masked, never NaN)."""
+            rows, n = self.keys.shape[0], self.keys.shape[-2]
+            m, length = keys.shape[0], keys.shape[-2]
+            if width > n:
+                # the newcomers are longer: every row shifts right (the one case that copies the whole batch)
+                self._shift(width - n, rows + m)
+                n = width
+            else:
+                self._ensure(rows + m, n, self.keys)
+            for buf, new in ((self._kbuf, keys), (self._vbuf, values)):
+                buf[rows:rows + m, :, :n - length] = 0
+                buf[rows:rows + m, :, n - length:n] = new
+            self._view(rows + m, n)
+
+        def _shift(self, by: int, rows: int) -> None:
+            import torch
+
+            old_rows, n = self.keys.shape[0], self.keys.shape[-2]
+            like = self.keys
+            columns = n + by
+            shape = (self._row_room(like, rows), like.shape[1], columns + max(32, columns // 2), like.shape[3])
+            kbuf = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            vbuf = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            kbuf[:old_rows, :, by:by + n] = self.keys
+            vbuf[:old_rows, :, by:by + n] = self.values
+            self._kbuf, self._vbuf = kbuf, vbuf
+            self._view(old_rows, columns)
+
+        def drop_columns(self, first: int) -> None:
+            """Forget the first columns (padding for every row): a view of the same buffer, nothing copied."""
+            if self.keys is self._kview:
+                rows, n = self.keys.shape[0], self.keys.shape[-2]
+                self._kbuf, self._vbuf = self._kbuf[:, :, first:], self._vbuf[:, :, first:]
+                self._view(rows, n - first)
+            else:
+                self.keys, self.values = self.keys[:, :, first:], self.values[:, :, first:]
 
         def crop(self, tokens_to_remove: int) -> None:
             """Forget the last -tokens_to_remove columns (rejected speculative drafts), keeping the buffer: the
@@ -84,21 +170,24 @@ def _slack_layer_class():
                 return
             n = self.keys.shape[-2] - drop
             if self.keys is self._kview:
-                self.keys = self._kview = self._kbuf[:, :, :n]
-                self.values = self._vbuf[:, :, :n]
+                self._view(self.keys.shape[0], n)
             else:
                 self.keys, self.values = self.keys[:, :, :n], self.values[:, :, :n]
 
-        def _reserve(self, n: int, capacity: int, like) -> None:
+        def _reserve(self, n: int, capacity: int, like, rows: int | None = None) -> None:
             import torch
 
-            shape = (like.shape[0], like.shape[1], capacity, like.shape[3])
+            current = self.keys.shape[0] if self.keys is not None and self.keys.numel() else 0
+            rows = max(rows or like.shape[0], current)
+            shape = (rows, like.shape[1], capacity, like.shape[3])
             kbuf = torch.empty(shape, dtype=like.dtype, device=like.device)
             vbuf = torch.empty(shape, dtype=like.dtype, device=like.device)
-            if n:
-                kbuf[:, :, :n] = self.keys
-                vbuf[:, :, :n] = self.values
+            if n and current:
+                kbuf[:current, :, :n] = self.keys
+                vbuf[:current, :, :n] = self.values
             self._kbuf, self._vbuf = kbuf, vbuf
+            if n and current:
+                self._view(current, n)
 
     return SlackLayer
 
@@ -120,6 +209,18 @@ def new_cache(layers=None):
     return cache
 
 
+def forward(model, decoder, ids, positions, cache, mask, padded: bool):
+    """Logits [rows, tokens, vocab] of `ids` continuing `cache`; `mask` [rows, columns] already counts the new
+    columns. Through the engine's lean step (refact_lab.serve.decode_step) when the model has one."""
+    if decoder is not None:
+        return decoder.forward(model, ids, positions, cache, mask, padded)
+    # Without padding (one request, or rows of equal length) the mask says nothing: leaving it out lets the
+    # attention take its plain causal path instead of building a 4-D mask every step.
+    out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions, use_cache=True,
+                **{cache_kwarg(model): cache})
+    return out.logits
+
+
 class Batch:
     """Rows decoding together on one adapter. Rows are objects with `prompt_ids`, `pos` and `last_token`."""
 
@@ -132,7 +233,7 @@ class Batch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def prefill(self, model, new_rows: Sequence[Any], prefixes=None, key=None):
+    def prefill(self, model, new_rows: Sequence[Any], prefixes=None, key=None, decoder=None):
         """Run the new rows' prompts and merge them into the batch; returns their next-token logits [n, vocab].
 
         With `prefixes` (a `PrefixCache`), a row whose prompt shares a long enough prefix with a stored prompt of
@@ -162,7 +263,7 @@ class Batch:
             if n == 0:
                 continue
             r = new_rows[i]
-            cache, mask, out = self._run_rest(model, r, n, stored)
+            cache, mask, out = self._run_rest(model, r, n, stored, decoder)
             logits[i] = out[0]
             prefixes.store(key, r.prompt_ids, [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
             joining._merge(cache, mask, [r])
@@ -193,7 +294,7 @@ class Batch:
         return cache, mask, out.logits[:, -1, :]  # the cache object was filled in place
 
     @staticmethod
-    def _run_rest(model, row, n: int, stored):
+    def _run_rest(model, row, n: int, stored, decoder=None):
         """One prompt whose first n tokens' keys/values are stored: run tokens n.. at positions n.. on a cache
         holding a view of those columns (the first write copies them into the cache's own buffer)."""
         import torch
@@ -203,13 +304,12 @@ class Batch:
         ids = torch.tensor([row.prompt_ids[n:]], dtype=torch.long, device=device)
         positions = torch.arange(n, total, dtype=torch.long, device=device).unsqueeze(0)
         cache = new_cache([(k[:, :, :n], v[:, :, :n]) for k, v in stored])
-        # one row without padding: no mask, the attention's plain causal path (queries sit at columns n..)
-        out = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
-                    **{cache_kwarg(model): cache})
         mask = torch.ones((1, total), dtype=torch.long, device=device)
-        return cache, mask, out.logits[:, -1, :]
+        # one row without padding: the attention's plain causal path (queries sit at columns n..)
+        logits = forward(model, decoder, ids, positions, cache, mask, padded=False)
+        return cache, mask, logits[:, -1, :]
 
-    def step(self, model):
+    def step(self, model, decoder=None):
         """Feed every row its last token; returns next-token logits [rows, vocab]."""
         import torch
 
@@ -218,16 +318,12 @@ class Batch:
         positions = torch.tensor([[r.pos] for r in self.rows], dtype=torch.long, device=device)
         self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype,
                                                      device=self.mask.device)], dim=1)
-        # Without padding (one request, or rows of equal length) the mask says nothing: leaving it out lets the
-        # attention take its plain causal path instead of building a 4-D mask every step.
-        mask = self.mask if self.padded else None
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                    **{cache_kwarg(model): self.cache})
+        logits = forward(model, decoder, ids, positions, self.cache, self.mask, self.padded)
         for r in self.rows:
             r.pos += 1
-        return out.logits[:, -1, :]
+        return logits[:, -1, :]
 
-    def verify(self, model, drafts: Sequence[int]):
+    def verify(self, model, drafts: Sequence[int], decoder=None):
         """Speculative decoding, one row: feed its last token and the drafted tokens after it in one pass;
         returns logits [1 + len(drafts), vocab] (row i: the next token after the i-th fed token). Every fed
         token gets a cache column; `drop_last` takes back those of rejected drafts."""
@@ -242,10 +338,9 @@ class Batch:
         positions = torch.arange(r.pos, r.pos + width, dtype=torch.long, device=device).unsqueeze(0)
         self.mask = torch.cat([self.mask, torch.ones((1, width), dtype=self.mask.dtype, device=self.mask.device)],
                               dim=1)
-        out = model(input_ids=ids, attention_mask=self.mask if self.padded else None, position_ids=positions,
-                    use_cache=True, **{cache_kwarg(model): self.cache})
+        logits = forward(model, decoder, ids, positions, self.cache, self.mask, self.padded)
         r.pos += width
-        return out.logits[0]
+        return logits[0]
 
     def drop_last(self, n: int) -> None:
         """Take back the last n fed tokens of every row (their cache columns, mask columns and positions)."""
@@ -258,7 +353,8 @@ class Batch:
             r.pos -= n
 
     def keep(self, indices: list[int]) -> None:
-        """Keep only these rows (in this order)."""
+        """Keep only these rows. A row after the kept count moves into a freed slot, so the remaining rows may
+        change order: read `rows` afterwards."""
         import torch
 
         if len(indices) == len(self.rows):
@@ -266,12 +362,11 @@ class Batch:
         if not indices:
             self.rows, self.cache, self.mask, self.padded = [], None, None, False
             return
+        order = indices
         for layer in self.cache.layers:
-            idx = torch.tensor(indices, dtype=torch.long, device=layer.keys.device)
-            layer.keys = layer.keys.index_select(0, idx)
-            layer.values = layer.values.index_select(0, idx)
-        self.mask = self.mask.index_select(0, torch.tensor(indices, dtype=torch.long, device=self.mask.device))
-        self.rows = [self.rows[i] for i in indices]
+            order = layer.select_rows(indices)
+        self.mask = self.mask.index_select(0, torch.tensor(order, dtype=torch.long, device=self.mask.device))
+        self.rows = [self.rows[i] for i in order]
         self._trim()
         self.padded = bool((self.mask == 0).any())
 
@@ -282,8 +377,7 @@ class Batch:
         if first == 0:
             return
         for layer in self.cache.layers:
-            layer.keys = layer.keys[:, :, first:, :]
-            layer.values = layer.values[:, :, first:, :]
+            layer.drop_columns(first)
         self.mask = self.mask[:, first:]
 
     def _merge(self, cache, mask, rows: list[Any]) -> None:
@@ -294,6 +388,7 @@ class Batch:
             self.padded = bool((mask == 0).any())
             return
         width = max(self.mask.shape[1], mask.shape[1])
+        old_layers = self.cache.layers  # SlackLayers: the newcomers' rows are written into their spare slots
 
         def pad(t, dim: int):
             missing = width - t.shape[dim]
@@ -303,12 +398,8 @@ class Batch:
             shape[dim] = missing
             return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
 
-        layers = []
-        for old, new in zip(self.cache.layers, cache.layers):
-            keys = torch.cat([pad(old.keys, 2), pad(new.keys.to(old.keys.device), 2)], dim=0)
-            values = torch.cat([pad(old.values, 2), pad(new.values.to(old.values.device), 2)], dim=0)
-            layers.append((keys, values))
-        self.cache = new_cache(layers)
+        for old, new in zip(old_layers, cache.layers):
+            old.join(new.keys.to(old.keys.device), new.values.to(old.values.device), width)
         self.mask = torch.cat([pad(self.mask, 1), pad(mask.to(self.mask.device), 1)], dim=0)
         self.rows = self.rows + rows
         self.padded = bool((self.mask == 0).any())

@@ -100,6 +100,8 @@ class Generation:
     first_allowed: list[int] | None = None  # ...and the tokens the completion may start with
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    draft_tokens: int | None = None  # speculative decoding: drafts to try next (adapts to how many were accepted)
+    plain_steps: int = 0             # ...and plain steps to take before drafting again, after a miss
 
     def cancel(self) -> None:
         # a plain attribute write is atomic; the scheduler reads it before every step
@@ -143,13 +145,16 @@ class Engine:
 
     def __init__(self, home: Home, *, model: str | None = None, poll_interval: float = 0.2,
                  rescan_interval: float = 3.0, max_records: int = 200, overrides: dict | None = None,
-                 prefix_cache_mib: int | None = None, entry=None, speculative_tokens: int | None = None):
+                 prefix_cache_mib: int | None = None, entry=None, speculative_tokens: int | None = None,
+                 compile_decode: str | None = None):
         """`model`: used when settings.json names none. `overrides`: settings that win over settings.json
         without being saved (the CLI's one-off --model / --lora). `prefix_cache_mib`: memory for recent prompts'
         KV (0: no prefix reuse; None: ServeSettings' default). `entry`: a `state.HostedModel` of the hosting list
         (a model hosted beside the first, see serve/fleet.py): its model, placement and dtype are fixed (the fleet
         replaces the engine when they change) and its routes carry the entry's name. `speculative_tokens`: tokens
-        drafted from the prompt per step for a lone greedy request (0: off; None: ServeSettings' default)."""
+        drafted from the prompt per step for a lone greedy request (0: off; None: ServeSettings' default).
+        `compile_decode`: auto / on / off, whether the decode step is compiled at model load
+        (refact_lab.serve.decode_step; None: ServeSettings' default)."""
         self.home = home
         self.entry = entry
         self.fallback_model = model
@@ -204,6 +209,8 @@ class Engine:
             speculative_tokens = ServeSettings.__dataclass_fields__["speculative_tokens"].default
         self.speculative_tokens = int(speculative_tokens)
         self.speculative = collections.Counter()  # steps, drafted, accepted: drafts the model agreed with
+        self.compile_decode = compile_decode or ServeSettings.__dataclass_fields__["compile_decode"].default
+        self.decoder = None  # the lean decode step of the loaded model (None: transformers' forward)
         # bookkeeping
         self.counters = collections.Counter()
         self.records: collections.deque[dict] = collections.deque(maxlen=max_records)
@@ -435,6 +442,8 @@ class Engine:
                 "active": active, "waiting": waiting,
                 "counters": dict(self.counters),
                 "prefix_cache": self.prefix_cache.stats(),
+                "decode_step": self.decoder.stats() if self.decoder is not None else
+                {"path": "transformers", "compile": False},
                 "speculative": {"tokens": self.speculative_tokens,
                                 **{k: self.speculative[k] for k in ("steps", "drafted", "accepted", "ties")}},
                 "recent": list(self.records)[-50:],
@@ -522,11 +531,11 @@ class Engine:
                     self._prepare(g)
                 self._check_prefix_owner(model)
                 with self._adapter_context(model, group.key):
-                    logits = group.batch.prefill(model, newcomers, self.prefix_cache, group.key)
+                    logits = group.batch.prefill(model, newcomers, self.prefix_cache, group.key, self.decoder)
                 self._accept(group, newcomers, sample(logits, newcomers))
             elif len(group.batch) and not self._speculate(group, model):
                 with self._adapter_context(model, group.key):
-                    logits = group.batch.step(model)
+                    logits = group.batch.step(model, self.decoder)
                 self._accept(group, list(group.batch.rows), sample(logits, group.batch.rows))
         except Exception as exc:
             log.exception("decoding failed for adapter %s", group.key)
@@ -608,8 +617,13 @@ class Engine:
         g = group.batch.rows[0]
         if g.params.temperature > 0 or (g.first_allowed and not g.generated):
             return False  # sampling, or a healed first token (constrained, see `sample`)
+        if g.plain_steps > 0:
+            g.plain_steps -= 1
+            return False
+        if g.draft_tokens is None:
+            g.draft_tokens = self.speculative_tokens
         # no drafts past max_tokens, nor past the model's last position
-        room = min(self.speculative_tokens, g.params.max_tokens - len(g.generated) - 1, g.route.n_ctx - g.pos - 1)
+        room = min(g.draft_tokens, g.params.max_tokens - len(g.generated) - 1, g.route.n_ctx - g.pos - 1)
         drafts = draft(g.prompt_ids + g.generated, room) if room > 0 else []
         if not drafts:
             return False
@@ -617,7 +631,7 @@ class Engine:
 
         start = g.pos
         with self._adapter_context(model, group.key):
-            logits = group.batch.verify(model, drafts)
+            logits = group.batch.verify(model, drafts, self.decoder)
         top = logits.float().topk(2, dim=-1)
         predicted = top.indices[:, 0].tolist()
         n = agreed(drafts, predicted)
@@ -643,6 +657,11 @@ class Engine:
         with self._lock:
             self.counters["tokens"] += taken
             self.speculative.update(steps=1, drafted=len(drafts), accepted=n)
+        # A pass over k drafts costs more than a plain step (on a CPU, 9 tokens cost about 1.6 steps): draft as
+        # many as were accepted last time plus one, twice as many after a full hit, and after a miss take two
+        # plain steps before trying again (the text has moved on from what the prompt repeats).
+        g.draft_tokens = min(self.speculative_tokens, 2 * len(drafts) if n == len(drafts) else n + 1)
+        g.plain_steps = 2 if n == 0 else 0
         if reason:
             self._finish(g, reason)
             group.batch.keep([])
@@ -872,6 +891,7 @@ class Engine:
             self.deployed = None
             self._adapter_names.clear()
             self.model = None
+            self.decoder = None
             self.spec = None
             self._bump_caps()
         with self._tok_lock:
@@ -901,7 +921,8 @@ class Engine:
                         torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction, i)
             dtype = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.dtype]
             if dtype is None:
-                dtype = auto_dtype(device)
+                folder = memory_plan.model_folder(spec.source)
+                dtype = auto_dtype(device, params=memory_plan.safetensors_params(folder) if folder else None)
             # Refuse what cannot fit before loading, with the numbers (memory_plan.py). Planned and loaded under
             # the load lock, so two engines loading at once never both count the same free memory (nor import
             # transformers' lazy modules in two threads at once: that raised ImportError).
@@ -936,6 +957,7 @@ class Engine:
                 self.weights_bytes = weights
                 self.load_seconds = round(time.monotonic() - started, 2)
             vocabulary(tokenizer)  # token healing's index of the vocabulary, built once here rather than mid-request
+            self._prepare_decoder(model, device)
             with self._tok_lock:
                 self.tokenizer = tokenizer
             # the LoRA choice is applied before "ready", so the first request already sees the deployed adapter
@@ -961,6 +983,19 @@ class Engine:
                     self._emit_error(self._inbox.get_nowait(), f"the model failed to load: {self.error}")
                 except queue.Empty:
                     break
+
+    def _prepare_decoder(self, model, device: str) -> None:
+        """The lean decode step, compiled and warmed up here when asked (auto: on a GPU), before "ready"."""
+        from refact_lab.serve.decode_step import LeanDecoder
+
+        compile = self.compile_decode == "on" or (self.compile_decode == "auto" and device.startswith("cuda"))
+        decoder = None if device == "shard" else LeanDecoder.for_model(model, compile=compile)
+        if decoder is not None and compile:
+            decoder.warm_up()
+            log.info("decode step compiled in %.1fs%s", decoder.compile_seconds,
+                     f" (failed: {decoder.compile_error})" if decoder.compile_error else "")
+        with self._lock:
+            self.decoder = decoder
 
     def _memory(self) -> dict:
         out = {"weights_mb": round(self.weights_bytes / 2**20, 1) if self.weights_bytes else None}

@@ -38,6 +38,8 @@ class RefactLabExtension(ExtensionApp):
                                 "request computes only what is new (0: off)")
     speculative_tokens = Int(ServeSettings.speculative_tokens, config=True,
                              help="Tokens drafted from the prompt per decode step of a lone greedy request (0: off)")
+    compile_decode = Unicode(ServeSettings.compile_decode, config=True,
+                             help="Compile the decode step at model load: auto (with a GPU), on, off")
     kernel_idle_timeout = Int(600, config=True,
                               help="Seconds an idle kernel with no open page lives before it is shut down (0: never; "
                                    "ignored when MappingKernelManager.cull_idle_timeout is set)")
@@ -51,7 +53,8 @@ class RefactLabExtension(ExtensionApp):
         from refact_lab.serve.upstream import Directory
 
         home = Home.resolve(self.home or None).ensure()
-        options = {"prefix_cache_mib": self.prefix_cache_mib, "speculative_tokens": self.speculative_tokens}
+        options = {"prefix_cache_mib": self.prefix_cache_mib, "speculative_tokens": self.speculative_tokens,
+                   "compile_decode": self.compile_decode}
         engine = Engine(home, model=self.model or None, poll_interval=self.poll_interval, **options)
         fleet = Fleet(home, engine, poll_interval=max(self.poll_interval, 0.2), engine_options=options)
         # model loading, LoRA switches and failures show in the server's output

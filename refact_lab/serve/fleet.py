@@ -326,7 +326,7 @@ class Fleet:
                         ("unloaded" if not row["loaded"] else "starting"), "error": None, "models": []}
             else:
                 snap = engine.snapshot()
-                live = {k: snap.get(k) for k in ("state", "error", "device", "n_ctx", "load_seconds", "models",
+                live = {k: snap.get(k) for k in ("state", "error", "device", "n_ctx", "load_seconds", "models", "decode_step",
                                                  "active", "waiting")}
                 live["loaded_dtype"] = snap.get("dtype")   # what "auto" became
                 live["weights_mb"] = (snap.get("memory") or {}).get("weights_mb")

@@ -189,12 +189,12 @@ def resolve_placement(placement: str) -> str:
     return "gpu:0" if torch.cuda.is_available() else "cpu"
 
 
-def dtype_bytes_for(dtype: str, placement: str) -> int:
+def dtype_bytes_for(dtype: str, placement: str, params: int | None = None) -> int:
     if dtype != "auto":
         return DTYPE_BYTES[dtype]
     from refact_lab.models.loading import auto_dtype
 
-    return DTYPE_BYTES[auto_dtype("cpu" if placement == "cpu" else "cuda")]
+    return DTYPE_BYTES[auto_dtype("cpu" if placement == "cpu" else "cuda", params=params)]
 
 
 # ---- the plan ---------------------------------------------------------------------------------------------
@@ -227,7 +227,9 @@ def plan(source: str, placement: str, dtype: str = "auto", n_ctx: int = 4096, ma
     from refact_lab.serve.state import placement_gpus
 
     placement = resolve_placement(placement)
-    est = estimate(source, dtype_bytes_for(dtype, placement), n_ctx, max_batch, registry_gb)
+    folder = model_folder(source)
+    params = safetensors_params(folder) if folder else None
+    est = estimate(source, dtype_bytes_for(dtype, placement, params), n_ctx, max_batch, registry_gb)
     free, totals = {}, {}
     gpus = placement_gpus(placement)
     if gpus:

@@ -47,6 +47,7 @@ def server_argv(settings: ServeSettings, home: Home, token: str) -> list[str]:
         f"--RefactLabExtension.load_wait_s={settings.load_wait_s}",
         f"--RefactLabExtension.prefix_cache_mib={settings.prefix_cache_mib}",
         f"--RefactLabExtension.speculative_tokens={settings.speculative_tokens}",
+        f"--RefactLabExtension.compile_decode={settings.compile_decode}",
         # the shipped walk-throughs are saved from /lab without outputs, so the checkout stays clean
         "--ContentsManager.pre_save_hook=refact_lab.serve.notebook_saving.strip_outputs",
         "--VoilaConfiguration.show_tracebacks=True",

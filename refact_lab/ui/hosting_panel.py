@@ -43,6 +43,15 @@ def render_state(snap: dict) -> str:
         rows.append(f"device: {html.escape(str(snap['device']))}, dtype: {html.escape(str(snap.get('dtype')))}, "
                     f"context: {snap.get('n_ctx')} tokens"
                     + (f", loaded in {snap['load_seconds']} s" if snap.get("load_seconds") else ""))
+    step = snap.get("decode_step") or {}
+    if step.get("path"):
+        words = {"compiled": "compiled", "lean": "lean (eager)", "transformers": "transformers' forward"}
+        text = f"decode step: {words.get(step['path'], step['path'])}"
+        if step.get("compile_seconds") is not None:
+            text += f", compile warm-up {step['compile_seconds']} s at load"
+        if step.get("compile_error"):
+            text += f" <span style='color:#cf222e'>(not compiled: {html.escape(step['compile_error'])})</span>"
+        rows.append(text)
     mem = snap.get("memory") or {}
     if mem:
         parts = [f"weights {_mb(mem.get('weights_mb'))}", f"process {_mb(mem.get('process_rss_mb'))}"]

@@ -1,0 +1,175 @@
+"""The engine's decode step for Llama-shaped models, without transformers' generic forward around it.
+
+A decode step of a small model is mostly framework overhead, not arithmetic: transformers' forward builds masks,
+cache objects, output dataclasses and keyword plumbing on every call. For the architectures whose decoder layer is
+the Llama one (llama, mistral without a sliding window, qwen2, qwen3), `LeanDecoder` runs the same modules of the
+loaded model (so peft's LoRA layers, norms, MLPs and rotary embeddings are the model's own) and writes keys and
+values straight into the batch's preallocated cache buffers (`batch.SlackLayer`: a step writes one column in place;
+the buffer grows by half when full).
+
+With `compile=True` the step for one token per row goes through `torch.compile` (dynamic shapes: one graph serves
+every batch size and cache length; on a GPU the generated kernels run there too). `warm_up()` compiles those graphs
+at model load, so no user's request pays for it; the engine shows the time in Model hosting. While LoRA adapters
+are loaded the eager step runs instead (peft switches adapters with Python state a compiled graph would freeze).
+
+Everything else (prefill of fresh prompts, models of other architectures) keeps transformers' forward. Greedy tokens
+equal that forward's (tests/serve/test_decode_step.py compares them, padded batches and drafts included).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LLAMA_SHAPED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _unsupported(model) -> str | None:
+    """Why this model cannot take the lean step (None: it can)."""
+    cfg = getattr(model, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in LLAMA_SHAPED:
+        return f"architecture {kind!r} (the lean step knows {', '.join(LLAMA_SHAPED)})"
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and \
+            cfg.sliding_window < getattr(cfg, "max_position_embeddings", 0):
+        return "sliding-window attention"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "layers"):
+        return "no rotary embedding module"
+    if len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1:
+        return "layers split over several devices"
+    if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
+        return "tensor-parallel pretraining layout"
+    for layer in inner.layers:
+        a = getattr(layer, "self_attn", None)
+        if a is None or not all(hasattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim",
+                                                          "scaling")):
+            return "an attention module of another shape"
+    return None
+
+
+def _step(model, ids, positions, kbufs: list, vbufs: list, n: int, mask):
+    """Logits [rows, tokens, vocab] of `ids` [rows, tokens] at `positions`; their keys and values are written into
+    columns n.. of each layer's buffers, and attention reads columns ..n+tokens. `mask`: None (every column of every
+    row is real and tokens == 1) or bool [rows, 1, tokens, columns] (True: may attend)."""
+    import torch.nn.functional as F
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    inner = model.model
+    rows, tokens = ids.shape
+    x = inner.embed_tokens(ids)
+    cos, sin = inner.rotary_emb(x, positions)
+    for i, layer in enumerate(inner.layers):
+        a = layer.self_attn
+        h = layer.input_layernorm(x)
+        shape = (rows, tokens, -1, a.head_dim)
+        q, k, v = a.q_proj(h).view(shape), a.k_proj(h).view(shape), a.v_proj(h).view(shape)
+        if hasattr(a, "q_norm"):  # qwen3 normalises each head's queries and keys before the rotation
+            q, k = a.q_norm(q), a.k_norm(k)
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        kbufs[i][:, :, n:n + tokens] = k
+        vbufs[i][:, :, n:n + tokens] = v.transpose(1, 2)
+        keys, values = kbufs[i][:, :, :n + tokens], vbufs[i][:, :, :n + tokens]
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=a.scaling,
+                                           enable_gqa=q.shape[1] != keys.shape[1])
+        x = x + a.o_proj(o.transpose(1, 2).reshape(rows, tokens, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.lm_head(inner.norm(x))
+
+
+class LeanDecoder:
+    """The lean step for one loaded model (see the module docstring)."""
+
+    def __init__(self, model, compile: bool = False):
+        self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.compile = compile
+        self.compiled = None
+        self.compile_seconds: float | None = None
+        self.compile_error: str | None = None
+        self.steps = {"lean": 0, "compiled": 0}
+
+    @classmethod
+    def for_model(cls, model, compile: bool = False) -> "LeanDecoder | None":
+        why = _unsupported(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        if why is not None:
+            log.info("decode step: transformers' forward (%s)", why)
+            return None
+        return cls(model, compile=compile)
+
+    def forward(self, wrapper, ids, positions, cache, mask2d, padded: bool):
+        """One pass over `ids` [rows, tokens] continuing `cache` (SlackLayers); `mask2d` [rows, columns] already
+        holds the new columns. `wrapper` is the model the engine calls (a PeftModel while adapters are loaded)."""
+        import torch
+
+        rows, tokens = ids.shape
+        n = cache.layers[0].keys.shape[-2]
+        kbufs, vbufs = [], []
+        for layer in cache.layers:
+            kb, vb = layer.reserve(tokens)
+            kbufs.append(kb)
+            vbufs.append(vb)
+        mask = None
+        if padded or tokens > 1:
+            columns = n + tokens
+            # a new token sees the real columns before it and itself
+            causal = torch.ones((tokens, columns), dtype=torch.bool, device=ids.device).tril(n)
+            real = mask2d[:, -columns:].bool() if padded else torch.ones((rows, columns), dtype=torch.bool,
+                                                                          device=ids.device)
+            mask = (causal.unsqueeze(0) & real.unsqueeze(1)).unsqueeze(1)
+        plain = wrapper is self.model  # no peft wrapper: no adapter is loaded
+        logits = None
+        if self.compiled is not None and plain and tokens == 1:
+            try:
+                logits = self.compiled(self.model, ids, positions, kbufs, vbufs, n, mask)
+                self.steps["compiled"] += 1
+            except Exception as exc:  # a shape the graphs could not take: the eager step from now on
+                log.warning("compiled decode step failed, using the eager one: %s", exc)
+                self.compiled = None
+                self.compile_error = f"at a step: {type(exc).__name__}: {exc}"[:500]
+        if logits is None:  # the same columns are written again: nothing of a failed try remains
+            logits = _step(self.model, ids, positions, kbufs, vbufs, n, mask)
+            self.steps["lean"] += 1
+        for layer in cache.layers:
+            layer.advance(n + tokens)
+        return logits
+
+    def warm_up(self) -> None:
+        """Compile the one-token step for the shapes the engine uses (one row; several rows with and without
+        padding), so the first requests do not wait for it. A failure leaves the eager step in place."""
+        if not self.compile:
+            return
+        import torch
+
+        from refact_lab.serve.batch import cache_kwarg, new_cache
+
+        started = time.monotonic()
+        try:
+            compiled = torch.compile(_step, dynamic=True)
+            device = self.model.get_input_embeddings().weight.device
+            vocab = self.model.get_input_embeddings().weight.shape[0]
+            for rows, padded in ((1, False), (2, False), (3, True)):
+                prompt = torch.randint(0, vocab, (rows, 8), device=device)
+                cache = new_cache()
+                with torch.inference_mode():
+                    self.model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): cache})
+                    for step in range(2):  # the second call checks the graph is reused, not rebuilt
+                        mask2d = torch.ones((rows, 9 + step), dtype=torch.long, device=device)
+                        if padded:
+                            mask2d[0, :2] = 0
+                        ids = torch.randint(0, vocab, (rows, 1), device=device)
+                        positions = torch.full((rows, 1), 8 + step, dtype=torch.long, device=device)
+                        self.compiled = compiled
+                        self.forward(self.model, ids, positions, cache, mask2d, padded)
+        except Exception as exc:  # compiling needs a C++ compiler on a CPU, Triton on a GPU: say so, run eager
+            log.warning("decode step not compiled: %s", exc)
+            self.compiled = None
+            self.compile_error = f"{type(exc).__name__}: {exc}"[:500]
+        self.compile_seconds = round(time.monotonic() - started, 2)
+        self.steps = {"lean": 0, "compiled": 0}
+
+    def stats(self) -> dict[str, Any]:
+        return {"path": "compiled" if self.compiled is not None else "lean", "compile": self.compile,
+                "compile_seconds": self.compile_seconds, "compile_error": self.compile_error, "steps": dict(self.steps)}

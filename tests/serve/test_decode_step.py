@@ -1,0 +1,198 @@
+"""The lean decode step (serve/decode_step.py) gives transformers' greedy tokens, for every Llama-shaped
+architecture it takes (GQA and attention biases of qwen2, the per-head norms of qwen3), through everything a Batch
+does: a padded batch of prompts of different lengths, plain steps, speculative verification of drafts with
+rejected columns taken back, a prompt continued from stored prefix columns, rows leaving the batch. Other
+architectures keep transformers' forward. A compiled step is warmed up at model load and gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from refact_lab.serve.batch import Batch
+from refact_lab.serve.decode_step import LeanDecoder
+from refact_lab.serve.prefix_cache import PrefixCache
+
+
+def tiny(kind: str, init: float = 0.3):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, \
+        Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=256, initializer_range=init)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=4)).eval()
+    if kind == "qwen2":  # grouped-query attention, biases on q/k/v
+        return Qwen2ForCausalLM(Qwen2Config(**common, num_key_value_heads=2, use_sliding_window=False)).eval()
+    if kind == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(**common, num_key_value_heads=2, head_dim=16)).eval()
+    return GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=256)).eval()
+
+
+class Row:
+    def __init__(self, ids):
+        self.prompt_ids, self.pos, self.last_token = list(ids), 0, 0
+
+
+def decode(model, decoder, prompts, steps: int, drafts_every: int = 0):
+    """Greedy tokens per row through a Batch: prefill, then steps; with drafts_every, a lone row verifies a
+    half-right draft every few steps (the wrong half's columns are taken back)."""
+    batch = Batch()
+    rows = [Row(p) for p in prompts]
+    with torch.inference_mode():
+        logits = batch.prefill(model, rows, decoder=decoder)
+        out = [[t] for t in logits.argmax(-1).tolist()]
+        for r, t in zip(rows, out):
+            r.last_token = t[0]
+        for step in range(1, steps + 1):
+            if drafts_every and len(batch) == 1 and step % drafts_every == 0:
+                r, o = batch.rows[0], out[rows.index(batch.rows[0])]
+                drafts = [o[-1], (o[-1] + 1) % 97, o[-1]]
+                predicted = batch.verify(model, drafts, decoder=decoder).argmax(-1).tolist()
+                take = 1
+                while take <= len(drafts) and drafts[take - 1] == predicted[take - 1]:
+                    take += 1
+                o.extend(predicted[:take])
+                batch.drop_last(1 + len(drafts) - take)
+                r.last_token = o[-1]
+                continue
+            nxt = batch.step(model, decoder=decoder).argmax(-1).tolist()
+            for r, t in zip(batch.rows, nxt):
+                out[rows.index(r)].append(t)
+                r.last_token = t
+            if step == 3 and len(batch) > 2:
+                batch.keep([0, 2])  # a row finished: the rest go on
+    return out
+
+
+def prompts(seed: int, lengths) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(97) for _ in range(n)] for n in lengths]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_lean_steps_give_transformers_tokens(kind):
+    model = tiny(kind)
+    decoder = LeanDecoder.for_model(model)
+    assert decoder is not None
+    batch_prompts = prompts(1, (5, 17, 11, 30))
+    assert decode(model, decoder, batch_prompts, 12) == decode(model, None, batch_prompts, 12)
+    assert decoder.steps["lean"] > 0
+    lone = prompts(2, (23,))
+    plain = decode(model, None, lone, 16)[0]
+    drafted = decode(model, decoder, lone, 16, drafts_every=2)[0]  # a verify adds up to 4 tokens at once
+    assert len(drafted) >= len(plain) and drafted[:len(plain)] == plain
+
+
+def test_a_prompt_continued_from_stored_columns_matches():
+    model = tiny("qwen2")
+    decoder = LeanDecoder.for_model(model)
+    first, second = prompts(3, (40,))[0], None
+    second = first[:32] + prompts(4, (12,))[0]  # the next keystroke: the same start, a new end
+    outs = []
+    for dec in (decoder, None):
+        cache = PrefixCache(64 * 2**20, min_tokens=4)
+        with torch.inference_mode():
+            Batch().prefill(model, [Row(first)], prefixes=cache, key=None, decoder=dec)
+            batch = Batch()
+            logits = batch.prefill(model, [Row(second)], prefixes=cache, key=None, decoder=dec)
+            assert cache.stats()["reused_tokens"] == 32
+            tokens = [int(logits.argmax(-1))]
+            batch.rows[0].last_token = tokens[0]
+            for _ in range(8):
+                tokens.append(int(batch.step(model, decoder=dec).argmax(-1)))
+                batch.rows[0].last_token = tokens[-1]
+        outs.append(tokens)
+    assert outs[0] == outs[1]
+
+
+def test_other_architectures_keep_transformers_forward():
+    assert LeanDecoder.for_model(tiny("gpt2")) is None
+    assert LeanDecoder.for_model(tiny("llama")) is not None
+
+
+def test_small_models_decode_in_fp32_on_a_cpu():
+    from refact_lab.models.loading import CPU_BF16_MIN_PARAMS, auto_dtype, cpu_has_native_bf16
+
+    assert auto_dtype("cpu", params=CPU_BF16_MIN_PARAMS // 100) == "float32"
+    big = auto_dtype("cpu", params=CPU_BF16_MIN_PARAMS * 5)
+    assert big == ("bfloat16" if cpu_has_native_bf16() else "float32")
+
+
+def test_a_compiled_decode_step_is_warmed_up_at_load_and_agrees(tmp_path, varied_model_dir):
+    from refact_lab.home import Home
+    from refact_lab.serve.engine import Engine, SamplingParams
+
+    home = Home.resolve(tmp_path / "home").ensure()
+    home.update_settings(model=str(varied_model_dir), dtype="fp32")
+    engines = [Engine(home, poll_interval=0.05, prefix_cache_mib=0, speculative_tokens=0, compile_decode=mode)
+               .start().wait_ready(300) for mode in ("on", "off")]
+    try:
+        compiled, eager = engines
+        step = compiled.snapshot()["decode_step"]
+        assert step["path"] == "compiled", step
+        assert step["compile_seconds"] > 0 and step["steps"]["compiled"] == 0  # warm-up steps are not counted
+        assert eager.snapshot()["decode_step"]["path"] == "lean"
+        params = SamplingParams(max_tokens=12)
+        for prompt in ("def add(a, b):\n    return", "import os\n\nfor name in os.listdir(", "x = [1, 2,"):
+            assert compiled.generate(prompt, params)["text"] == eager.generate(prompt, params)["text"]
+        assert compiled.snapshot()["decode_step"]["steps"]["compiled"] > 0
+    finally:
+        for e in engines:
+            e.stop()
+
+
+def alone(model, prompt: list[int], n: int) -> list[int]:
+    """The reference: transformers' generate on one prompt, no batch, no padding."""
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_rows_joining_and_leaving_a_batch_keep_their_own_tokens(lean):
+    """Slots: a shorter newcomer is written into a spare row, a longer one shifts the batch right, a row that
+    leaves hands its slot to the last row; every row still gets the tokens it gets alone."""
+    model = tiny("llama")  # large weights: attention is sharp, so a row given another's keys goes astray
+    decoder = LeanDecoder.for_model(model) if lean else None
+    p = prompts(7, (10, 25, 5, 60, 8))
+    got: dict[int, list[int]] = {}
+    batch = Batch()
+
+    def join(indices):
+        rows = [Row(p[i]) for i in indices]
+        for i, r in zip(indices, rows):
+            r.index = i
+        with torch.inference_mode():
+            logits = batch.prefill(model, rows, decoder=decoder)
+        for r, t in zip(rows, logits.argmax(-1).tolist()):
+            got[r.index] = [t]
+            r.last_token = t
+
+    def steps(n):
+        for _ in range(n):
+            with torch.inference_mode():
+                nxt = batch.step(model, decoder=decoder).argmax(-1).tolist()
+            for r, t in zip(batch.rows, nxt):
+                got[r.index].append(t)
+                r.last_token = t
+
+    join([0, 1])
+    steps(3)
+    join([2])           # shorter than the batch: a spare slot
+    steps(2)
+    with torch.inference_mode():   # the first row leaves: the last moves up
+        batch.keep([i for i, r in enumerate(batch.rows) if r.index != 0])
+    assert [r.index for r in batch.rows] == [2, 1]
+    join([3, 4])        # longer than the batch: every row shifts right
+    steps(4)
+    with torch.inference_mode():
+        batch.keep([i for i, r in enumerate(batch.rows) if r.index in (3, 4)])
+    steps(3)
+    for i, tokens in got.items():
+        assert tokens == alone(model, p[i], len(tokens)), i
