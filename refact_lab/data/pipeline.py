@@ -200,8 +200,35 @@ def _read_head(file: str) -> bytes:
         return b""
 
 
+class _ReaderPool:
+    """The reader processes, started while the tree is still being listed: a spawned process takes about as long
+    to start and import as listing 20,000 files, so started at the first read it would spend that part of the
+    reading starting up. Started once the listing passes _POOL_MIN_FILES (a smaller scan never spawns one)."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.pool = None
+
+    def warm(self) -> None:
+        if self.pool is not None or self.workers <= 1:
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: the scan runs in a thread of a kernel that may hold other threads and locks
+        self.pool = ProcessPoolExecutor(max_workers=self.workers - 1, mp_context=multiprocessing.get_context("spawn"))
+        for _ in range(self.workers - 1):
+            self.pool.submit(filters.read_facts_batch, [])   # starts the processes and imports the rules now
+
+    def close(self) -> None:
+        if self.pool is not None:
+            # not waiting: an unused pool may still be starting (a re-scan that read nothing need not wait)
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+
 def _read_facts_all(jobs: list[tuple[str, int, int]], workers: int, report: ProgressFn,
-                    stop: Callable[[], bool]) -> list[Facts]:
+                    stop: Callable[[], bool], readers: _ReaderPool | None = None) -> list[Facts]:
     total = len(jobs)
     if workers <= 1 or total < _POOL_MIN_FILES:
         out = []
@@ -213,16 +240,15 @@ def _read_facts_all(jobs: list[tuple[str, int, int]], workers: int, report: Prog
                     raise ScanCancelled()
             out.append(read(*job))
         return out
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
+    readers = readers if readers is not None and readers.workers == workers else _ReaderPool(workers)
+    readers.warm()
+    pool = readers.pool
     chunks = [jobs[i:i + _POOL_CHUNK] for i in range(0, total, _POOL_CHUNK)]
     parts: list = [None] * len(chunks)
     done = 0
-    # spawn, not fork: the scan runs in a thread of a kernel that may hold other threads and locks. The main
-    # process is one of the `workers` readers: it reads chunks from the end while the others start up and read
-    # from the front, taking only chunks no worker has started, so no core waits on a process start.
-    with ProcessPoolExecutor(max_workers=workers - 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # The main process is one of the `workers` readers: it reads chunks from the end while the others read from
+    # the front, taking only chunks no worker has started, so no core waits on another.
+    try:
         futures = [pool.submit(filters.read_facts_batch, c) for c in chunks]
         try:
             for k in range(len(chunks) - 1, -1, -1):
@@ -243,6 +269,8 @@ def _read_facts_all(jobs: list[tuple[str, int, int]], workers: int, report: Prog
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise
+    finally:
+        readers.close()
     return [f for part in parts for f in part]
 
 
@@ -364,7 +392,8 @@ def run_scan(home: Home, project: str = DEFAULT_PROJECT, settings: ScanSettings 
     if not sources:
         raise ScanError("no sources to scan: add a git repository, an archive, files or a folder first")
     paths = scan_files(home, project)
-    with _exclusive(paths["lock"]):
+    readers = _ReaderPool(_auto_workers(settings, _POOL_MIN_FILES))
+    with _exclusive(paths["lock"]), contextlib.closing(readers):
         overrides = load_overrides(home, project)
         forced_in, test_keys = set(overrides["include"]), set(overrides["test"])
 
@@ -380,6 +409,8 @@ def run_scan(home: Home, project: str = DEFAULT_PROJECT, settings: ScanSettings 
                     entries.append(FileEntry(src.id, rel, file, size, mtime, test=src.test or key in test_keys,
                                              forced=key in forced_in))
                     per_source[src.id] += 1
+                    if len(entries) == _POOL_MIN_FILES:
+                        readers.warm()
             except ValueError as e:
                 raise ScanError(str(e)) from None
             not_files.extend((src, rel, reason, detail) for rel, reason, detail in skipped)
@@ -431,7 +462,7 @@ def run_scan(home: Home, project: str = DEFAULT_PROJECT, settings: ScanSettings 
         jobs = [(entries[i].file, max(ctx.max_bytes, entries[i].size) if entries[i].forced else ctx.max_bytes,
                  entries[i].size) for i in to_read]
         workers = _auto_workers(settings, len(jobs))
-        for i, facts in zip(to_read, _read_facts_all(jobs, workers, report, stop)):
+        for i, facts in zip(to_read, _read_facts_all(jobs, workers, report, stop, readers)):
             e = entries[i]
             e.facts = facts
             if not facts.error:
