@@ -380,15 +380,16 @@ class ExampleMaker:
         return line_start, min(len(text), end + 1)
 
     def fim(self) -> tuple[list[int], list[int]]:
-        i = self._pick_index()
-        text = self.texts[i]
+        with_context = getattr(self, "where", None) is not None and self.rng.random() < self.r.context_rate
+        i = self._pick_index() if with_context else None
+        text = self.texts[i] if with_context else self._pick_text()
         a, b = self._middle_span(text)
         if self.r.cursor_boundary:
             a = cursor_boundary(text, a)
         budget = self.L - 4  # four special tokens
         before: list[int] = []
         in_prefix: list[int] = []
-        if self.where is not None and self.rng.random() < self.r.context_rate:
+        if with_context:
             before, in_prefix = self._context(i, text[max(0, a - 3000):a], text[b:b + 1000],
                                               self.rng.randint(self.r.context_tokens // 2, self.r.context_tokens))
             budget -= len(before) + len(in_prefix)
