@@ -69,10 +69,11 @@ def _slack_layer_class():
             fresh = self.keys is not self._kview
             if fresh or rows > self._kbuf.shape[0] or columns > self._kbuf.shape[2]:
                 n = self.keys.shape[-2] if self.keys is not None and self.keys.numel() else 0
-                self._reserve(n, columns + max(32, columns // 2), like, rows=max(rows, self._row_room(like, rows)))
+                self._reserve(n, columns + max(32, columns // 2), like, rows=self._row_room(rows))
 
         @staticmethod
-        def _row_room(like, rows: int) -> int:
+        def _row_room(rows: int) -> int:
+            """Rows to allocate for `rows`: spare ones for rows that join later (none for a lone row)."""
             return rows if rows <= 1 else rows + rows // 2
 
         def update(self, key_states, value_states, *args, **kwargs):
@@ -145,7 +146,7 @@ def _slack_layer_class():
             old_rows, n = self.keys.shape[0], self.keys.shape[-2]
             like = self.keys
             columns = n + by
-            shape = (self._row_room(like, rows), like.shape[1], columns + max(32, columns // 2), like.shape[3])
+            shape = (self._row_room(rows), like.shape[1], columns + max(32, columns // 2), like.shape[3])
             kbuf = torch.zeros(shape, dtype=like.dtype, device=like.device)
             vbuf = torch.zeros(shape, dtype=like.dtype, device=like.device)
             kbuf[:old_rows, :, by:by + n] = self.keys

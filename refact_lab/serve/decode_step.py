@@ -147,7 +147,7 @@ class LeanDecoder:
 
         started = time.monotonic()
         try:
-            compiled = torch.compile(_step, dynamic=True)
+            self.compiled = torch.compile(_step, dynamic=True)
             device = self.model.get_input_embeddings().weight.device
             vocab = self.model.get_input_embeddings().weight.shape[0]
             for rows, padded in ((1, False), (2, False), (3, True)):
@@ -161,7 +161,6 @@ class LeanDecoder:
                             mask2d[0, :2] = 0
                         ids = torch.randint(0, vocab, (rows, 1), device=device)
                         positions = torch.full((rows, 1), 8 + step, dtype=torch.long, device=device)
-                        self.compiled = compiled
                         self.forward(self.model, ids, positions, cache, mask2d, padded)
         except Exception as exc:  # compiling needs a C++ compiler on a CPU, Triton on a GPU: say so, run eager
             log.warning("decode step not compiled: %s", exc)

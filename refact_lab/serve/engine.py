@@ -921,8 +921,7 @@ class Engine:
                         torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction, i)
             dtype = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.dtype]
             if dtype is None:
-                folder = memory_plan.model_folder(spec.source)
-                dtype = auto_dtype(device, params=memory_plan.safetensors_params(folder) if folder else None)
+                dtype = auto_dtype(device, params=memory_plan.source_params(spec.source))
             # Refuse what cannot fit before loading, with the numbers (memory_plan.py). Planned and loaded under
             # the load lock, so two engines loading at once never both count the same free memory (nor import
             # transformers' lazy modules in two threads at once: that raised ImportError).

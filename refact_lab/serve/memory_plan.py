@@ -189,6 +189,12 @@ def resolve_placement(placement: str) -> str:
     return "gpu:0" if torch.cuda.is_available() else "cpu"
 
 
+def source_params(source: str) -> int | None:
+    """The parameter count of a local model folder's safetensors (None: not local, or no safetensors)."""
+    folder = model_folder(source)
+    return safetensors_params(folder) if folder else None
+
+
 def dtype_bytes_for(dtype: str, placement: str, params: int | None = None) -> int:
     if dtype != "auto":
         return DTYPE_BYTES[dtype]
@@ -227,9 +233,7 @@ def plan(source: str, placement: str, dtype: str = "auto", n_ctx: int = 4096, ma
     from refact_lab.serve.state import placement_gpus
 
     placement = resolve_placement(placement)
-    folder = model_folder(source)
-    params = safetensors_params(folder) if folder else None
-    est = estimate(source, dtype_bytes_for(dtype, placement, params), n_ctx, max_batch, registry_gb)
+    est = estimate(source, dtype_bytes_for(dtype, placement, source_params(source)), n_ctx, max_batch, registry_gb)
     free, totals = {}, {}
     gpus = placement_gpus(placement)
     if gpus:
