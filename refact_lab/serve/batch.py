@@ -210,11 +210,12 @@ def new_cache(layers=None):
     return cache
 
 
-def forward(model, decoder, ids, positions, cache, mask, padded: bool):
+def forward(model, decoder, ids, positions, cache, mask, padded: bool, twin=None):
     """Logits [rows, tokens, vocab] of `ids` continuing `cache`; `mask` [rows, columns] already counts the new
-    columns. Through the engine's lean step (refact_lab.serve.decode_step) when the model has one."""
+    columns. Through the engine's lean step (refact_lab.serve.decode_step) when the model has one, and then through
+    the bf16 `twin` (serve/bf16_twin.py) when the pass is wide enough."""
     if decoder is not None:
-        return decoder.forward(model, ids, positions, cache, mask, padded)
+        return decoder.forward(model, ids, positions, cache, mask, padded, twin)
     # Without padding (one request, or rows of equal length) the mask says nothing: leaving it out lets the
     # attention take its plain causal path instead of building a 4-D mask every step.
     out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions, use_cache=True,
@@ -234,13 +235,14 @@ class Batch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def prefill(self, model, new_rows: Sequence[Any], prefixes=None, key=None, decoder=None):
+    def prefill(self, model, new_rows: Sequence[Any], prefixes=None, key=None, decoder=None, twin=None):
         """Run the new rows' prompts and merge them into the batch; returns their next-token logits [n, vocab].
 
         With `prefixes` (a `PrefixCache`), a row whose prompt shares a long enough prefix with a stored prompt of
         adapter `key` starts from a copy of those stored columns and runs only the rest of its prompt (alone:
         rows with different reused lengths do not line up in one batch); the other rows run together as before.
-        Every new row's prompt KV is stored afterwards."""
+        Every new row's prompt KV is stored afterwards. With `twin` (a `Bf16Twin` whose `current` copy is set),
+        prompts and rests long enough for it run through that bf16 copy; the cache stays fp32."""
         import torch
 
         reuse = [prefixes.lookup(key, r.prompt_ids) if prefixes is not None and prefixes.enabled else (0, None)
@@ -250,7 +252,7 @@ class Batch:
         joining = Batch()  # the newcomers, put together first so the running batch is rebuilt only once
         if fresh:
             rows = [new_rows[i] for i in fresh]
-            cache, mask, out = self._run_prompts(model, rows)
+            cache, mask, out = self._run_prompts(model, rows, twin)
             for j, i in enumerate(fresh):
                 logits[i] = out[j]
             if prefixes is not None and prefixes.enabled:
@@ -264,7 +266,7 @@ class Batch:
             if n == 0:
                 continue
             r = new_rows[i]
-            cache, mask, out = self._run_rest(model, r, n, stored, decoder)
+            cache, mask, out = self._run_rest(model, r, n, stored, decoder, twin)
             logits[i] = out[0]
             prefixes.store(key, r.prompt_ids, [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
             joining._merge(cache, mask, [r])
@@ -274,9 +276,11 @@ class Batch:
         return torch.stack(logits)
 
     @staticmethod
-    def _run_prompts(model, rows: Sequence[Any]):
+    def _run_prompts(model, rows: Sequence[Any], twin=None):
         """Whole prompts as one left-padded batch: (cache, mask, last logits [rows, vocab])."""
         import torch
+
+        from refact_lab.serve.bf16_twin import widen
 
         device = input_device(model)
         width = max(len(r.prompt_ids) for r in rows)
@@ -290,15 +294,23 @@ class Batch:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = new_cache()
         padded = bool((mask == 0).any())
-        out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions, use_cache=True,
-                    logits_to_keep=1, **{cache_kwarg(model): cache})
-        return cache, mask, out.logits[:, -1, :]  # the cache object was filled in place
+        real = sum(len(r.prompt_ids) for r in rows)
+        runner = twin.current if twin is not None and twin.wants(real) else model
+        out = runner(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions, use_cache=True,
+                     logits_to_keep=1, **{cache_kwarg(runner): cache})
+        logits = out.logits[:, -1, :]  # the cache object was filled in place
+        if runner is not model:
+            twin.counted(real)
+            cache, logits = widen(cache, torch.float32), logits.float()
+        return cache, mask, logits
 
     @staticmethod
-    def _run_rest(model, row, n: int, stored, decoder=None):
+    def _run_rest(model, row, n: int, stored, decoder=None, twin=None):
         """One prompt whose first n tokens' keys/values are stored: run tokens n.. at positions n.. on a cache
         holding a view of those columns (the first write copies them into the cache's own buffer)."""
         import torch
+
+        from refact_lab.serve.bf16_twin import widen
 
         device = input_device(model)
         total = len(row.prompt_ids)
@@ -306,12 +318,19 @@ class Batch:
         positions = torch.arange(n, total, dtype=torch.long, device=device).unsqueeze(0)
         cache = new_cache([(k[:, :, :n], v[:, :, :n]) for k, v in stored])
         mask = torch.ones((1, total), dtype=torch.long, device=device)
+        if decoder is None and twin is not None and twin.wants(total - n):
+            cache = new_cache([(k[:, :, :n].to(torch.bfloat16), v[:, :, :n].to(torch.bfloat16)) for k, v in stored])
+            out = twin.current(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+                               **{cache_kwarg(twin.current): cache})
+            twin.counted(total - n)
+            return widen(cache, torch.float32), mask, out.logits[:, -1, :].float()
         # one row without padding: the attention's plain causal path (queries sit at columns n..)
-        logits = forward(model, decoder, ids, positions, cache, mask, padded=False)
+        logits = forward(model, decoder, ids, positions, cache, mask, padded=False, twin=twin)
         return cache, mask, logits[:, -1, :]
 
-    def step(self, model, decoder=None):
-        """Feed every row its last token; returns next-token logits [rows, vocab]."""
+    def step(self, model, decoder=None, twin=None):
+        """Feed every row its last token; returns next-token logits [rows, vocab] (through the bf16 `twin` when
+        the batch has enough rows for it)."""
         import torch
 
         device = input_device(model)
@@ -319,7 +338,7 @@ class Batch:
         positions = torch.tensor([[r.pos] for r in self.rows], dtype=torch.long, device=device)
         self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype,
                                                      device=self.mask.device)], dim=1)
-        logits = forward(model, decoder, ids, positions, self.cache, self.mask, self.padded)
+        logits = forward(model, decoder, ids, positions, self.cache, self.mask, self.padded, twin)
         for r in self.rows:
             r.pos += 1
         return logits[:, -1, :]

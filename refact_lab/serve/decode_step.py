@@ -53,8 +53,8 @@ def _unsupported(model) -> str | None:
 
 def _step(model, ids, positions, kbufs: list, vbufs: list, n: int, mask):
     """Logits [rows, tokens, vocab] of `ids` [rows, tokens] at `positions`; their keys and values are written into
-    columns n.. of each layer's buffers, and attention reads columns ..n+tokens. `mask`: None (every column of every
-    row is real and tokens == 1) or bool [rows, 1, tokens, columns] (True: may attend)."""
+    columns n.. of each layer's buffers (converted to the buffers' dtype), and attention reads columns ..n+tokens.
+    `mask`: None (every column of every row is real and tokens == 1) or bool [rows, 1, tokens, columns]."""
     import torch.nn.functional as F
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -73,9 +73,10 @@ def _step(model, ids, positions, kbufs: list, vbufs: list, n: int, mask):
         kbufs[i][:, :, n:n + tokens] = k
         vbufs[i][:, :, n:n + tokens] = v.transpose(1, 2)
         keys, values = kbufs[i][:, :, :n + tokens], vbufs[i][:, :, :n + tokens]
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=a.scaling,
+        # a bf16 twin's pass (serve/bf16_twin.py) attends in the buffers' fp32, and goes on in bf16
+        o = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask, scale=a.scaling,
                                            enable_gqa=q.shape[1] != keys.shape[1])
-        x = x + a.o_proj(o.transpose(1, 2).reshape(rows, tokens, -1))
+        x = x + a.o_proj(o.transpose(1, 2).reshape(rows, tokens, -1).to(x.dtype))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.lm_head(inner.norm(x))
 
@@ -99,9 +100,10 @@ class LeanDecoder:
             return None
         return cls(model, compile=compile)
 
-    def forward(self, wrapper, ids, positions, cache, mask2d, padded: bool):
+    def forward(self, wrapper, ids, positions, cache, mask2d, padded: bool, twin=None):
         """One pass over `ids` [rows, tokens] continuing `cache` (SlackLayers); `mask2d` [rows, columns] already
-        holds the new columns. `wrapper` is the model the engine calls (a PeftModel while adapters are loaded)."""
+        holds the new columns. `wrapper` is the model the engine calls (a PeftModel while adapters are loaded).
+        With `twin` (a serve.bf16_twin.Bf16Twin), a pass of enough rows x tokens runs through its bf16 copy."""
         import torch
 
         rows, tokens = ids.shape
@@ -121,7 +123,10 @@ class LeanDecoder:
             mask = (causal.unsqueeze(0) & real.unsqueeze(1)).unsqueeze(1)
         plain = wrapper is self.model  # no peft wrapper: no adapter is loaded
         logits = None
-        if self.compiled is not None and plain and tokens == 1:
+        if twin is not None and twin.wants(rows * tokens):
+            logits = _step(twin.base(), ids, positions, kbufs, vbufs, n, mask).float()
+            twin.counted(rows * tokens)
+        elif self.compiled is not None and plain and tokens == 1:
             try:
                 logits = self.compiled(self.model, ids, positions, kbufs, vbufs, n, mask)
                 self.steps["compiled"] += 1

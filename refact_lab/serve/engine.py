@@ -211,6 +211,7 @@ class Engine:
         self.speculative = collections.Counter()  # steps, drafted, accepted: drafts the model agreed with
         self.compile_decode = compile_decode or ServeSettings.__dataclass_fields__["compile_decode"].default
         self.decoder = None  # the lean decode step of the loaded model (None: transformers' forward)
+        self.twin = None  # a bf16 copy for prompts and wide batches of a small fp32 model (serve/bf16_twin.py)
         # bookkeeping
         self.counters = collections.Counter()
         self.records: collections.deque[dict] = collections.deque(maxlen=max_records)
@@ -444,6 +445,7 @@ class Engine:
                 "prefix_cache": self.prefix_cache.stats(),
                 "decode_step": self.decoder.stats() if self.decoder is not None else
                 {"path": "transformers", "compile": False},
+                "bf16_twin": self.twin.stats() if self.twin is not None else None,
                 "speculative": {"tokens": self.speculative_tokens,
                                 **{k: self.speculative[k] for k in ("steps", "drafted", "accepted", "ties")}},
                 "recent": list(self.records)[-50:],
@@ -530,12 +532,16 @@ class Engine:
                 for g in newcomers:
                     self._prepare(g)
                 self._check_prefix_owner(model)
-                with self._adapter_context(model, group.key):
-                    logits = group.batch.prefill(model, newcomers, self.prefix_cache, group.key, self.decoder)
+                twin = self.twin
+                with self._adapter_context(model, group.key), \
+                        self._adapter_context(twin.model_for(model) if twin else None, group.key):
+                    logits = group.batch.prefill(model, newcomers, self.prefix_cache, group.key, self.decoder, twin)
                 self._accept(group, newcomers, sample(logits, newcomers))
             elif len(group.batch) and not self._speculate(group, model):
-                with self._adapter_context(model, group.key):
-                    logits = group.batch.step(model, self.decoder)
+                twin = self.twin if self.twin is not None and self.twin.wants(len(group.batch)) else None
+                with self._adapter_context(model, group.key), \
+                        self._adapter_context(twin.model_for(model) if twin else None, group.key):
+                    logits = group.batch.step(model, self.decoder, twin)
                 self._accept(group, list(group.batch.rows), sample(logits, group.batch.rows))
         except Exception as exc:
             log.exception("decoding failed for adapter %s", group.key)
@@ -844,6 +850,8 @@ class Engine:
                 self.model = PeftModel.from_pretrained(self.model, str(ck.path), adapter_name=name)
         self.model.eval()
         self._adapter_names[ck.key] = name
+        if self.twin is not None:
+            self.twin.model_for(self.model, fresh=True)  # copied again now, not on the next user's prompt
 
     def _unload_adapter(self, key: str) -> None:
         name = self._adapter_names.pop(key, None)
@@ -858,11 +866,13 @@ class Engine:
                 self.model = self.model.unload()
         except Exception:
             log.exception("could not unload adapter %s", key)
+        if self.twin is not None:
+            self.twin.model_for(self.model, fresh=True)  # copied again now, not on the next user's prompt
 
     def _adapter_context(self, model, key: str | None):
         import contextlib
 
-        if not self._adapter_names:  # no adapter loaded: the plain model (and no peft import on the hot path)
+        if model is None or not self._adapter_names:  # no adapter loaded: the plain model (no peft import either)
             return contextlib.nullcontext()
         from peft import PeftModel
 
@@ -892,6 +902,7 @@ class Engine:
             self._adapter_names.clear()
             self.model = None
             self.decoder = None
+            self.twin = None
             self.spec = None
             self._bump_caps()
         with self._tok_lock:
@@ -957,12 +968,17 @@ class Engine:
                 self.load_seconds = round(time.monotonic() - started, 2)
             vocabulary(tokenizer)  # token healing's index of the vocabulary, built once here rather than mid-request
             self._prepare_decoder(model, device)
+            from refact_lab.serve.bf16_twin import Bf16Twin
+
+            self.twin = Bf16Twin.for_model(model, device, dtype, cfg.dtype)
             with self._tok_lock:
                 self.tokenizer = tokenizer
             # the LoRA choice is applied before "ready", so the first request already sees the deployed adapter
             self._lora_dirty = False
             self._last_rescan = time.monotonic()
             self._apply_lora()
+            if self.twin is not None:
+                self.twin.model_for(self.model)
             with self._lock:
                 self.state = "ready"
                 self._bump_caps()

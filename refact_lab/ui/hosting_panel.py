@@ -52,6 +52,11 @@ def render_state(snap: dict) -> str:
         if step.get("compile_error"):
             text += f" <span style='color:#cf222e'>(not compiled: {html.escape(step['compile_error'])})</span>"
         rows.append(text)
+    twin = snap.get("bf16_twin") or {}
+    if twin:
+        rows.append(f"bf16 copy ({_mb(twin.get('mib'))}): runs passes of {twin.get('min_rows')}+ rows (prompts, wide "
+                    f"batches; {twin.get('passes')} so far), where this CPU measured bf16 faster; "
+                    f"one-row steps and the KV cache stay {html.escape(str(snap.get('dtype')))}")
     mem = snap.get("memory") or {}
     if mem:
         parts = [f"weights {_mb(mem.get('weights_mb'))}", f"process {_mb(mem.get('process_rss_mb'))}"]
