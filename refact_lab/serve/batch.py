@@ -49,13 +49,16 @@ def _slack_layer_class():
     of a few hundred tokens that copy cost as much as the model's matmuls on a CPU. Here a step writes one column
     in place and the buffer grows by half its length when full. Rows are slots: a row that leaves the batch takes
     the last row's slot (`select_rows` copies that one row, not the batch), and a row that joins is written into the
-    next free slot (`join`). Code that replaces `keys`/`values` outright is noticed by identity and the buffer is
-    rebuilt from the new tensors.
+    next free slot (`join`). Spare columns on the left take the padding when a longer prompt joins (`_shift`), so
+    the batch is not copied then either. Code that replaces `keys`/`values` outright is noticed by identity and the
+    buffer is rebuilt from the new tensors.
     """
     from transformers.cache_utils import DynamicLayer
 
     class SlackLayer(DynamicLayer):
-        _kbuf = _vbuf = _kview = None
+        _kbuf = _vbuf = _kview = None  # buffers from the batch's first column on (views of _kbase / _vbase)
+        _kbase = _vbase = None
+        _off = 0  # where the first column sits in the base buffers; the columns before it are spare
 
         @classmethod
         def holding(cls, keys, values) -> "SlackLayer":
@@ -141,24 +144,43 @@ def _slack_layer_class():
             self._view(rows + m, n)
 
         def _shift(self, by: int, rows: int) -> None:
+            """Every current row gets `by` more columns of padding on the left (for a longer newcomer; `rows`: the
+            rows the batch will hold). Into the buffer's spare columns on the left when it has them: only those
+            columns are zeroed, nothing is copied."""
             import torch
 
             old_rows, n = self.keys.shape[0], self.keys.shape[-2]
-            like = self.keys
-            columns = n + by
-            shape = (self._row_room(rows), like.shape[1], columns + max(32, columns // 2), like.shape[3])
-            kbuf = torch.zeros(shape, dtype=like.dtype, device=like.device)
-            vbuf = torch.zeros(shape, dtype=like.dtype, device=like.device)
-            kbuf[:old_rows, :, by:by + n] = self.keys
-            vbuf[:old_rows, :, by:by + n] = self.values
-            self._kbuf, self._vbuf = kbuf, vbuf
-            self._view(old_rows, columns)
+            if self.keys is self._kview and self._off >= by and rows <= self._kbuf.shape[0]:
+                self._set_offset(self._off - by)
+            else:
+                like = self.keys
+                columns = n + by
+                left = self._left_room(columns)
+                shape = (self._row_room(rows), like.shape[1], left + columns + max(32, columns // 2), like.shape[3])
+                kbase = torch.empty(shape, dtype=like.dtype, device=like.device)
+                vbase = torch.empty(shape, dtype=like.dtype, device=like.device)
+                kbase[:old_rows, :, left + by:left + columns] = self.keys
+                vbase[:old_rows, :, left + by:left + columns] = self.values
+                self._kbase, self._vbase = kbase, vbase
+                self._set_offset(left)
+            self._kbuf[:old_rows, :, :by] = 0  # padding: masked, but never NaN
+            self._vbuf[:old_rows, :, :by] = 0
+            self._view(old_rows, n + by)
+
+        @staticmethod
+        def _left_room(columns: int) -> int:
+            """Spare columns before the first one: room for newcomers longer than the batch without a copy."""
+            return max(32, columns // 4)
+
+        def _set_offset(self, off: int) -> None:
+            self._off = off
+            self._kbuf, self._vbuf = self._kbase[:, :, off:], self._vbase[:, :, off:]
 
         def drop_columns(self, first: int) -> None:
             """Forget the first columns (padding for every row): a view of the same buffer, nothing copied."""
             if self.keys is self._kview:
                 rows, n = self.keys.shape[0], self.keys.shape[-2]
-                self._kbuf, self._vbuf = self._kbuf[:, :, first:], self._vbuf[:, :, first:]
+                self._set_offset(self._off + first)
                 self._view(rows, n - first)
             else:
                 self.keys, self.values = self.keys[:, :, first:], self.values[:, :, first:]
@@ -180,13 +202,15 @@ def _slack_layer_class():
 
             current = self.keys.shape[0] if self.keys is not None and self.keys.numel() else 0
             rows = max(rows or like.shape[0], current)
-            shape = (rows, like.shape[1], capacity, like.shape[3])
-            kbuf = torch.empty(shape, dtype=like.dtype, device=like.device)
-            vbuf = torch.empty(shape, dtype=like.dtype, device=like.device)
+            left = self._left_room(capacity) if rows > 1 else 0  # a lone row never shifts
+            shape = (rows, like.shape[1], left + capacity, like.shape[3])
+            kbase = torch.empty(shape, dtype=like.dtype, device=like.device)
+            vbase = torch.empty(shape, dtype=like.dtype, device=like.device)
             if n and current:
-                kbuf[:current, :, :n] = self.keys
-                vbuf[:current, :, :n] = self.values
-            self._kbuf, self._vbuf = kbuf, vbuf
+                kbase[:current, :, left:left + n] = self.keys
+                vbase[:current, :, left:left + n] = self.values
+            self._kbase, self._vbase = kbase, vbase
+            self._set_offset(left)
             if n and current:
                 self._view(current, n)
 
@@ -213,7 +237,7 @@ def new_cache(layers=None):
 def forward(model, decoder, ids, positions, cache, mask, padded: bool, twin=None):
     """Logits [rows, tokens, vocab] of `ids` continuing `cache`; `mask` [rows, columns] already counts the new
     columns. Through the engine's lean step (refact_lab.serve.decode_step) when the model has one, and then through
-    the bf16 `twin` (serve/bf16_twin.py) when the pass is wide enough."""
+    the bf16 `twin` (serve/bf16_twin.py) when the caller passes one."""
     if decoder is not None:
         return decoder.forward(model, ids, positions, cache, mask, padded, twin)
     # Without padding (one request, or rows of equal length) the mask says nothing: leaving it out lets the
@@ -295,7 +319,7 @@ class Batch:
         cache = new_cache()
         padded = bool((mask == 0).any())
         real = sum(len(r.prompt_ids) for r in rows)
-        runner = twin.current if twin is not None and twin.wants(real) else model
+        runner = twin.current if twin is not None and twin.wants_prompt(real) else model
         out = runner(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions, use_cache=True,
                      logits_to_keep=1, **{cache_kwarg(runner): cache})
         logits = out.logits[:, -1, :]  # the cache object was filled in place
@@ -318,19 +342,20 @@ class Batch:
         positions = torch.arange(n, total, dtype=torch.long, device=device).unsqueeze(0)
         cache = new_cache([(k[:, :, :n], v[:, :, :n]) for k, v in stored])
         mask = torch.ones((1, total), dtype=torch.long, device=device)
-        if decoder is None and twin is not None and twin.wants(total - n):
+        wide = twin is not None and twin.wants_prompt(total - n)
+        if decoder is None and wide:
             cache = new_cache([(k[:, :, :n].to(torch.bfloat16), v[:, :, :n].to(torch.bfloat16)) for k, v in stored])
             out = twin.current(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
                                **{cache_kwarg(twin.current): cache})
             twin.counted(total - n)
             return widen(cache, torch.float32), mask, out.logits[:, -1, :].float()
         # one row without padding: the attention's plain causal path (queries sit at columns n..)
-        logits = forward(model, decoder, ids, positions, cache, mask, padded=False, twin=twin)
+        logits = forward(model, decoder, ids, positions, cache, mask, padded=False, twin=twin if wide else None)
         return cache, mask, logits[:, -1, :]
 
     def step(self, model, decoder=None, twin=None):
-        """Feed every row its last token; returns next-token logits [rows, vocab] (through the bf16 `twin` when
-        the batch has enough rows for it)."""
+        """Feed every row its last token; returns next-token logits [rows, vocab] (through the bf16 `twin` if
+        given)."""
         import torch
 
         device = input_device(model)
@@ -343,7 +368,7 @@ class Batch:
             r.pos += 1
         return logits[:, -1, :]
 
-    def verify(self, model, drafts: Sequence[int], decoder=None):
+    def verify(self, model, drafts: Sequence[int], decoder=None, twin=None):
         """Speculative decoding, one row: feed its last token and the drafted tokens after it in one pass;
         returns logits [1 + len(drafts), vocab] (row i: the next token after the i-th fed token). Every fed
         token gets a cache column; `drop_last` takes back those of rejected drafts."""
@@ -358,7 +383,7 @@ class Batch:
         positions = torch.arange(r.pos, r.pos + width, dtype=torch.long, device=device).unsqueeze(0)
         self.mask = torch.cat([self.mask, torch.ones((1, width), dtype=self.mask.dtype, device=self.mask.device)],
                               dim=1)
-        logits = forward(model, decoder, ids, positions, self.cache, self.mask, self.padded)
+        logits = forward(model, decoder, ids, positions, self.cache, self.mask, self.padded, twin)
         r.pos += width
         return logits[0]
 

@@ -1,18 +1,21 @@
-"""A bf16 copy of a small fp32 model for the wide work of serving on a CPU with bf16 instructions.
+"""A bf16 copy of a small fp32 model for the passes of serving that run faster in bf16 on this CPU.
 
-Small models serve in fp32 on a CPU (models/loading.auto_dtype): a one-row decode step is faster in fp32, because a
-bf16 matrix product costs more per call than it saves on one row of a small matrix. Wide work is the other way
-round: a prompt (tens or hundreds of rows at once), a batch of 16 requests stepping together, a draft being
-verified. There AVX512-BF16 / AMX do the arithmetic 2-4x faster. So the engine keeps a bf16 twin of the model it
-serves (half the fp32 weights' memory again) and runs through it every pass of at least `min_rows` rows (rows x
-tokens). The KV cache stays fp32: the twin writes its keys and values into the same fp32 buffers and attends in
-fp32 (serve/decode_step.py), and prompts it prefills have their cache widened to fp32, so the one-row steps
-after them are the fp32 model's as before.
+Small models serve in fp32 on a CPU (models/loading.auto_dtype): on the Xeon of an earlier session a one-row decode
+step was faster in fp32, because a bf16 matrix product cost more per call than it saved on one row of a small
+matrix. Wide passes are the other way round: a prompt (tens or hundreds of rows at once), a batch of 16 requests
+stepping together. There AVX512-BF16 / AMX do the arithmetic 2-4x faster. Where the crossover lies differs per CPU:
+on this project's 2-core AMD EPYC (AVX512-BF16) the embedded model's whole forward pass was already 0.85x in bf16
+at one row (the weights stream from memory at half the bytes), 0.7-0.8x from 2 to 32 rows; a 320x864 product
+timed alone, hot in cache, was 1.7x slower at one row there.
 
-Where bf16 starts to pay differs per CPU (a 2-core AMD EPYC with AVX512-BF16, 320x864: fp32/bf16 18/31 us at one
-row, 51/26 us at 4, 88/35 us at 16; the Xeon of an earlier session: 12/37 us at one row). So `calibrate` times
-the model's own matrix shape in both precisions when the model loads (about 0.1 s) and `min_rows` is the
-first row count from which bf16 is clearly faster; if it never is, no twin is kept.
+So the engine keeps a bf16 twin of the model it serves (half the fp32 weights' memory again) and times both at
+load, fp32 and bf16 in turns (`calibrate`, under a second for the embedded model): decode steps of 1 to 16 rows
+on a short cache, through the engine's own step (serve/decode_step.py), and prompts of 16 to 128 tokens. A step of
+at least `min_rows` rows, and a prompt (or the uncached rest of one) of at least `min_tokens` tokens, then run
+through the twin, from where bf16 was clearly faster at every larger size (`crossover`); if it never was, no twin
+is kept. The KV cache stays fp32: the twin writes its keys and values into the same fp32 buffers and attends in
+fp32, and prompts it prefills have their cache widened to fp32. Below MIN_HIDDEN wide the matrices are too small
+for bf16 to pay (a hidden-64 test model: 200 prompt tokens 1.6 ms fp32, 1.9 ms bf16), so no twin is timed or kept.
 
 The twin copies the model the engine calls, peft wrapper and LoRA adapters included (same adapter names, so the
 engine's adapter switch applies to it as it is); the engine copies it again when adapters are loaded or removed.
@@ -27,49 +30,80 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-ROW_COUNTS = (1, 2, 4, 8, 16, 32, 64)
-GAIN = 0.8  # bf16 must take at most this share of fp32's time to count as faster (noise and the cast)
+STEP_ROWS = (1, 2, 4, 8, 16)
+PROMPT_TOKENS = (16, 32, 64, 128)
+GAIN = 0.9  # bf16 must take at most this share of fp32's time to count as faster (noise and the cast)
+MIN_HIDDEN = 256
+REPEAT = 10
 
 
-def calibrate(hidden: int, wide: int, repeat: int = 30) -> dict[int, tuple[float, float]]:
-    """Median microseconds of one `hidden` -> `wide` matrix product per row count: {rows: (fp32, bf16)}. The two
-    precisions are timed in turns, so a busy moment of the machine falls on both."""
+def _timed_in_turns(calls, repeat: int = REPEAT) -> tuple[float, float]:
+    """Median milliseconds of each of two calls, run in turns after two warm-up rounds."""
+    samples: list[list[float]] = [[] for _ in calls]
+    for i in range(2 + repeat):
+        for j, call in enumerate(calls):
+            began = time.perf_counter()
+            call()
+            if i >= 2:
+                samples[j].append(time.perf_counter() - began)
+    fp32, bf16 = (1000 * sorted(t)[len(t) // 2] for t in samples)
+    return round(fp32, 3), round(bf16, 3)
+
+
+def calibrate(model, twin, decoder=None) -> dict[str, dict[int, tuple[float, float]]]:
+    """Milliseconds (fp32 model, bf16 twin): {"step": {rows: ...}} for one decode step of that many rows on a
+    64-column cache through `decoder` (a LeanDecoder; no step timings without one), {"prompt": {tokens: ...}}
+    for a prompt of that many tokens."""
     import torch
 
-    out = {}
+    from refact_lab.serve.batch import cache_kwarg, new_cache
+    from refact_lab.serve.decode_step import _step
+
+    device = model.get_input_embeddings().weight.device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    out: dict[str, dict[int, tuple[float, float]]] = {"step": {}, "prompt": {}}
     with torch.inference_mode():
-        for rows in ROW_COUNTS:
-            pairs = [(torch.randn(rows, hidden, dtype=d), torch.randn(wide, hidden, dtype=d))
-                     for d in (torch.float32, torch.bfloat16)]
-            samples: list[list[float]] = [[], []]
-            for i in range(5 + repeat):
-                for j, (x, w) in enumerate(pairs):
-                    start = time.perf_counter()
-                    torch.nn.functional.linear(x, w)
-                    if i >= 5:  # the first calls warm up
-                        samples[j].append(time.perf_counter() - start)
-            fp32, bf16 = (1e6 * sorted(t)[len(t) // 2] for t in samples)
-            out[rows] = (round(fp32, 1), round(bf16, 1))
+        if decoder is not None:
+            twin_base = twin.get_base_model() if hasattr(twin, "get_base_model") else twin
+            for rows in STEP_ROWS:
+                cache = new_cache()
+                model(input_ids=torch.randint(0, vocab, (rows, 64), device=device), use_cache=True,
+                      logits_to_keep=1, **{cache_kwarg(model): cache})
+                bufs = [layer.reserve(1) for layer in cache.layers]
+                kbufs, vbufs = [k for k, _ in bufs], [v for _, v in bufs]
+                ids = torch.randint(0, vocab, (rows, 1), device=device)
+                positions = torch.full((rows, 1), 64, dtype=torch.long, device=device)
+                # both write column 64 of the same buffers again and again: the work of one step each time
+                out["step"][rows] = _timed_in_turns([
+                    lambda m=m: _step(m, ids, positions, kbufs, vbufs, 64, None)
+                    for m in (decoder.model, twin_base)])
+        for tokens in PROMPT_TOKENS:
+            ids = torch.randint(0, vocab, (1, tokens), device=device)
+            out["prompt"][tokens] = _timed_in_turns([lambda m=m: m(input_ids=ids, logits_to_keep=1)
+                                                     for m in (model, twin)])
     return out
 
 
 def crossover(timings: dict[int, tuple[float, float]]) -> int | None:
-    """The fewest rows, two at least, from which bf16 is clearly faster at every larger count measured (None:
-    never). One row is the fp32 model's by choice (auto_dtype): a lucky timing must not move every step."""
-    best = None
-    for rows in sorted(timings, reverse=True):
-        fp32, bf16 = timings[rows]
-        if rows < 2 or bf16 > GAIN * fp32:
-            break
-        best = rows
-    return best
+    """The fewest rows where bf16 is not slower and, over that size and every larger one, is clearly faster
+    (median ratio at most GAIN); None: no such size. One size measured slow by a busy moment does not move the
+    choice, as a rule of "faster at every larger size" would."""
+    import statistics
+
+    sizes = sorted(timings)
+    ratio = {r: timings[r][1] / timings[r][0] for r in sizes if timings[r][0] > 0}
+    for i, r in enumerate(sizes):
+        if r in ratio and ratio[r] <= 1.0 and statistics.median(ratio[x] for x in sizes[i:] if x in ratio) <= GAIN:
+            return r
+    return None
 
 
 class Bf16Twin:
     """The bf16 twin of one served fp32 model (see the module docstring)."""
 
-    def __init__(self, model, min_rows: int, timings: dict | None = None):
-        self.min_rows = min_rows
+    def __init__(self, model, min_rows: int | None, min_tokens: int | None = None, timings: dict | None = None):
+        self.min_rows = min_rows  # decode steps of at least this many rows run in the twin (None: none do)
+        self.min_tokens = min_tokens  # ...and prompts or rests of at least this many tokens
         self.timings = timings or {}
         self._source = None  # the engine's model object the twin copies (identity: a new wrapper means copy again)
         self.current = None  # the bf16 copy
@@ -79,27 +113,30 @@ class Bf16Twin:
         self.bytes = sum(p.numel() * 2 for p in model.parameters())
 
     @classmethod
-    def for_model(cls, model, device: str, dtype: str, requested: str) -> "Bf16Twin | None":
+    def for_model(cls, model, device: str, dtype: str, requested: str, decoder=None) -> "Bf16Twin | None":
         """A twin when it pays: CPU, fp32 chosen by dtype=auto (an explicit fp32 is the user's wish for fp32
-        numbers), a CPU that computes bf16 natively, and a matrix shape bf16 is measured to run faster."""
+        numbers), a CPU that computes bf16 natively, and passes that `calibrate` measured faster in bf16."""
         from refact_lab.models.loading import cpu_has_native_bf16
 
         if device != "cpu" or dtype != "float32" or requested != "auto" or not cpu_has_native_bf16():
             return None
-        cfg = getattr(model, "config", None)
-        hidden = getattr(cfg, "hidden_size", None)
-        if not isinstance(hidden, int):
+        if (getattr(getattr(model, "config", None), "hidden_size", 0) or 0) < MIN_HIDDEN:
             return None
-        wide = getattr(cfg, "intermediate_size", None) or 4 * hidden
-        timings = calibrate(hidden, wide)
-        rows = crossover(timings)
-        log.info("bf16 twin: %s (fp32/bf16 us per row count: %s)",
-                 f"from {rows} rows" if rows else "not kept, bf16 is not faster here", timings)
-        return cls(model, rows, timings) if rows else None
+        twin = cls(model, None)
+        twin.timings = calibrate(model, twin.model_for(model), decoder)
+        twin.min_rows = crossover(twin.timings["step"])
+        twin.min_tokens = crossover(twin.timings["prompt"])
+        log.info("bf16 twin: steps from %s rows, prompts from %s tokens (fp32 / bf16 ms: %s)",
+                 twin.min_rows, twin.min_tokens, twin.timings)
+        return twin if twin.min_rows or twin.min_tokens else None
 
-    def wants(self, rows: int) -> bool:
-        """Whether a pass over `rows` rows (rows x tokens) goes through the twin."""
-        return rows >= self.min_rows
+    def wants_step(self, rows: int) -> bool:
+        """Whether a decode step of `rows` rows (or a check of one row's drafts, rows=1) runs in the twin."""
+        return self.min_rows is not None and rows >= self.min_rows
+
+    def wants_prompt(self, tokens: int) -> bool:
+        """Whether a prompt, or the rest of one after reused columns, of `tokens` tokens in all runs in the twin."""
+        return self.min_tokens is not None and tokens >= self.min_tokens
 
     def model_for(self, model, fresh: bool = False):
         """The twin of `model` (the object the engine is about to call), copied now if it is new, or with `fresh`
@@ -124,9 +161,9 @@ class Bf16Twin:
         self.rows += rows
 
     def stats(self) -> dict[str, Any]:
-        return {"dtype": "bfloat16", "min_rows": self.min_rows, "mib": round(self.bytes / 2**20, 1),
-                "builds": self.builds, "passes": self.passes, "rows": self.rows,
-                "timings_us": {str(k): list(v) for k, v in self.timings.items()}}
+        return {"dtype": "bfloat16", "min_rows": self.min_rows, "min_tokens": self.min_tokens,
+                "mib": round(self.bytes / 2**20, 1), "builds": self.builds, "passes": self.passes, "rows": self.rows,
+                "timings_ms": {kind: {str(k): list(v) for k, v in t.items()} for kind, t in self.timings.items()}}
 
 
 def widen(cache, dtype):

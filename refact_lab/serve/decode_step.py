@@ -103,7 +103,7 @@ class LeanDecoder:
     def forward(self, wrapper, ids, positions, cache, mask2d, padded: bool, twin=None):
         """One pass over `ids` [rows, tokens] continuing `cache` (SlackLayers); `mask2d` [rows, columns] already
         holds the new columns. `wrapper` is the model the engine calls (a PeftModel while adapters are loaded).
-        With `twin` (a serve.bf16_twin.Bf16Twin), a pass of enough rows x tokens runs through its bf16 copy."""
+        With `twin` (a serve.bf16_twin.Bf16Twin), the pass runs through its bf16 copy."""
         import torch
 
         rows, tokens = ids.shape
@@ -123,7 +123,7 @@ class LeanDecoder:
             mask = (causal.unsqueeze(0) & real.unsqueeze(1)).unsqueeze(1)
         plain = wrapper is self.model  # no peft wrapper: no adapter is loaded
         logits = None
-        if twin is not None and twin.wants(rows * tokens):
+        if twin is not None:
             logits = _step(twin.base(), ids, positions, kbufs, vbufs, n, mask).float()
             twin.counted(rows * tokens)
         elif self.compiled is not None and plain and tokens == 1:

@@ -102,6 +102,7 @@ class Generation:
     first_token_at: float | None = None
     draft_tokens: int | None = None  # speculative decoding: drafts to try next (adapts to how many were accepted)
     plain_steps: int = 0             # ...and plain steps to take before drafting again, after a miss
+    history: tuple = ()              # ...and the nearest stored prompt's completion, a draft source
 
     def cancel(self) -> None:
         # a plain attribute write is atomic; the scheduler reads it before every step
@@ -538,7 +539,7 @@ class Engine:
                     logits = group.batch.prefill(model, newcomers, self.prefix_cache, group.key, self.decoder, twin)
                 self._accept(group, newcomers, sample(logits, newcomers))
             elif len(group.batch) and not self._speculate(group, model):
-                twin = self.twin if self.twin is not None and self.twin.wants(len(group.batch)) else None
+                twin = self.twin if self.twin is not None and self.twin.wants_step(len(group.batch)) else None
                 with self._adapter_context(model, group.key), \
                         self._adapter_context(twin.model_for(model) if twin else None, group.key):
                     logits = group.batch.step(model, self.decoder, twin)
@@ -593,6 +594,9 @@ class Engine:
                 ids, healed, allowed = heal_fim_prompt(self.tokenizer, self.spec.fim, g.prompt_ids)
             if healed:
                 g.prompt_ids, g.healed, g.first_allowed = ids, healed, allowed
+        # the previous keystroke's completion, a draft source for speculative decoding (serve/prefix_cache.py)
+        g.history = self.prefix_cache.completion_near(g.adapter_key, g.prompt_ids) \
+            if self.speculative_tokens > 0 and g.params.temperature == 0 and self.prefix_cache.enabled else ()
         if g.params.seed is not None and g.params.temperature > 0:
             # any JSON integer is a seed; torch takes 64 bits
             g.generator = torch.Generator().manual_seed(g.params.seed % 2**63)
@@ -630,14 +634,17 @@ class Engine:
             g.draft_tokens = self.speculative_tokens
         # no drafts past max_tokens, nor past the model's last position
         room = min(g.draft_tokens, g.params.max_tokens - len(g.generated) - 1, g.route.n_ctx - g.pos - 1)
-        drafts = draft(g.prompt_ids + g.generated, room) if room > 0 else []
+        drafts = draft(g.prompt_ids + g.generated, room, history=g.history) if room > 0 else []
         if not drafts:
             return False
         import torch
 
         start = g.pos
-        with self._adapter_context(model, group.key):
-            logits = group.batch.verify(model, drafts, self.decoder)
+        # drafts are checked in the precision a plain one-row step would use, so they agree with plain steps
+        twin = self.twin if self.twin is not None and self.twin.wants_step(1) else None
+        with self._adapter_context(model, group.key), \
+                self._adapter_context(twin.model_for(model) if twin else None, group.key):
+            logits = group.batch.verify(model, drafts, self.decoder, twin)
         top = logits.float().topk(2, dim=-1)
         predicted = top.indices[:, 0].tolist()
         n = agreed(drafts, predicted)
@@ -704,6 +711,8 @@ class Engine:
         return None
 
     def _finish(self, g: Generation, reason: str) -> None:
+        if reason in ("stop", "length") and g.params.temperature == 0 and g.generated:
+            self.prefix_cache.remember(g.adapter_key, g.prompt_ids, g.generated)
         final = g.text.rstrip(REPLACEMENT_CHAR)
         if g.stream and len(final) > g.sent:
             self._emit(g, {"type": "text", "text": final[g.sent:]})
@@ -970,7 +979,7 @@ class Engine:
             self._prepare_decoder(model, device)
             from refact_lab.serve.bf16_twin import Bf16Twin
 
-            self.twin = Bf16Twin.for_model(model, device, dtype, cfg.dtype)
+            self.twin = Bf16Twin.for_model(model, device, dtype, cfg.dtype, self.decoder)
             with self._tok_lock:
                 self.tokenizer = tokenizer
             # the LoRA choice is applied before "ready", so the first request already sees the deployed adapter

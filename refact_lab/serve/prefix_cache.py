@@ -18,6 +18,11 @@ tokens 0..i. They differ from a fresh prefill only by floating-point summation o
 
 Memory is bounded by `budget_bytes`, evicting the least recently used entry first. A stored prompt that is a
 prefix of a newer one is dropped: the newer one gives every lookup at least as long a match.
+
+An entry also keeps the tokens the engine generated for its prompt (`remember`). The next keystroke's prompt is
+nearly the same, and when the user typed what was suggested, its completion is the rest of the previous one:
+`completion_near` hands that to speculative decoding as a draft source (serve/speculative.py), so those tokens
+are checked in one pass instead of generated one step at a time.
 """
 
 from __future__ import annotations
@@ -42,10 +47,11 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class _Entry:
-    __slots__ = ("key", "ids", "layers", "nbytes")
+    __slots__ = ("key", "ids", "layers", "nbytes", "completion")
 
     def __init__(self, key, ids: tuple[int, ...], layers: list[tuple[Any, Any]]):
         self.key, self.ids, self.layers = key, ids, layers
+        self.completion: tuple[int, ...] = ()
         self.nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
 
 
@@ -89,6 +95,26 @@ class PrefixCache:
         self.hits += 1
         self.reused_tokens += best_n
         return best_n, self._entries[best].layers
+
+    def completion_near(self, key: Hashable, ids: Sequence[int]) -> tuple[int, ...]:
+        """What was generated for the stored prompt of this adapter sharing the longest prefix with `ids` (at least
+        `min_tokens`); () when none does or nothing was remembered for it."""
+        ids = tuple(ids)
+        best, best_n = None, self.min_tokens - 1
+        for e in self._entries.values():
+            if e.key == key and e.completion:
+                n = common_prefix(e.ids, ids)
+                if n > best_n:
+                    best, best_n = e, n
+        return best.completion if best is not None else ()
+
+    def remember(self, key: Hashable, ids: Sequence[int], completion: Sequence[int]) -> None:
+        """Keep the tokens generated for this stored prompt (nothing happens if it is not stored)."""
+        ids = tuple(ids)
+        for e in reversed(self._entries.values()):  # newest first: it was stored at this request's prefill
+            if e.key == key and e.ids == ids:
+                e.completion = tuple(completion)
+                return
 
     def store(self, key: Hashable, ids: Sequence[int], layers: list[tuple[Any, Any]]) -> None:
         """Keep this prompt's KV ([1, heads, len(ids), dim] per layer; the tensors are kept, not copied)."""

@@ -12,26 +12,44 @@ from __future__ import annotations
 from typing import Sequence
 
 
-def draft(ids: Sequence[int], k: int, max_ngram: int = 3) -> list[int]:
-    """Up to `k` tokens that followed the most recent earlier occurrence of the last n tokens of `ids`
-    (n = max_ngram, falling back to shorter n-grams); [] when none of them occurred before."""
+def _newest_match(seq: Sequence[int], ids: Sequence[int], max_ngram: int, before: int) -> tuple[int, int]:
+    """(end, n): the newest position `end` < `before` of `seq` where the last n tokens of `ids` end, n as large as
+    possible up to max_ngram; (-1, 0) when the last token of `ids` does not occur there."""
     total = len(ids)
-    if k <= 0 or total < 2:
-        return []
     last = ids[-1]
-    best_end, best_n = -1, 0  # the newest occurrence of the longest matching tail seen so far
+    best_end, best_n = -1, 0
     # one pass, newest first: the latest occurrence is the likeliest to continue the same way (the current block)
-    for end in range(total - 2, -1, -1):
-        if ids[end] != last:
+    for end in range(before - 1, -1, -1):
+        if seq[end] != last:
             continue
         n = 1
-        while n < max_ngram and end - n >= 0 and ids[end - n] == ids[total - 1 - n]:
+        while n < max_ngram and end - n >= 0 and n < total and seq[end - n] == ids[total - 1 - n]:
             n += 1
         if n > best_n:
             best_end, best_n = end, n
             if n == max_ngram:
                 break
-    return list(ids[best_end + 1:best_end + 1 + k]) if best_n else []
+    return best_end, best_n
+
+
+def draft(ids: Sequence[int], k: int, max_ngram: int = 3, history: Sequence[int] = ()) -> list[int]:
+    """Up to `k` tokens that followed the most recent earlier occurrence of the last n tokens of `ids`
+    (n = max_ngram, falling back to shorter n-grams); [] when none of them occurred before.
+
+    `history`: the completion the engine gave to the stored prompt nearest to this one (serve/prefix_cache.py).
+    An IDE asks again after every keystroke, and when the user types what was suggested, the new completion is
+    the rest of the previous one. A match there wins over an equally long one in the text itself."""
+    if k <= 0 or len(ids) < 2:
+        return []
+    if history:
+        end, n = _newest_match(history, ids, max_ngram, len(history) - 1)  # a match at the very end drafts nothing
+    else:
+        end, n = -1, 0
+    own_end, own_n = _newest_match(ids, ids, max_ngram, len(ids) - 1)
+    if n and n >= own_n:
+        return list(history[end + 1:end + 1 + k])
+    return list(ids[own_end + 1:own_end + 1 + k]) if own_n else []
+
 
 def agreed(drafts: Sequence[int], predicted: Sequence[int]) -> int:
     """How many leading drafts equal the model's greedy choices (predicted[i] follows the i-th fed token)."""

@@ -54,9 +54,11 @@ def render_state(snap: dict) -> str:
         rows.append(text)
     twin = snap.get("bf16_twin") or {}
     if twin:
-        rows.append(f"bf16 copy ({_mb(twin.get('mib'))}): runs passes of {twin.get('min_rows')}+ rows (prompts, wide "
-                    f"batches; {twin.get('passes')} so far), where this CPU measured bf16 faster; "
-                    f"one-row steps and the KV cache stay {html.escape(str(snap.get('dtype')))}")
+        runs = [f"decode steps of {twin['min_rows']}+ rows" if twin.get("min_rows") else "",
+                f"prompts of {twin['min_tokens']}+ tokens" if twin.get("min_tokens") else ""]
+        rows.append(f"bf16 copy ({_mb(twin.get('mib'))}): runs {' and '.join(r for r in runs if r)}, where this CPU "
+                    f"measured bf16 faster at load ({twin.get('passes')} passes so far); the KV cache stays "
+                    f"{html.escape(str(snap.get('dtype')))}")
     mem = snap.get("memory") or {}
     if mem:
         parts = [f"weights {_mb(mem.get('weights_mb'))}", f"process {_mb(mem.get('process_rss_mb'))}"]

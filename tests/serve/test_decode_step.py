@@ -149,18 +149,21 @@ def test_a_compiled_decode_step_is_warmed_up_at_load_and_agrees(tmp_path, varied
 def alone(model, prompt: list[int], n: int) -> list[int]:
     """The reference: transformers' generate on one prompt, no batch, no padding."""
     with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             pad_token_id=0)
+        ids = torch.tensor([prompt])
+        # every token is real (token 0 too: without the mask, generate would take it for padding)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("lean", [True, False])
 def test_rows_joining_and_leaving_a_batch_keep_their_own_tokens(lean):
-    """Slots: a shorter newcomer is written into a spare row, a longer one shifts the batch right, a row that
-    leaves hands its slot to the last row; every row still gets the tokens it gets alone."""
+    """Slots: a shorter newcomer is written into a spare row, a longer one shifts the batch right (into new buffers,
+    or within the spare columns on the left), a row that leaves hands its slot to the last row; every row still
+    gets the tokens it gets alone."""
     model = tiny("llama")  # large weights: attention is sharp, so a row given another's keys goes astray
     decoder = LeanDecoder.for_model(model) if lean else None
-    p = prompts(7, (10, 25, 5, 60, 8))
+    p = prompts(7, (10, 25, 5, 60, 8, 85))
     got: dict[int, list[int]] = {}
     batch = Batch()
 
@@ -193,6 +196,8 @@ def test_rows_joining_and_leaving_a_batch_keep_their_own_tokens(lean):
     steps(4)
     with torch.inference_mode():
         batch.keep([i for i, r in enumerate(batch.rows) if r.index in (3, 4)])
+    steps(3)
+    join([5])           # longer again: its padding goes into the spare columns on the left, nothing is copied
     steps(3)
     for i, tokens in got.items():
         assert tokens == alone(model, p[i], len(tokens)), i

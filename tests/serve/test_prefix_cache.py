@@ -211,3 +211,20 @@ def test_stored_prompts_are_forgotten_when_the_base_model_changes(tmp_path, vari
         assert stats["hits"] == 0 and stats["entries"] == 1
     finally:
         engine.stop()
+
+
+def test_a_stored_prompt_remembers_its_completion_for_the_nearest_next_prompt():
+    import torch
+
+    from refact_lab.serve.prefix_cache import PrefixCache
+
+    cache = PrefixCache(2**20, min_tokens=4)
+    layers = [(torch.zeros(1, 2, 10, 4), torch.zeros(1, 2, 10, 4))]
+    prompt = list(range(10))
+    cache.store("a", prompt, layers)
+    assert cache.completion_near("a", prompt + [99]) == ()  # nothing generated yet
+    cache.remember("a", prompt, [40, 41, 42])
+    cache.remember("a", [7, 7, 7], [1])  # not stored: nothing happens
+    assert cache.completion_near("a", prompt + [40]) == (40, 41, 42)
+    assert cache.completion_near("b", prompt + [40]) == ()  # another adapter's completion is no draft
+    assert cache.completion_near("a", [0, 1, 2, 50, 51]) == ()  # a shared head shorter than min_tokens

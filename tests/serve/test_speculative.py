@@ -8,6 +8,7 @@ and a client that goes away mid-stream. The counters prove that drafts were actu
 
 from __future__ import annotations
 
+import collections
 import queue
 
 import pytest
@@ -234,3 +235,44 @@ def test_the_loop_guard_cuts_at_the_same_place(tmp_path_factory, varied_model_di
     finally:
         on.stop()
         off.stop()
+
+
+def test_a_draft_from_the_previous_completion_wins_a_tie_and_loses_to_a_longer_match():
+    assert draft([5, 6, 7, 8], 3, history=[9, 8, 1, 2, 3]) == [1, 2, 3]  # nothing earlier in the text itself
+    assert draft([1, 2, 8, 3, 4, 8], 3, history=[8, 10, 11]) == [10, 11]  # both n = 1: the completion wins
+    assert draft([7, 8, 3, 4, 7, 8], 2, history=[8, 10]) == [3, 4]  # the text repeats two tokens, history one
+    assert draft([5, 6, 7, 8], 3, history=[1, 2, 8]) == []  # the match ends the completion: nothing follows it
+
+
+def test_the_next_keystroke_drafts_the_rest_of_the_previous_completion(tmp_path, varied_model_dir):
+    """The user types the first token that was suggested: the next request's completion is the rest of the
+    previous one, drafted from it (prefix cache on) and checked in a few passes; the text equals the text of an
+    engine without the prefix cache, which has no completion to draft from."""
+    from refact_lab.home import Home
+
+    home = Home.resolve(tmp_path / "home").ensure()
+    home.update_settings(model=str(varied_model_dir), dtype="fp32", loop_guard=False)
+    with_cache = Engine(home, poll_interval=0.05, prefix_cache_mib=64, speculative_tokens=8).start().wait_ready(60)
+    without = Engine(home, poll_interval=0.05, prefix_cache_mib=0, speculative_tokens=8).start().wait_ready(60)
+    try:
+        params = SamplingParams(max_tokens=24)
+        head = "import os\nimport sys\n\nCONFIG = {'name': 'demo', 'size': 3}\n\n"  # past the cache's min_tokens
+        for text in VARIED + REPETITIVE:  # a prompt whose completion runs long (the tiny model stops early often)
+            prompt = with_cache.encode(head + text)
+            first = with_cache.generate(list(prompt), params)
+            ids = with_cache.encode(first["text"], special=False)
+            if len(ids) >= 16 and with_cache.decode_prompt(ids) == first["text"]:
+                break
+        else:
+            pytest.fail("no prompt with a long completion")
+        typed = list(prompt) + ids[:1]
+        counts = [collections.Counter(e.speculative) for e in (with_cache, without)]
+        second, reference = with_cache.generate(typed, params), without.generate(typed, params)
+        assert same(second, reference)
+        accepted = [e.speculative["accepted"] - c["accepted"] for e, c in zip((with_cache, without), counts)]
+        # the rest of the previous completion was drafted from it: many more drafts accepted than from the text
+        assert first["text"].startswith(with_cache.decode_prompt(ids[:1]) + second["text"][:8])
+        assert accepted[0] >= accepted[1] + 8, accepted
+    finally:
+        with_cache.stop()
+        without.stop()
