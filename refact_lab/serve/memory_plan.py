@@ -41,10 +41,11 @@ class Estimate:
     weights_from: str             # "safetensors", "weight files", "registry"
     n_ctx: int
     max_batch: int
+    twin_bytes: int = 0           # a bf16 copy of a small fp32 model on a CPU (serve/bf16_twin.py)
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + (self.kv_bytes or 0)
+        return self.weights_bytes + (self.kv_bytes or 0) + self.twin_bytes
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ class Plan:
         kv = "unknown KV cache" if e.kv_bytes is None else \
             f"KV cache {gib(e.kv_bytes)} ({e.max_batch} x {e.n_ctx} tokens)"
         where = ", ".join(f"{d}: needs {gib(self.need[d])} of {gib(self.free[d])} free" for d in self.need)
-        return f"weights {gib(e.weights_bytes)} ({e.weights_from}) + {kv}; {where}"
+        twin = f" + bf16 copy {gib(e.twin_bytes)}" if e.twin_bytes else ""
+        return f"weights {gib(e.weights_bytes)} ({e.weights_from}){twin} + {kv}; {where}"
 
 
 def gib(n: int | float) -> str:
@@ -203,6 +205,17 @@ def dtype_bytes_for(dtype: str, placement: str, params: int | None = None) -> in
     return DTYPE_BYTES[auto_dtype("cpu" if placement == "cpu" else "cuda", params=params)]
 
 
+def may_keep_twin(source: str, placement: str, dtype: str, est: Estimate) -> bool:
+    """Whether the engine may keep a bf16 copy beside the fp32 weights (it decides after timing both at load)."""
+    from refact_lab.models.loading import cpu_has_native_bf16
+    from refact_lab.serve.bf16_twin import MIN_HIDDEN
+
+    if placement != "cpu" or dtype != "auto" or not est.params or est.weights_bytes != est.params * 4:
+        return False
+    config = read_config(model_folder(source)) or {}
+    return (config.get("hidden_size") or 0) >= MIN_HIDDEN and cpu_has_native_bf16()
+
+
 # ---- the plan ---------------------------------------------------------------------------------------------
 
 def plan_for(est: Estimate, placement: str, free: dict[str, int], totals: dict[str, int] | None = None,
@@ -234,6 +247,8 @@ def plan(source: str, placement: str, dtype: str = "auto", n_ctx: int = 4096, ma
 
     placement = resolve_placement(placement)
     est = estimate(source, dtype_bytes_for(dtype, placement, source_params(source)), n_ctx, max_batch, registry_gb)
+    if may_keep_twin(source, placement, dtype, est):
+        est = replace(est, twin_bytes=est.params * 2)
     free, totals = {}, {}
     gpus = placement_gpus(placement)
     if gpus:
@@ -255,7 +270,7 @@ def decide(name: str, placement: str, p: Plan, weights_only: bool = False) -> Pl
     """`p`, or MemoryPlanError when it does not fit. `weights_only`: refuse only when the weights alone cannot
     fit (a full KV cache that does not is logged)."""
     if not p.fits and weights_only:
-        lean = plan_for(replace(p.estimate, kv_bytes=None), placement, p.free)
+        lean = plan_for(replace(p.estimate, kv_bytes=None, twin_bytes=0), placement, p.free)
         if lean.fits:
             log.warning("%s: a full KV cache would not fit on %s (%s); loading it anyway", name, placement,
                         "; ".join(p.problems))
@@ -263,7 +278,8 @@ def decide(name: str, placement: str, p: Plan, weights_only: bool = False) -> Pl
     if not p.fits:
         e = p.estimate
         raise MemoryPlanError(f"{name} does not fit on {placement}: {'; '.join(p.problems)} "
-                              f"(weights {gib(e.weights_bytes)} + KV cache "
+                              f"(weights {gib(e.weights_bytes)}"
+                              f"{f' + bf16 copy {gib(e.twin_bytes)}' if e.twin_bytes else ''} + KV cache "
                               f"{'unknown' if e.kv_bytes is None else gib(e.kv_bytes)} for "
                               f"{e.max_batch} requests x {e.n_ctx} tokens; lower max_batch, pick a smaller "
                               "dtype or another placement)")

@@ -222,3 +222,19 @@ def test_the_engine_uses_the_copy_recopies_it_for_adapters_and_shows_it(tmp_path
         assert engine.snapshot()["bf16_twin"]["passes"] == before + 2
     finally:
         engine.stop()
+
+
+def test_the_memory_plan_counts_the_copy_where_it_may_be_kept(tmp_path):
+    from refact_lab.models.tokenizer_build import build_tiny_model
+    from refact_lab.serve import memory_plan
+
+    wide = build_tiny_model(tmp_path / "wide", hidden_size=256)
+    narrow = build_tiny_model(tmp_path / "narrow", hidden_size=64)
+    auto = memory_plan.plan(str(wide), "cpu", "auto", 512, 4)
+    e = auto.estimate
+    assert e.twin_bytes == (e.params * 2 if cpu_has_native_bf16() else 0)
+    assert auto.need["cpu"] == e.weights_bytes + e.kv_bytes + e.twin_bytes
+    if e.twin_bytes:
+        assert "bf16 copy" in auto.summary()
+    assert memory_plan.plan(str(wide), "cpu", "fp32", 512, 4).estimate.twin_bytes == 0  # fp32 asked for
+    assert memory_plan.plan(str(narrow), "cpu", "auto", 512, 4).estimate.twin_bytes == 0  # too narrow
