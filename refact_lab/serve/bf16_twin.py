@@ -9,11 +9,11 @@ at one row (the weights stream from memory at half the bytes), 0.7-0.8x from 2 t
 timed alone, hot in cache, was 1.7x slower at one row there.
 
 So the engine keeps a bf16 twin of the model it serves (half the fp32 weights' memory again) and times both at
-load, fp32 and bf16 in turns (`calibrate`, under a second for the embedded model): decode steps of 1 to 16 rows
-on a short cache, through the engine's own step (serve/decode_step.py), and prompts of 16 to 128 tokens. A step of
-at least `min_rows` rows, and a prompt (or the uncached rest of one) of at least `min_tokens` tokens, then run
-through the twin, from where bf16 was clearly faster at every larger size (`crossover`); if it never was, no twin
-is kept. The KV cache stays fp32: the twin writes its keys and values into the same fp32 buffers and attends in
+load, fp32 and bf16 in turns (`calibrate`, about 1.2 s for the embedded model): decode steps of 1 to 16 rows on a
+short cache, through the engine's own step (serve/decode_step.py), and prompts of 16 to 128 tokens. A step of at
+least `min_rows` rows, and a prompt (or the uncached rest of one) of at least `min_tokens` tokens, then run
+through the twin: from the smallest size where bf16 is not slower and is clearly faster over that size and the
+larger ones (`crossover`); if there is none for either, no twin is kept. The KV cache stays fp32: the twin writes its keys and values into the same fp32 buffers and attends in
 fp32, and prompts it prefills have their cache widened to fp32. Below MIN_HIDDEN wide the matrices are too small
 for bf16 to pay (a hidden-64 test model: 200 prompt tokens 1.6 ms fp32, 1.9 ms bf16), so no twin is timed or kept.
 
@@ -101,10 +101,10 @@ def crossover(timings: dict[int, tuple[float, float]]) -> int | None:
 class Bf16Twin:
     """The bf16 twin of one served fp32 model (see the module docstring)."""
 
-    def __init__(self, model, min_rows: int | None, min_tokens: int | None = None, timings: dict | None = None):
+    def __init__(self, model, min_rows: int | None, min_tokens: int | None = None):
         self.min_rows = min_rows  # decode steps of at least this many rows run in the twin (None: none do)
         self.min_tokens = min_tokens  # ...and prompts or rests of at least this many tokens
-        self.timings = timings or {}
+        self.timings: dict = {}  # what `calibrate` measured at load
         self._source = None  # the engine's model object the twin copies (identity: a new wrapper means copy again)
         self.current = None  # the bf16 copy
         self.builds = 0

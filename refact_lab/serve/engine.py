@@ -20,6 +20,7 @@ deployed adapter, `caps_version` (changes whenever the served models change), co
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import os
@@ -534,14 +535,12 @@ class Engine:
                     self._prepare(g)
                 self._check_prefix_owner(model)
                 twin = self.twin
-                with self._adapter_context(model, group.key), \
-                        self._adapter_context(twin.model_for(model) if twin else None, group.key):
+                with self._adapter_contexts(model, group.key, twin):
                     logits = group.batch.prefill(model, newcomers, self.prefix_cache, group.key, self.decoder, twin)
                 self._accept(group, newcomers, sample(logits, newcomers))
             elif len(group.batch) and not self._speculate(group, model):
                 twin = self.twin if self.twin is not None and self.twin.wants_step(len(group.batch)) else None
-                with self._adapter_context(model, group.key), \
-                        self._adapter_context(twin.model_for(model) if twin else None, group.key):
+                with self._adapter_contexts(model, group.key, twin):
                     logits = group.batch.step(model, self.decoder, twin)
                 self._accept(group, list(group.batch.rows), sample(logits, group.batch.rows))
         except Exception as exc:
@@ -642,8 +641,7 @@ class Engine:
         start = g.pos
         # drafts are checked in the precision a plain one-row step would use, so they agree with plain steps
         twin = self.twin if self.twin is not None and self.twin.wants_step(1) else None
-        with self._adapter_context(model, group.key), \
-                self._adapter_context(twin.model_for(model) if twin else None, group.key):
+        with self._adapter_contexts(model, group.key, twin):
             logits = group.batch.verify(model, drafts, self.decoder, twin)
         top = logits.float().topk(2, dim=-1)
         predicted = top.indices[:, 0].tolist()
@@ -881,7 +879,7 @@ class Engine:
     def _adapter_context(self, model, key: str | None):
         import contextlib
 
-        if model is None or not self._adapter_names:  # no adapter loaded: the plain model (no peft import either)
+        if not self._adapter_names:  # no adapter loaded: the plain model (and no peft import on the hot path)
             return contextlib.nullcontext()
         from peft import PeftModel
 
@@ -891,6 +889,16 @@ class Engine:
             return model.disable_adapter()
         model.set_adapter(self._adapter_names[key])
         return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _adapter_contexts(self, model, key: str | None, twin=None):
+        """`_adapter_context` for the model and, when a pass goes through it, the bf16 twin's copy of it."""
+        with self._adapter_context(model, key):
+            if twin is None:
+                yield
+            else:
+                with self._adapter_context(twin.model_for(model), key):
+                    yield
 
     def _apply_model(self, cfg: ModelConfig | None) -> None:
         import gc
@@ -986,8 +994,6 @@ class Engine:
             self._lora_dirty = False
             self._last_rescan = time.monotonic()
             self._apply_lora()
-            if self.twin is not None:
-                self.twin.model_for(self.model)
             with self._lock:
                 self.state = "ready"
                 self._bump_caps()
