@@ -8,7 +8,7 @@ Default mode (CPU is fine): the embedded default model if it is there, else a sm
    from one client over HTTP, then total throughput with 1, 4 and 16 concurrent clients (each client sends its
    next request as soon as the previous one returns). The one-client latency is also measured on a second
    server with speculative decoding off (`--speculative-tokens 0`; the first has the default, which drafts
-   tokens from the prompt for a lone greedy request, see refact_lab/serve/speculative.py): both must give the
+   tokens from the text for greedy requests, see refact_lab/serve/speculative.py): both must give the
    same completions, and the drafts accepted are reported.
 
 Prompts are real code files cut at a random point; only prompts whose greedy completion runs the full 32

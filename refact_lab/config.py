@@ -195,7 +195,7 @@ class ServeSettings:
                                               "recent one (the next keystroke) only computes what is new (0: off)",
                                     min=0, max=65536)
     speculative_tokens: int = setting(8, help="Tokens guessed from the prompt and the text so far, checked in one pass "
-                                              "of the model, for a lone greedy request: code repeats itself, so "
+                                              "of the model, for greedy requests: code repeats itself, so "
                                               "several tokens come per step, with the same output (0: off)",
                                       min=0, max=64)
     compile_decode: str = setting("auto", help="Compile the decode step with torch.compile, at model load: on, off, "

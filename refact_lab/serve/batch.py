@@ -10,8 +10,11 @@ number of its real tokens so far), so padding never shifts a row's rotary positi
   `PrefixCache` (refact_lab.serve.prefix_cache), a row whose prompt starts like a recent one starts from that
   prompt's stored columns and runs only the rest.
 - `step()` feeds each row's last sampled token and returns the next-token logits for every row.
-- `verify(drafts)` / `drop_last(n)`: speculative decoding for a batch of one row (refact_lab.serve.speculative):
-  the row's last token and drafted tokens in one pass, then the columns of rejected drafts taken back.
+- `feed(tokens per row)` / `settle(kept per row)`: one pass in which each row is fed several tokens (its last one
+  and drafted ones, refact_lab.serve.speculative; or, for a row that joined with `admit`, the rest of its prompt
+  after the columns the prefix cache stored), then each row keeps the columns of the tokens it accepted. A row's
+  rejected columns become padding inside the batch (masked, as left padding is); columns no row keeps are given
+  back.
 - `keep(indices)` drops finished or cancelled rows from the cache and mask, then trims columns that are padding
   for every remaining row.
 
@@ -259,18 +262,20 @@ class Batch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def prefill(self, model, new_rows: Sequence[Any], prefixes=None, key=None, decoder=None, twin=None):
+    def prefill(self, model, new_rows: Sequence[Any], prefixes=None, key=None, decoder=None, twin=None, reuse=None):
         """Run the new rows' prompts and merge them into the batch; returns their next-token logits [n, vocab].
 
         With `prefixes` (a `PrefixCache`), a row whose prompt shares a long enough prefix with a stored prompt of
         adapter `key` starts from a copy of those stored columns and runs only the rest of its prompt (alone:
         rows with different reused lengths do not line up in one batch); the other rows run together as before.
         Every new row's prompt KV is stored afterwards. With `twin` (a `Bf16Twin` whose `current` copy is set),
-        prompts and rests long enough for it run through that bf16 copy; the cache stays fp32."""
+        prompts and rests long enough for it run through that bf16 copy; the cache stays fp32. `reuse`: the
+        lookups' results when the caller made them already."""
         import torch
 
-        reuse = [prefixes.lookup(key, r.prompt_ids) if prefixes is not None and prefixes.enabled else (0, None)
-                 for r in new_rows]
+        if reuse is None:
+            reuse = [prefixes.lookup(key, r.prompt_ids) if prefixes is not None and prefixes.enabled else (0, None)
+                     for r in new_rows]
         fresh = [i for i, (n, _) in enumerate(reuse) if n == 0]
         logits: list[Any] = [None] * len(new_rows)
         joining = Batch()  # the newcomers, put together first so the running batch is rebuilt only once
@@ -368,34 +373,61 @@ class Batch:
             r.pos += 1
         return logits[:, -1, :]
 
-    def verify(self, model, drafts: Sequence[int], decoder=None, twin=None):
-        """Speculative decoding, one row: feed its last token and the drafted tokens after it in one pass;
-        returns logits [1 + len(drafts), vocab] (row i: the next token after the i-th fed token). Every fed
-        token gets a cache column; `drop_last` takes back those of rejected drafts."""
+    def admit(self, rows: Sequence[Any], stored: Sequence[tuple[int, Any]]) -> None:
+        """Join rows whose first n prompt tokens' keys/values are stored (`stored[i]`: (n, [(keys, values)] per
+        layer, as `PrefixCache.lookup` gives them): their columns are copied into the batch's rows and the rows
+        start at position n; `feed` then runs the rest of their prompts, beside the other rows' next tokens."""
         import torch
 
-        if len(self.rows) != 1:
-            raise ValueError("verify takes a batch of exactly one row")
-        r = self.rows[0]
-        device = input_device(model)
-        width = 1 + len(drafts)
-        ids = torch.tensor([[r.last_token, *drafts]], dtype=torch.long, device=device)
-        positions = torch.arange(r.pos, r.pos + width, dtype=torch.long, device=device).unsqueeze(0)
-        self.mask = torch.cat([self.mask, torch.ones((1, width), dtype=self.mask.dtype, device=self.mask.device)],
-                              dim=1)
-        logits = forward(model, decoder, ids, positions, self.cache, self.mask, self.padded, twin)
-        r.pos += width
-        return logits[0]
+        for r, (n, layers) in zip(rows, stored):
+            cache = new_cache([(k[:, :, :n], v[:, :, :n]) for k, v in layers])
+            r.pos = n
+            self._merge(cache, torch.ones((1, n), dtype=torch.long, device=layers[0][0].device), [r])
 
-    def drop_last(self, n: int) -> None:
-        """Take back the last n fed tokens of every row (their cache columns, mask columns and positions)."""
-        if n <= 0:
-            return
-        for layer in self.cache.layers:
-            layer.crop(-n)
-        self.mask = self.mask[:, :-n]
-        for r in self.rows:
-            r.pos -= n
+    def feed(self, model, feeds: Sequence[Sequence[int]], decoder=None, twin=None):
+        """One pass in which row i is fed the tokens feeds[i] (at least one; its last token and drafts after it,
+        or the rest of a newcomer's prompt) at its next positions; returns logits [rows, t, vocab], t the longest
+        feed (row i's logits after its own tokens mean nothing). Every row gets t new columns; `settle` then says
+        how many of them each row keeps."""
+        import torch
+
+        device = input_device(model)
+        rows, t = len(self.rows), max(len(f) for f in feeds)
+        ids = torch.zeros((rows, t), dtype=torch.long)
+        positions = torch.zeros((rows, t), dtype=torch.long)
+        fed = torch.zeros((rows, t), dtype=self.mask.dtype)
+        for i, (r, f) in enumerate(zip(self.rows, feeds)):
+            ids[i, :len(f)] = torch.tensor(f, dtype=torch.long)
+            fed[i, :len(f)] = 1
+            # a padding column gets its row's last real position (masked out; never past the model's positions)
+            positions[i] = torch.arange(t).clamp(max=len(f) - 1) + r.pos
+        self._block = (self.mask.shape[1], t)
+        self.mask = torch.cat([self.mask, fed.to(self.mask.device)], dim=1)
+        padded = self.padded or any(len(f) < t for f in feeds)
+        return forward(model, decoder, ids.to(device), positions.to(device), self.cache, self.mask, padded, twin)
+
+    def prompt_kv(self, i: int, length: int, rest: int) -> list[tuple[Any, Any]]:
+        """Right after `feed`, for a row fed the last `rest` tokens of its prompt first (drafts may follow them):
+        copies of the keys/values of the prompt's `length` tokens (per layer, [1, heads, length, dim]), for the
+        prefix cache."""
+        end = self._block[0] + rest
+        return [(layer.keys[i:i + 1, :, end - length:end].clone(), layer.values[i:i + 1, :, end - length:end].clone())
+                for layer in self.cache.layers]
+
+    def settle(self, kept: Sequence[int]) -> None:
+        """After `feed`: row i keeps the first kept[i] of the columns it was fed (its position moves on by as
+        many) and the rest become padding (a rejected draft: masked out from now on); columns no row keeps are
+        given back."""
+        start, t = self._block
+        for i, (r, k) in enumerate(zip(self.rows, kept)):
+            self.mask[i, start + k:] = 0
+            r.pos += k
+        drop = t - max(kept)
+        if drop > 0:
+            for layer in self.cache.layers:
+                layer.crop(-drop)
+            self.mask = self.mask[:, :-drop]
+        self.padded = bool((self.mask == 0).any())
 
     def keep(self, indices: list[int]) -> None:
         """Keep only these rows. A row after the kept count moves into a freed slot, so the remaining rows may

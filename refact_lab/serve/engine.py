@@ -8,8 +8,10 @@ Handlers (on tornado's event loop), the CLI and notebooks never touch the model.
 2. admits queued generations into per-adapter groups: generations are pinned to the adapter that was deployed
    when they were submitted, so a switch never changes a running completion;
 3. runs one step for one group at a time (round robin): a prefill that merges newcomers into that group's
-   batch, or one decode step for every row of the batch (`refact_lab.serve.batch`); a lone greedy request
-   checks tokens drafted from its own prompt in that step and may take several (`refact_lab.serve.speculative`);
+   batch, or one decode pass for every row of the batch (`refact_lab.serve.batch`); in that pass greedy rows
+   of a small batch check tokens drafted from their own text and may take several
+   (`refact_lab.serve.speculative`), and newcomers whose prompt the prefix cache holds but for a few tokens run
+   those tokens (`Engine._pass`);
 4. after every token checks each row's stop rules, cancel flag (set when a client disconnects) and length,
    streams the safe part of the text to the row's sink, and drops finished rows from the batch.
 
@@ -37,13 +39,17 @@ from refact_lab.home import Home
 from refact_lab.models.healing import heal_fim_prompt, vocabulary
 from refact_lab.serve import checkpoints, state
 from refact_lab.serve.batch import Batch, sample
-from refact_lab.serve.prefix_cache import PrefixCache
+from refact_lab.serve.prefix_cache import PrefixCache, common_prefix
 from refact_lab.serve.speculative import agreed, draft
 from refact_lab.serve.state import LoraChoice, ServingChoice, lora_model_name
 from refact_lab.serve.stops import REPLACEMENT_CHAR, StopRules
 
 log = logging.getLogger("refact_lab.engine")
 SHUTTING_DOWN = "the server is shutting down"
+# rows x tokens of a pass that mixes drafts and newcomers' prompt rests (Engine._pass): on this project's 2-core
+# CPU a pass of 16 rows x 4 tokens costs about a 16-row step plus a 4-token rest run alone
+PASS_TOKENS = 64
+DRAFT_ROWS = 4
 
 Event = dict
 Sink = Callable[[Event], None]
@@ -104,6 +110,7 @@ class Generation:
     draft_tokens: int | None = None  # speculative decoding: drafts to try next (adapts to how many were accepted)
     plain_steps: int = 0             # ...and plain steps to take before drafting again, after a miss
     history: tuple = ()              # ...and the nearest stored prompt's completion, a draft source
+    ahead: tuple = ()                # ...and what of it the user has not typed yet: drafts of the first pass
 
     def cancel(self) -> None:
         # a plain attribute write is atomic; the scheduler reads it before every step
@@ -154,7 +161,7 @@ class Engine:
         KV (0: no prefix reuse; None: ServeSettings' default). `entry`: a `state.HostedModel` of the hosting list
         (a model hosted beside the first, see serve/fleet.py): its model, placement and dtype are fixed (the fleet
         replaces the engine when they change) and its routes carry the entry's name. `speculative_tokens`: tokens
-        drafted from the prompt per step for a lone greedy request (0: off; None: ServeSettings' default).
+        drafted from the text per step for a greedy request (0: off; None: ServeSettings' default).
         `compile_decode`: auto / on / off, whether the decode step is compiled at model load
         (refact_lab.serve.decode_step; None: ServeSettings' default)."""
         self.home = home
@@ -174,6 +181,7 @@ class Engine:
         self.error: str | None = None
         self.config: ModelConfig | None = None
         self.spec = None
+        self._fim_markers = None  # the FIM markers' token ids in the served model's tokenizer (None: not single tokens)
         self.model = None
         self.tokenizer = None
         self.n_ctx = 0
@@ -449,7 +457,7 @@ class Engine:
                 {"path": "transformers", "compile": False},
                 "bf16_twin": self.twin.stats() if self.twin is not None else None,
                 "speculative": {"tokens": self.speculative_tokens,
-                                **{k: self.speculative[k] for k in ("steps", "drafted", "accepted", "ties")}},
+                                **{k: self.speculative[k] for k in ("steps", "drafted", "accepted", "ties", "shared")}},
                 "recent": list(self.records)[-50:],
             }
 
@@ -534,11 +542,16 @@ class Engine:
                 for g in newcomers:
                     self._prepare(g)
                 self._check_prefix_owner(model)
-                twin = self.twin
-                with self._adapter_contexts(model, group.key, twin):
-                    logits = group.batch.prefill(model, newcomers, self.prefix_cache, group.key, self.decoder, twin)
-                self._accept(group, newcomers, sample(logits, newcomers))
-            elif len(group.batch) and not self._speculate(group, model):
+                joining, others = self._split_newcomers(group, newcomers)
+                if others:
+                    twin = self.twin
+                    with self._adapter_contexts(model, group.key, twin):
+                        logits = group.batch.prefill(model, [g for g, _ in others], self.prefix_cache, group.key,
+                                                     self.decoder, twin, reuse=[r for _, r in others])
+                    self._accept(group, [g for g, _ in others], sample(logits, [g for g, _ in others]))
+                if joining:
+                    self._pass(group, model, joining)
+            elif len(group.batch) and not self._pass(group, model, []):
                 twin = self.twin if self.twin is not None and self.twin.wants_step(len(group.batch)) else None
                 with self._adapter_contexts(model, group.key, twin):
                     logits = group.batch.step(model, self.decoder, twin)
@@ -594,8 +607,11 @@ class Engine:
             if healed:
                 g.prompt_ids, g.healed, g.first_allowed = ids, healed, allowed
         # the previous keystroke's completion, a draft source for speculative decoding (serve/prefix_cache.py)
-        g.history = self.prefix_cache.completion_near(g.adapter_key, g.prompt_ids) \
-            if self.speculative_tokens > 0 and g.params.temperature == 0 and self.prefix_cache.enabled else ()
+        g.history, g.ahead = (), ()
+        if self.speculative_tokens > 0 and g.params.temperature == 0 and self.prefix_cache.enabled:
+            before, g.history = self.prefix_cache.completion_near(g.adapter_key, g.prompt_ids)
+            if g.history:
+                g.ahead = self._typed_ahead(before, g.history, g.prompt_ids, g.healed)
         if g.params.seed is not None and g.params.temperature > 0:
             # any JSON integer is a seed; torch takes 64 bits
             g.generator = torch.Generator().manual_seed(g.params.seed % 2**63)
@@ -616,71 +632,164 @@ class Engine:
         if finished:
             group.batch.keep([i for i, r in enumerate(group.batch.rows) if id(r) not in finished])
 
-    def _speculate(self, group: _Group, model) -> bool:
-        """One decode step with prompt-lookup drafts (refact_lab.serve.speculative); False when it does not apply
-        (then the caller takes a plain step). Only for a lone greedy row: there the model's argmax at each drafted
-        position is the token a plain step would pick (up to rounding, see below), so the output does not change.
-        Every token taken goes through `_advance` as in a plain step; the first one that finishes the row ends it."""
-        if self.speculative_tokens <= 0 or len(group.batch) != 1:
-            return False
-        g = group.batch.rows[0]
-        if g.params.temperature > 0 or (g.first_allowed and not g.generated):
-            return False  # sampling, or a healed first token (constrained, see `sample`)
+    def _before_cursor(self, ids) -> int:
+        """How many of a prompt's tokens come before the cursor: up to its FIM suffix marker (prefix-suffix-middle
+        order) or its middle marker (suffix-prefix-middle); the whole prompt when it has no markers."""
+        markers = self._fim_markers
+        if markers is None:
+            return len(ids)
+        end = markers[1] if self.spec.fim.order == "psm" else markers[2]
+        for i in range(len(ids) - 1, -1, -1):
+            if ids[i] == end:
+                return i
+        return len(ids)
+
+    def _typed_ahead(self, before: tuple, completion: tuple, ids: list[int], healed: str = "") -> tuple[int, ...]:
+        """The tokens the previous keystroke's completion still suggests now: its prompt `before` and `completion`
+        give the text the model expected after the old cursor; when the text before the new cursor is a start of
+        it (the user typed what was suggested) and the rest starts with the text healing took off the new prompt
+        (`healed`: the completion must start with it), that rest, tokenized. Drafts for the new request's first
+        pass (`_pass`), so a suggestion the user is typing along comes back in one pass; () otherwise."""
+        old, new = before[:self._before_cursor(before)], ids[:self._before_cursor(ids)]
+        common = common_prefix(old, new)
+        with self._tok_lock:
+            expected = self.tokenizer.decode(list(old[common:]) + list(completion), skip_special_tokens=False)
+            typed = self.tokenizer.decode(new[common:], skip_special_tokens=False)
+            rest = expected[len(typed):]
+            if not expected.startswith(typed) or not rest or not rest.startswith(healed):
+                return ()
+            return tuple(self.tokenizer.encode(rest, add_special_tokens=False))
+
+    def _split_newcomers(self, group: _Group, newcomers: list[Generation]):
+        """(joining, others): newcomers whose prompt is stored but for a few tokens join the next pass of the
+        running rows with their stored columns (`_pass`), as (row, (n, layers)); the others are prefilled on their
+        own, with their lookups' results. A newcomer joins while the pass stays under PASS_TOKENS rows x columns:
+        a pass of 16 rows x 4 tokens costs about what a 16-row step and a 4-token prompt rest alone cost."""
+        cache = self.prefix_cache
+        looked = [(g, cache.lookup(group.key, g.prompt_ids) if cache.enabled else (0, None)) for g in newcomers]
+        joining, others = [], []
+        rows, width = len(group.batch), 1
+        for g, (n, layers) in sorted(looked, key=lambda x: len(x[0].prompt_ids) - x[1][0]):
+            rest = len(g.prompt_ids) - n
+            if n and (rows + 1) * max(width, rest) <= PASS_TOKENS:
+                joining.append((g, (n, layers)))
+                rows, width = rows + 1, max(width, rest)
+            else:
+                others.append((g, (n, layers)))
+        return joining, others
+
+    def _drafts(self, g: Generation, limit: int) -> list[int]:
+        """Up to `limit` prompt-lookup drafts (refact_lab.serve.speculative) for a running row: only for greedy
+        rows, there the model's argmax at each drafted position is the token a plain step would pick (up to
+        rounding, see `_picks`), so the output does not change."""
+        if limit <= 0 or self.speculative_tokens <= 0 or g.params.temperature > 0:
+            return []
         if g.plain_steps > 0:
             g.plain_steps -= 1
-            return False
+            return []
         if g.draft_tokens is None:
             g.draft_tokens = self.speculative_tokens
         # no drafts past max_tokens, nor past the model's last position
-        room = min(g.draft_tokens, g.params.max_tokens - len(g.generated) - 1, g.route.n_ctx - g.pos - 1)
-        drafts = draft(g.prompt_ids + g.generated, room, history=g.history) if room > 0 else []
-        if not drafts:
+        room = min(g.draft_tokens, limit, g.params.max_tokens - len(g.generated) - 1, g.route.n_ctx - g.pos - 1)
+        return draft(g.prompt_ids + g.generated, room, history=g.history) if room > 0 else []
+
+    def _pass(self, group: _Group, model, joining: list) -> bool:
+        """One pass over the batch in which each running row is fed its last token and its drafts (speculative
+        decoding), and each `joining` newcomer (`_split_newcomers`) the rest of its prompt and the drafts of what
+        the user has not typed yet of the previous suggestion (`_typed_ahead`). False when there is nothing to
+        join and too few rows have drafts to pay for the wider pass (the caller takes a plain step).
+
+        Every token taken goes through `_advance` as in a plain step; the first one that finishes a row ends it.
+        A row keeps the columns of the tokens fed before its new last token; the others become padding."""
+        batch = group.batch
+        running = list(batch.rows)
+        rows = len(running) + len(joining)
+        rests = [len(g.prompt_ids) - n for g, (n, _) in joining]
+        width = max(rests, default=1)
+        # Drafts fill the columns the newcomers' rests take anyway; with few rows they may widen the pass: a pass
+        # of 3 tokens per row cost 1.1 plain steps at one row but 1.4-1.8 at 16 (measured on this project's CPU)
+        cap = min(self.speculative_tokens, PASS_TOKENS // 2 // rows) if rows <= DRAFT_ROWS else 0
+        if not joining and not cap:
             return False
+        drafts = [self._drafts(g, max(width - 1, cap)) for g in running]
+        if not joining and 10 * sum(bool(d) for d in drafts) < 4 * len(running):
+            return False  # worth it when drafts come for at least 2 rows in 5 (about half of them are accepted)
+        for (g, _), rest in zip(joining, rests):
+            room = min(max(width - rest, cap), g.params.max_tokens - 1, g.route.n_ctx - len(g.prompt_ids) - 1)
+            drafts.append(list(g.ahead[:max(0, room)]))
+        if joining:
+            batch.admit([g for g, _ in joining], [r for _, r in joining])
+        feeds = [[g.last_token, *d] for g, d in zip(running, drafts)] + \
+                [g.prompt_ids[n:] + d for (g, (n, _)), d in zip(joining, drafts[len(running):])]
+        at = [0] * len(running) + [rest - 1 for rest in rests]  # where each row's first new token is predicted
+        twin = self.twin if self.twin is not None and self.twin.wants_step(rows) else None
+        with self._adapter_contexts(model, group.key, twin):
+            logits = batch.feed(model, feeds, self.decoder, twin)
+        for i, ((g, _), rest) in enumerate(zip(joining, rests), start=len(running)):
+            self.prefix_cache.store(group.key, g.prompt_ids, batch.prompt_kv(i, len(g.prompt_ids), rest))
+        picks, accepted = self._picks(logits, batch.rows, at, drafts)
+        finished, kept, taken_total = set(), [], 0
+        for g, a, d, toks, n in zip(list(batch.rows), at, drafts, picks, accepted):
+            if g.first_token_at is None:
+                g.first_token_at = time.monotonic()
+            start, reason, taken = g.pos, None, 0
+            for i, tok in enumerate(toks):
+                g.pos = start + a + 1 + i  # as after the plain steps (the n_ctx rule in _advance reads it)
+                reason = self._advance(g, tok)
+                taken += 1
+                if reason or g.cancelled:
+                    break
+            g.pos = start
+            taken_total += taken
+            kept.append(a + taken)
+            if d:
+                with self._lock:
+                    # a near tie cut the agreed drafts short (see `_picks`)
+                    self.speculative.update(steps=1, drafted=len(d), accepted=n, ties=int(len(toks) <= n))
+                # A pass over k drafts costs more than a plain step (on a CPU, 9 tokens cost about 1.6 steps at
+                # one row): draft as many as were accepted last time plus one, twice as many after a full hit,
+                # and after a miss take two plain steps before trying again (the text has moved on).
+                g.draft_tokens = min(self.speculative_tokens, 2 * len(d) if n == len(d) else n + 1)
+                g.plain_steps = 2 if n == 0 else 0
+            if reason:
+                self._finish(g, reason)
+                finished.add(id(g))
+        batch.settle(kept)
+        with self._lock:
+            # passes where rows of a batch drafted together (before, only a lone row drafted)
+            self.speculative["shared"] += int(len(batch.rows) > 1 and any(drafts))
+            self.counters["tokens"] += taken_total
+            self.counters["joined"] += len(joining)  # newcomers that ran their prompt's rest in this pass
+        if finished:
+            batch.keep([i for i, r in enumerate(batch.rows) if id(r) not in finished])
+        return True
+
+    @staticmethod
+    def _picks(logits, rows: list[Generation], at: list[int], drafts: list[list[int]]):
+        """(picks, accepted): the tokens each row takes from a pass and how many of its drafts the model agreed
+        with. Row i's first token comes from its column at[i], sampled as in a plain step (healing constrains a
+        newcomer's); with drafts, then the model's choice after each draft it agreed with. Logits of one pass over
+        several tokens round differently from one-token steps: where the best two are tied within two rounding
+        steps of the logits' precision, a plain step might pick the other one, so no draft is taken from there
+        on (bf16 only, in practice; its rounding makes a few texts differ anyway, as batching with other requests
+        or a prompt computed in two parts already does)."""
         import torch
 
-        start = g.pos
-        # drafts are checked in the precision a plain one-row step would use, so they agree with plain steps
-        twin = self.twin if self.twin is not None and self.twin.wants_step(1) else None
-        with self._adapter_contexts(model, group.key, twin):
-            logits = group.batch.verify(model, drafts, self.decoder, twin)
-        top = logits.float().topk(2, dim=-1)
-        predicted = top.indices[:, 0].tolist()
-        n = agreed(drafts, predicted)
-        # Logits of one pass over several tokens round differently from one-token steps: where the best two are
-        # tied within two rounding steps of the logits' precision, a plain step might pick the other one, so no
-        # token is taken from there on (bf16 only, in practice; its rounding makes a few texts differ anyway, as
-        # batching with other requests or a prompt computed in two parts already does).
+        firsts = sample(torch.stack([logits[i, a] for i, a in enumerate(at)]), rows)
+        picks = [[tok] for tok in firsts]
+        accepted = [0] * len(rows)
         tie = 2 * torch.finfo(logits.dtype).eps
-        close = ((top.values[:, 0] - top.values[:, 1]) <= tie * top.values[:, 0].abs().clamp(min=1)).tolist()
-        sure = next((i for i in range(n + 1) if close[i]), n + 1)
-        if sure == 0:
-            group.batch.drop_last(1 + len(drafts))
-            with self._lock:
-                self.speculative.update(ties=1)
-            return False
-        taken, reason = 0, None
-        for i, tok in enumerate(predicted[:sure]):
-            g.pos = start + 1 + i  # as after i + 1 plain steps (the n_ctx rule in _advance reads it)
-            reason = self._advance(g, tok)
-            taken += 1
-            if reason or g.cancelled:
-                break
-        with self._lock:
-            self.counters["tokens"] += taken
-            self.speculative.update(steps=1, drafted=len(drafts), accepted=n)
-        # A pass over k drafts costs more than a plain step (on a CPU, 9 tokens cost about 1.6 steps): draft as
-        # many as were accepted last time plus one, twice as many after a full hit, and after a miss take two
-        # plain steps before trying again (the text has moved on from what the prompt repeats).
-        g.draft_tokens = min(self.speculative_tokens, 2 * len(drafts) if n == len(drafts) else n + 1)
-        g.plain_steps = 2 if n == 0 else 0
-        if reason:
-            self._finish(g, reason)
-            group.batch.keep([])
-            return True
-        # the cache holds the last token and every draft; keep the columns of the tokens fed before the new last one
-        g.pos = start + 1 + len(drafts)
-        group.batch.drop_last(1 + len(drafts) - taken)
-        return True
+        for i, (a, d) in enumerate(zip(at, drafts)):
+            if not d:
+                continue
+            top = logits[i, a + 1:a + 1 + len(d)].float().topk(2, dim=-1)
+            predicted = [firsts[i], *top.indices[:, 0].tolist()]
+            close = ((top.values[:, 0] - top.values[:, 1]) <= tie * top.values[:, 0].abs().clamp(min=1)).tolist()
+            n = accepted[i] = agreed(d, predicted)
+            # predicted[j] (j >= 1) comes from column a + j, whose closeness is close[j - 1]
+            sure = next((j for j in range(1, n + 1) if close[j - 1]), n + 1)
+            picks[i] = predicted[:sure]
+        return picks, accepted
 
     def _advance(self, g: Generation, tok: int) -> str | None:
         if tok in self._stop_ids:
@@ -990,6 +1099,7 @@ class Engine:
             self.twin = Bf16Twin.for_model(model, device, dtype, cfg.dtype, self.decoder)
             with self._tok_lock:
                 self.tokenizer = tokenizer
+            self._fim_markers = spec.fim.marker_ids(tokenizer)
             # the LoRA choice is applied before "ready", so the first request already sees the deployed adapter
             self._lora_dirty = False
             self._last_rescan = time.monotonic()

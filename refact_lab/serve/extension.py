@@ -37,7 +37,7 @@ class RefactLabExtension(ExtensionApp):
                            help="MiB of recent prompts' KV kept per hosted model, so the next keystroke's "
                                 "request computes only what is new (0: off)")
     speculative_tokens = Int(ServeSettings.speculative_tokens, config=True,
-                             help="Tokens drafted from the prompt per decode step of a lone greedy request (0: off)")
+                             help="Tokens drafted from the text per decode step of a greedy request (0: off)")
     compile_decode = Unicode(ServeSettings.compile_decode, config=True,
                              help="Compile the decode step at model load: auto (with a GPU), on, off")
     kernel_idle_timeout = Int(600, config=True,

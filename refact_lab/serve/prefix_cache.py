@@ -21,8 +21,8 @@ prefix of a newer one is dropped: the newer one gives every lookup at least as l
 
 An entry also keeps the tokens the engine generated for its prompt (`remember`). The next keystroke's prompt is
 nearly the same, and when the user typed what was suggested, its completion is the rest of the previous one:
-`completion_near` hands that to speculative decoding as a draft source (serve/speculative.py), so those tokens
-are checked in one pass instead of generated one step at a time.
+`completion_near` hands that prompt and completion to speculative decoding as a draft source (serve/speculative.py,
+`Engine._typed_ahead`), so those tokens are checked in one pass instead of generated one step at a time.
 """
 
 from __future__ import annotations
@@ -96,9 +96,9 @@ class PrefixCache:
         self.reused_tokens += best_n
         return best_n, self._entries[best].layers
 
-    def completion_near(self, key: Hashable, ids: Sequence[int]) -> tuple[int, ...]:
-        """What was generated for the stored prompt of this adapter sharing the longest prefix with `ids` (at least
-        `min_tokens`); () when none does or nothing was remembered for it."""
+    def completion_near(self, key: Hashable, ids: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(prompt, completion): the stored prompt of this adapter sharing the longest prefix with `ids` (at least
+        `min_tokens`) and what was generated for it; ((), ()) when none does or nothing was remembered for it."""
         ids = tuple(ids)
         best, best_n = None, self.min_tokens - 1
         for e in self._entries.values():
@@ -106,7 +106,7 @@ class PrefixCache:
                 n = common_prefix(e.ids, ids)
                 if n > best_n:
                     best, best_n = e, n
-        return best.completion if best is not None else ()
+        return (best.ids, best.completion) if best is not None else ((), ())
 
     def remember(self, key: Hashable, ids: Sequence[int], completion: Sequence[int]) -> None:
         """Keep the tokens generated for this stored prompt (nothing happens if it is not stored)."""

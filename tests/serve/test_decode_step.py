@@ -39,8 +39,9 @@ class Row:
 
 
 def decode(model, decoder, prompts, steps: int, drafts_every: int = 0):
-    """Greedy tokens per row through a Batch: prefill, then steps; with drafts_every, a lone row verifies a
-    half-right draft every few steps (the wrong half's columns are taken back)."""
+    """Greedy tokens per row through a Batch: prefill, then steps; with drafts_every, every few steps each row is
+    fed its last token and a half-right draft of 0 to 3 tokens in one pass (`Batch.feed`), and keeps the columns
+    of what it agreed with (`settle`): rows keep different numbers, the rest become padding columns."""
     batch = Batch()
     rows = [Row(p) for p in prompts]
     with torch.inference_mode():
@@ -49,16 +50,22 @@ def decode(model, decoder, prompts, steps: int, drafts_every: int = 0):
         for r, t in zip(rows, out):
             r.last_token = t[0]
         for step in range(1, steps + 1):
-            if drafts_every and len(batch) == 1 and step % drafts_every == 0:
-                r, o = batch.rows[0], out[rows.index(batch.rows[0])]
-                drafts = [o[-1], (o[-1] + 1) % 97, o[-1]]
-                predicted = batch.verify(model, drafts, decoder=decoder).argmax(-1).tolist()
-                take = 1
-                while take <= len(drafts) and drafts[take - 1] == predicted[take - 1]:
-                    take += 1
-                o.extend(predicted[:take])
-                batch.drop_last(1 + len(drafts) - take)
-                r.last_token = o[-1]
+            if drafts_every and step % drafts_every == 0:
+                drafts = []
+                for i, r in enumerate(batch.rows):
+                    o = out[rows.index(r)]
+                    drafts.append([o[-1], (o[-1] + 1) % 97, o[-1]][:(step + i) % 4])
+                logits = batch.feed(model, [[r.last_token, *d] for r, d in zip(batch.rows, drafts)], decoder=decoder)
+                kept = []
+                for i, (r, d) in enumerate(zip(batch.rows, drafts)):
+                    predicted = logits[i, :1 + len(d)].argmax(-1).tolist()
+                    take = 1
+                    while take <= len(d) and d[take - 1] == predicted[take - 1]:
+                        take += 1
+                    out[rows.index(r)].extend(predicted[:take])
+                    r.last_token = predicted[take - 1]
+                    kept.append(take)
+                batch.settle(kept)
                 continue
             nxt = batch.step(model, decoder=decoder).argmax(-1).tolist()
             for r, t in zip(batch.rows, nxt):
@@ -82,10 +89,19 @@ def test_lean_steps_give_transformers_tokens(kind):
     batch_prompts = prompts(1, (5, 17, 11, 30))
     assert decode(model, decoder, batch_prompts, 12) == decode(model, None, batch_prompts, 12)
     assert decoder.steps["lean"] > 0
-    lone = prompts(2, (23,))
-    plain = decode(model, None, lone, 16)[0]
-    drafted = decode(model, decoder, lone, 16, drafts_every=2)[0]  # a verify adds up to 4 tokens at once
-    assert len(drafted) >= len(plain) and drafted[:len(plain)] == plain
+    for group in (batch_prompts, prompts(2, (23,))):  # rows drafting together, and a lone row
+        plain = decode(model, None, group, 16)
+        for dec in (decoder, None):  # a pass adds up to 4 tokens per row at once
+            drafted = decode(model, dec, group, 16, drafts_every=2)
+            assert all(len(d) >= len(p) and d[:len(p)] == p for d, p in zip(drafted, plain)), dec
+
+
+def test_drafts_and_padding_columns_through_transformers_forward_of_another_architecture():
+    model = tiny("gpt2")  # learned positions: a padding column's position must stay inside the table
+    group = prompts(5, (9, 30, 17))
+    plain = decode(model, None, group, 14)
+    drafted = decode(model, None, group, 14, drafts_every=2)
+    assert all(len(d) >= len(p) and d[:len(p)] == p for d, p in zip(drafted, plain))
 
 
 def test_a_prompt_continued_from_stored_columns_matches():

@@ -165,6 +165,8 @@ def test_keystroke_completions_are_the_same_with_and_without_reuse_on_base_and_l
     stats = on.snapshot()["prefix_cache"]
     assert stats["hits"] >= 60 and stats["reused_tokens"] > stats["prompt_tokens"] // 2
     assert off.snapshot()["prefix_cache"]["hits"] == 0
+    # a keystroke's prompt rest ran in the decode pass (Engine._pass), not in a prefill of its own
+    assert on.snapshot()["counters"]["joined"] >= 60 and off.snapshot()["counters"].get("joined", 0) == 0
 
 
 def test_concurrent_keystrokes_joining_a_running_batch_match_too(engines):
@@ -186,6 +188,34 @@ def test_concurrent_keystrokes_joining_a_running_batch_match_too(engines):
     assert len(results) == 20
     for i in range(10):
         assert results[(True, i)] == results[(False, i)], i
+
+
+def test_the_suggestion_the_user_types_along_is_what_the_first_pass_drafts(engines):
+    """`Engine._typed_ahead`: the previous keystroke's prompt and completion give the text the model expected
+    after the old cursor; when the user typed a start of it, the drafts are the rest of it, so the text before the
+    new cursor and the drafts make up that same text. Typing something else drafts nothing."""
+    from refact_lab.models.healing import heal_fim_prompt
+
+    on, _ = engines
+    route = on.served_models()[0]
+    cut = CODE.index("sizes[ext]")
+
+    def healed(prefix):  # the healed prompt, and the text healing took off its end
+        return heal_fim_prompt(on.tokenizer, route.fim, on.encode_fim(route.fim, prefix, SUFFIX))[:2]
+
+    before, took = healed(CODE[:cut])
+    completion = on.encode(took + "sizes[ext] = sizes.get(ext, 0)", special=False)  # it starts with what was healed
+
+    def text(ids):  # the tokens before the cursor, as text
+        return on.decode_prompt(list(ids[:on._before_cursor(ids)]))
+
+    for typed in ("s", "sizes[", "sizes[ext] = size"):
+        now, took_now = healed(CODE[:cut] + typed)
+        ahead = on._typed_ahead(tuple(before), tuple(completion), now, took_now)
+        assert ahead and text(now) + on.decode_prompt(list(ahead)) == text(before) + on.decode_prompt(completion)
+    for other in ("total", "sizes[name"):
+        now, took_now = healed(CODE[:cut] + other)
+        assert on._typed_ahead(tuple(before), tuple(completion), now, took_now) == (), other
 
 
 def test_stored_prompts_are_forgotten_when_the_base_model_changes(tmp_path, varied_model_dir, tiny_model_dir):
@@ -222,9 +252,9 @@ def test_a_stored_prompt_remembers_its_completion_for_the_nearest_next_prompt():
     layers = [(torch.zeros(1, 2, 10, 4), torch.zeros(1, 2, 10, 4))]
     prompt = list(range(10))
     cache.store("a", prompt, layers)
-    assert cache.completion_near("a", prompt + [99]) == ()  # nothing generated yet
+    assert cache.completion_near("a", prompt + [99]) == ((), ())  # nothing generated yet
     cache.remember("a", prompt, [40, 41, 42])
     cache.remember("a", [7, 7, 7], [1])  # not stored: nothing happens
-    assert cache.completion_near("a", prompt + [40]) == (40, 41, 42)
-    assert cache.completion_near("b", prompt + [40]) == ()  # another adapter's completion is no draft
-    assert cache.completion_near("a", [0, 1, 2, 50, 51]) == ()  # a shared head shorter than min_tokens
+    assert cache.completion_near("a", prompt + [40]) == (tuple(prompt), (40, 41, 42))
+    assert cache.completion_near("b", prompt + [40]) == ((), ())  # another adapter's completion is no draft
+    assert cache.completion_near("a", [0, 1, 2, 50, 51]) == ((), ())  # a shared head shorter than min_tokens

@@ -1,4 +1,4 @@
-"""Prompt-lookup speculative decoding (serve/speculative.py, Engine._speculate, Batch.verify / drop_last).
+"""Prompt-lookup speculative decoding (serve/speculative.py, Engine._pass, Batch.feed / settle).
 
 Two engines on the same tiny model, speculation on (8 drafted tokens) and off, must give the same text, the same
 finish reason and the same streamed events for every request: repetitive code (where drafts are accepted) and
@@ -72,9 +72,11 @@ def test_draft_copies_what_followed_the_latest_occurrence_of_the_tail():
     assert agreed([7, 8, 5], [7, 8, 6, 0]) == 2 and agreed([7], [1, 2]) == 0 and agreed([7, 8], [7, 8, 3]) == 2
 
 
-def test_verify_then_drop_last_leaves_the_cache_of_plain_steps(varied_model_dir):
-    """Feeding [last, d1, d2, d3] and taking back two columns is the cache of feeding last, then d1: the next
-    step's logits match, and the in-place buffer is written over (not copied) by that step."""
+def test_a_pass_with_drafts_then_settle_leaves_the_cache_of_plain_steps(varied_model_dir):
+    """Two rows fed [last, d1, d2, d3] and [last, d1, d2] in one pass, keeping two and three columns: from then
+    on the batch computes what plain steps feeding those tokens compute (the first row's third column, inside
+    the batch, is padding from then on; the last one, which no row keeps, is given back), and the in-place
+    buffer is kept."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -85,33 +87,36 @@ def test_verify_then_drop_last_leaves_the_cache_of_plain_steps(varied_model_dir)
         model = AutoModelForCausalLM.from_pretrained(varied_model_dir).eval()
 
     class Row:
-        def __init__(self):
-            self.prompt_ids, self.pos, self.last_token = [5, 9, 14, 3, 22, 7, 9, 14], 0, 0
+        def __init__(self, ids):
+            self.prompt_ids, self.pos, self.last_token = ids, 0, 0
 
+    def step(batch, a: int, b: int):
+        batch.rows[0].last_token, batch.rows[1].last_token = a, b
+        return batch.step(model)
+
+    def close(got, want):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    prompts = [[5, 9, 14, 3, 22, 7, 9, 14], [8, 1, 30, 2]]
     with torch.inference_mode():
-        spec, plain, undone = Batch(), Batch(), Batch()
-        for b in (spec, plain, undone):
-            b.prefill(model, [Row()])
-            b.rows[0].last_token = 11
-        # every fed token taken back (the engine's fallback on a near tie): as if nothing was fed
-        undone.verify(model, [12, 13])
-        undone.drop_last(3)
-        assert undone.rows[0].pos == 8 and undone.cache.get_seq_length() == 8 and undone.mask.shape[1] == 8
-        logits = spec.verify(model, [12, 13, 40])
-        assert logits.shape[0] == 4 and spec.rows[0].pos == 8 + 4
+        spec, plain = Batch(), Batch()
+        for b in (spec, plain):
+            b.prefill(model, [Row(p) for p in prompts])
+        logits = spec.feed(model, [[11, 12, 13, 40], [4, 6, 9]])
+        assert logits.shape[:2] == (2, 4)
         buffer = spec.cache.layers[0]._kbuf
-        spec.drop_last(2)
-        assert spec.rows[0].pos == 10 and spec.mask.shape[1] == 10 and spec.cache.get_seq_length() == 10
-        first = plain.step(model)
-        assert torch.allclose(undone.step(model), first, atol=1e-4)
-        plain.rows[0].last_token = 12
-        second = plain.step(model)
-        assert torch.allclose(logits[0], first[0], atol=1e-4) and torch.allclose(logits[1], second[0], atol=1e-4)
-        spec.rows[0].last_token = plain.rows[0].last_token = 77
-        a, b = spec.step(model), plain.step(model)
-        assert torch.allclose(a, b, atol=1e-4)
-        assert spec.cache.layers[0]._kbuf is buffer  # the rejected columns were overwritten in place
-        assert spec.rows[0].pos == plain.rows[0].pos == 11
+        spec.settle([2, 3])
+        assert [r.pos for r in spec.rows] == [10, 7] and spec.mask.shape[1] == 8 + 3
+        assert spec.mask[0, -1] == 0 and spec.mask[1, -1] == 1 and spec.padded  # the first row's 13: padding
+        steps = [step(plain, 11, 4), step(plain, 12, 6), step(plain, 77, 9)]
+        for i, want in enumerate(steps[:2]):
+            close(logits[0, i], want[0])
+        for i, want in enumerate(steps):
+            close(logits[1, i], want[1])
+        a, fourth = step(spec, 77, 5), step(plain, 3, 5)
+        close(a[0], steps[2][0])  # the first row after 11, 12, 77: the rejected 13 is not seen
+        close(a[1], fourth[1])
+        assert spec.cache.layers[0]._kbuf is buffer  # the padding columns stay in the buffer; nothing was copied
 
 
 def test_outputs_are_the_same_with_and_without_speculation(engines, reference):
@@ -206,23 +211,25 @@ def test_streamed_events_and_cancellation_match(engines):
         assert a[-1]["text"] == b[-1]["text"] and a[-1]["completion_tokens"] == b[-1]["completion_tokens"]
 
 
-def test_sampling_rows_and_batches_of_several_rows_do_not_speculate(engines):
+def test_sampling_rows_do_not_speculate_and_rows_of_a_small_batch_do(engines):
     import threading
 
-    on, _ = engines
+    on, off = engines
     before = on.snapshot()["speculative"]["steps"]
     on.generate(REPETITIVE[0], SamplingParams(max_tokens=20, temperature=0.8, seed=1))
     assert on.snapshot()["speculative"]["steps"] == before
-    # several requests at once share one batch: the plain step (speculation resumes when one row is left)
-    results = {}
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, on.generate(
-        REPETITIVE[i], SamplingParams(max_tokens=30)))) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    # several requests at once share one batch: each row drafts in the same pass, and keeps what it agreed with
+    shared = on.snapshot()["speculative"]["shared"]
+    for engine in engines:
+        events = [queue.Queue() for _ in range(3)]
+        for i in range(3):  # submitted together: they are prefilled together and decode as one batch
+            engine.submit(Generation(engine.encode(REPETITIVE[i]), SamplingParams(max_tokens=30), events[i].put,
+                                     route=engine.route(None), stream=False))
+        engine.results = [q.get(timeout=60) for q in events]
+    assert on.snapshot()["speculative"]["shared"] > shared
     for i in range(3):
-        assert same(results[i], engines[1].generate(REPETITIVE[i], SamplingParams(max_tokens=30)))
+        assert same(on.results[i], off.results[i])
+        assert same(on.results[i], off.generate(REPETITIVE[i], SamplingParams(max_tokens=30)))  # alone too
 
 
 def test_the_loop_guard_cuts_at_the_same_place(tmp_path_factory, varied_model_dir):
