@@ -328,9 +328,17 @@ def cpu_bench(args) -> None:
                       f"{differ} (left out of the latencies above; fp32 throughout: must be 0; bf16 passes: rounding)")
             rates = {}
             for run, clients in enumerate((1, 4, 16)):
+                before = server.call("GET", "/v1/refact-lab/status")[1]
                 rates[clients], total = throughput(server, clients, args.seconds, run)
+                after = server.call("GET", "/v1/refact-lab/status")[1]
+
+                def grew(part: str, key: str) -> int:
+                    return after[part].get(key, 0) - before[part].get(key, 0)
+
                 print(f"server, {clients:2d} clients  : {rates[clients]:7.1f} tokens/s total ({total} tokens in "
-                      f"{args.seconds:.0f} s)")
+                      f"{args.seconds:.0f} s; {grew('counters', 'submitted')} requests, "
+                      f"{grew('counters', 'joined')} of them ran their prompt's rest in a decode pass, "
+                      f"{grew('speculative', 'shared')} passes where several rows drafted)")
         finally:
             server.stop()
             if plain is not None and plain.proc.poll() is None:

@@ -1,8 +1,9 @@
 """The train/test split of the accepted files: held-out files if the user marked any, else a seeded sample.
 
 The automatic test set is a few files (a share of the dataset, at least one, at most `max_test_files`),
-chosen by hashing (seed, content hash, path): the same files and seed give the same split whatever order the
-files were listed in, and adding a file moves at most a few others. Files of at least 1 KiB (or the median
+chosen by hashing (seed, content hash, path in its source): the same files and seed give the same split whatever
+order the files were listed in, in whichever home and under whichever source id, and adding a file moves at most a
+few others. Files of at least 1 KiB (or the median
 size, if smaller) are preferred, so the test loss is not measured on stubs. A test file never has the same content
 as a training file, or the test loss would measure memorisation.
 
@@ -40,7 +41,10 @@ class SplitError(ValueError):
 
 
 def _rank(seed: int, rec: dict) -> str:
-    key = f"{seed}\0{rec.get('sha256')}\0{rec['source']}/{rec['path']}"
+    # Not the source's id: it ends in a random suffix, so the same files added again (another home, a source
+    # removed and added back, a benchmark's fresh home) would get another test set, and scoreboards and test
+    # losses of the two could not be compared.
+    key = f"{seed}\0{rec.get('sha256')}\0{rec['path']}"
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()  # names need not be UTF-8
 
 

@@ -50,6 +50,7 @@ SHUTTING_DOWN = "the server is shutting down"
 # CPU a pass of 16 rows x 4 tokens costs about a 16-row step plus a 4-token rest run alone
 PASS_TOKENS = 64
 DRAFT_ROWS = 4
+MISS_PAUSE = 2  # plain steps after a pass whose drafts all missed
 
 Event = dict
 Sink = Callable[[Event], None]
@@ -722,7 +723,9 @@ class Engine:
         feeds = [[g.last_token, *d] for g, d in zip(running, drafts)] + \
                 [g.prompt_ids[n:] + d for (g, (n, _)), d in zip(joining, drafts[len(running):])]
         at = [0] * len(running) + [rest - 1 for rest in rests]  # where each row's first new token is predicted
-        twin = self.twin if self.twin is not None and self.twin.wants_step(rows) else None
+        # as wide as a step of this many rows, or as long as a prompt the bf16 copy takes
+        wide = self.twin is not None and (self.twin.wants_step(rows) or self.twin.wants_prompt(sum(map(len, feeds))))
+        twin = self.twin if wide else None
         with self._adapter_contexts(model, group.key, twin):
             logits = batch.feed(model, feeds, self.decoder, twin)
         for i, ((g, _), rest) in enumerate(zip(joining, rests), start=len(running)):
@@ -750,7 +753,7 @@ class Engine:
                 # one row): draft as many as were accepted last time plus one, twice as many after a full hit,
                 # and after a miss take two plain steps before trying again (the text has moved on).
                 g.draft_tokens = min(self.speculative_tokens, 2 * len(d) if n == len(d) else n + 1)
-                g.plain_steps = 2 if n == 0 else 0
+                g.plain_steps = MISS_PAUSE if n == 0 else 0
             if reason:
                 self._finish(g, reason)
                 finished.add(id(g))

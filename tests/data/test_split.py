@@ -33,6 +33,10 @@ def test_automatic_split_is_deterministic_and_order_independent():
     c = _recs(200)
     assign_sets(c, test_share=0.05, max_test_files=20, seed=8)
     assert _test_paths(c) != _test_paths(a)
+    # the same files under another source id (added again, in another home): the same test set
+    d = [{**r, "source": "archive-pkg-3f9a1c"} for r in _recs(200)]
+    assign_sets(d, test_share=0.05, max_test_files=20, seed=7)
+    assert _test_paths(d) == _test_paths(a)
 
 
 def test_at_least_one_and_at_most_max_test_files():
