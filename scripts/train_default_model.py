@@ -25,6 +25,11 @@ Tried on 2026-12-02 (40 minutes, 1,325 steps): on sqlglot 26.0.0's scoreboard (2
 improved with context off and on (named right 0.03 -> 0.18 off, 0.00 -> 0.09 on), context on overall ES
 0.174 -> 0.203, context off 0.215 -> 0.210; but held-out single-line FIM fell (ES 0.337 -> 0.313) and context
 still hurt that model (on / off 0.96x), so that version was not shipped.
+Tried again on 2026-12-07, gentler (38 minutes, 695 steps, `--context-rate 0.25 --lr 0.0001`): on the same
+package's scoreboard (200 cursors, one fixed cursor set) overall ES 0.222 -> 0.230 with context off and
+0.208 -> 0.205 with it on, named right 0.195 -> 0.205 / 0.14 -> 0.19, but cross-file cursors did not move
+(named right 0.06 / 0.03 before and after) and context still hurt (on / off 0.89x): not shipped either. A model
+of 6M weights may be too small to learn to copy from the repository layout in a CPU-hour.
 """
 
 from __future__ import annotations

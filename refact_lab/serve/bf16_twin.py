@@ -75,7 +75,7 @@ def calibrate(model, twin, decoder=None) -> dict[str, dict[int, tuple[float, flo
                 positions = torch.full((rows, 1), 64, dtype=torch.long, device=device)
                 # both write column 64 of the same buffers again and again: the work of one step each time
                 out["step"][rows] = _timed_in_turns([
-                    lambda m=m: _step(m, ids, positions, kbufs, vbufs, 64, None)
+                    lambda m=m: _step(m, ids, positions, kbufs, vbufs, 64, None, decoder.fused_for(m))
                     for m in (decoder.model, twin_base)])
         for tokens in PROMPT_TOKENS:
             ids = torch.randint(0, vocab, (1, tokens), device=device)

@@ -217,3 +217,28 @@ def test_rows_joining_and_leaving_a_batch_keep_their_own_tokens(lean):
     steps(3)
     for i, tokens in got.items():
         assert tokens == alone(model, p[i], len(tokens)), i
+
+
+def test_projections_are_fused_for_plain_layers_only_and_give_the_same_logits():
+    import peft
+
+    from refact_lab.serve.batch import new_cache
+    from refact_lab.serve.decode_step import _step
+
+    model = tiny("qwen2")
+    decoder = LeanDecoder.for_model(model)
+    fused = decoder.fused_for(model)
+    assert fused is not None and fused[0].qkv_bias is not None  # qwen2's q/k/v biases are joined too
+    assert decoder.fused_for(model) is fused  # made once per model
+    ids = torch.tensor([prompts(6, (12,))[0]])
+    with torch.inference_mode():
+        outs = []
+        for f in (None, fused):
+            cache = new_cache()
+            model(input_ids=ids[:, :-1], use_cache=True, past_key_values=cache)
+            bufs = [layer.reserve(1) for layer in cache.layers]
+            outs.append(_step(model, ids[:, -1:], torch.tensor([[11]]), [k for k, _ in bufs], [v for _, v in bufs],
+                              11, None, f))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert decoder.fused_for(wrapped.get_base_model()) is None  # LoRA layers: each projection on its own
