@@ -24,8 +24,11 @@ engine's adapter switch applies to it as it is); the engine copies it again when
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,24 @@ def calibrate(model, twin, decoder=None) -> dict[str, dict[int, tuple[float, flo
     return out
 
 
+def _machine_key(model, threads: int) -> str:
+    """What a calibration's outcome depends on: the model's shape, the CPU, torch's version and threads."""
+    import platform
+
+    import torch
+
+    cfg = model.config
+    shape = [getattr(cfg, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                              "num_key_value_heads", "intermediate_size", "vocab_size")]
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return json.dumps([shape, cpu, os.cpu_count(), torch.__version__, threads])
+
+
 def crossover(timings: dict[int, tuple[float, float]]) -> int | None:
     """The fewest rows where bf16 is not slower and, over that size and every larger one, is clearly faster
     (median ratio at most GAIN); None: no such size. One size measured slow by a busy moment does not move the
@@ -113,9 +134,18 @@ class Bf16Twin:
         self.bytes = sum(p.numel() * 2 for p in model.parameters())
 
     @classmethod
-    def for_model(cls, model, device: str, dtype: str, requested: str, decoder=None) -> "Bf16Twin | None":
+    def for_model(cls, model, device: str, dtype: str, requested: str, decoder=None,
+                  remember: Path | None = None) -> "Bf16Twin | None":
         """A twin when it pays: CPU, fp32 chosen by dtype=auto (an explicit fp32 is the user's wish for fp32
-        numbers), a CPU that computes bf16 natively, and passes that `calibrate` measured faster in bf16."""
+        numbers), a CPU that computes bf16 natively, and passes that `calibrate` measured faster in bf16.
+
+        `remember`: a JSON file keeping each calibration's outcome per model shape, CPU, torch version and thread
+        count: the next load of the same shape on the same machine takes the same choice. Timings move with the
+        machine's load, and a choice that changed between two loads would change some greedy completions (bf16
+        rounds differently), so two scoreboard runs of the same inputs would differ."""
+        import torch
+
+        from refact_lab.home import atomic_write_json, read_json
         from refact_lab.models.loading import cpu_has_native_bf16
 
         if device != "cpu" or dtype != "float32" or requested != "auto" or not cpu_has_native_bf16():
@@ -123,11 +153,30 @@ class Bf16Twin:
         if (getattr(getattr(model, "config", None), "hidden_size", 0) or 0) < MIN_HIDDEN:
             return None
         twin = cls(model, None)
-        twin.timings = calibrate(model, twin.model_for(model), decoder)
-        twin.min_rows = crossover(twin.timings["step"])
-        twin.min_tokens = crossover(twin.timings["prompt"])
-        log.info("bf16 twin: steps from %s rows, prompts from %s tokens (fp32 / bf16 ms: %s)",
-                 twin.min_rows, twin.min_tokens, twin.timings)
+        key = _machine_key(model, torch.get_num_threads())
+        known = (read_json(remember, {}) or {}).get(key) if remember is not None else None
+        if isinstance(known, dict) and {"min_rows", "min_tokens", "timings"} <= set(known):
+            twin.min_rows, twin.min_tokens = known["min_rows"], known["min_tokens"]
+            twin.timings = {kind: {int(k): tuple(v) for k, v in t.items()} for kind, t in known["timings"].items()}
+            if twin.min_rows or twin.min_tokens:
+                twin.model_for(model)  # copied now, not on the first request
+            log.info("bf16 twin: steps from %s rows, prompts from %s tokens (as timed at an earlier load)",
+                     twin.min_rows, twin.min_tokens)
+        else:
+            twin.timings = calibrate(model, twin.model_for(model), decoder)
+            twin.min_rows = crossover(twin.timings["step"])
+            twin.min_tokens = crossover(twin.timings["prompt"])
+            log.info("bf16 twin: steps from %s rows, prompts from %s tokens (fp32 / bf16 ms: %s)",
+                     twin.min_rows, twin.min_tokens, twin.timings)
+            if remember is not None:
+                try:
+                    known_all = read_json(remember, {}) or {}
+                    known_all[key] = {"min_rows": twin.min_rows, "min_tokens": twin.min_tokens,
+                                      "timings": {kind: {str(k): list(v) for k, v in t.items()}
+                                                  for kind, t in twin.timings.items()}}
+                    atomic_write_json(remember, known_all)
+                except OSError as e:  # a read-only home still serves; it only times again next load
+                    log.warning("bf16 twin: could not remember the timing in %s: %s", remember, e)
         return twin if twin.min_rows or twin.min_tokens else None
 
     def wants_step(self, rows: int) -> bool:

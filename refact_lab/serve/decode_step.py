@@ -163,11 +163,13 @@ class LeanDecoder:
         self.compile_seconds: float | None = None
         self.compile_error: str | None = None
         self.steps = {"lean": 0, "compiled": 0}
-        self._fusion: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its q_proj ids, fused)
+        self._fusion: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (module ids, fused)
 
     def fused_for(self, model) -> list[FusedLayer] | None:
-        """`fuse_projections(model)`, made again when its projection modules change (adapters wrap them)."""
-        modules = tuple(id(layer.self_attn.q_proj) for layer in model.model.layers)
+        """`fuse_projections(model)`, made again when any of its projection modules changes (adapters wrap them)."""
+        modules = tuple(id(m) for layer in model.model.layers
+                        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                                  getattr(layer.mlp, "gate_proj", None), getattr(layer.mlp, "up_proj", None)))
         entry = self._fusion.get(model)
         if entry is None or entry[0] != modules:
             entry = self._fusion[model] = (modules, fuse_projections(model))

@@ -1099,7 +1099,8 @@ class Engine:
             self._prepare_decoder(model, device)
             from refact_lab.serve.bf16_twin import Bf16Twin
 
-            self.twin = Bf16Twin.for_model(model, device, dtype, cfg.dtype, self.decoder)
+            self.twin = Bf16Twin.for_model(model, device, dtype, cfg.dtype, self.decoder,
+                                           remember=self.home.root / "bf16_twin.json")
             with self._tok_lock:
                 self.tokenizer = tokenizer
             self._fim_markers = spec.fim.marker_ids(tokenizer)

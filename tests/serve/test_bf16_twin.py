@@ -238,3 +238,29 @@ def test_the_memory_plan_counts_the_copy_where_it_may_be_kept(tmp_path):
         assert "bf16 copy" in auto.summary()
     assert memory_plan.plan(str(wide), "cpu", "fp32", 512, 4).estimate.twin_bytes == 0  # fp32 asked for
     assert memory_plan.plan(str(narrow), "cpu", "auto", 512, 4).estimate.twin_bytes == 0  # too narrow
+
+
+def test_the_timed_choice_is_remembered_per_machine_and_taken_at_the_next_load(tmp_path, monkeypatch):
+    """The crossover moves with the machine's load; a choice that changed between two loads would change greedy
+    completions (bf16 rounds differently), so the second load of the same shape takes the first one's choice."""
+    if not cpu_has_native_bf16():
+        pytest.skip("no native bf16 on this CPU: no twin is timed")
+    m = model()
+    remember = tmp_path / "bf16_twin.json"
+    calls = []
+    real = bf16_twin.calibrate
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bf16_twin, "calibrate", counted)
+    first = Bf16Twin.for_model(m, "cpu", "float32", "auto", LeanDecoder.for_model(m), remember=remember)
+    assert len(calls) == 1 and remember.is_file()
+    # the next load sees other timings (a busy machine): it must not time again, nor choose otherwise
+    monkeypatch.setattr(bf16_twin, "calibrate", lambda *a, **k: pytest.fail("timed again"))
+    second = Bf16Twin.for_model(m, "cpu", "float32", "auto", LeanDecoder.for_model(m), remember=remember)
+    assert (first is None) == (second is None)
+    if first is not None:
+        assert (second.min_rows, second.min_tokens) == (first.min_rows, first.min_tokens)
+        assert second.current is not None  # copied at load, not on the first request
