@@ -91,13 +91,11 @@ def heal_fim_prompt(tok, fim: FimFormat, prompt_ids: list[int]) -> tuple[list[in
     markers = fim.marker_ids(tok)
     if markers is None or not prompt_ids or prompt_ids[-1] != markers[2]:
         return unchanged
-    prefix_id, suffix_id, _ = markers
-    # the prefix ends just before the suffix token (PSM) or just before the final middle token (SPM)
-    try:
-        start = prompt_ids.index(prefix_id)
-        end = prompt_ids.index(suffix_id) if fim.order == "psm" else len(prompt_ids) - 1
-    except ValueError:
+    prefix_id = markers[0]
+    end = fim.cursor_index(prompt_ids, markers)
+    if end is None or prefix_id not in prompt_ids:
         return unchanged
+    start = prompt_ids.index(prefix_id)
     if end - start < 2:  # an empty prefix, or only one token: nothing to heal
         return unchanged
     vocab = vocabulary(tok)

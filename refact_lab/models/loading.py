@@ -24,18 +24,22 @@ def load_tokenizer(spec: ModelSpec | str):
     return AutoTokenizer.from_pretrained(spec.source)
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16): there bf16 weights run prefill and
-    batched decoding 2-3x faster than fp32. Elsewhere bf16 is emulated and slower, so fp32 stays the choice."""
+def cpu_info(field: str) -> str | None:
+    """The first value of `field` ("flags", "model name", ...) in /proc/cpuinfo; None where there is none."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return False
+    return None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16): there bf16 weights run prefill and
+    batched decoding 2-3x faster than fp32. Elsewhere bf16 is emulated and slower, so fp32 stays the choice."""
+    return bool(set((cpu_info("flags") or "").split()) & {"amx_bf16", "avx512_bf16"})
 
 
 # Below this many weights a CPU decodes faster in fp32: oneDNN's bf16 matmul costs about 25 us more per call than

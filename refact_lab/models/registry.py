@@ -50,6 +50,14 @@ class FimFormat:
         ids = tuple(token_id(tok, t) for t in (self.prefix, self.suffix, self.middle))
         return None if None in ids else ids
 
+    def cursor_index(self, ids, markers: tuple[int, int, int]) -> int | None:
+        """Where the text before the cursor ends in a FIM prompt's token ids (`markers`: `marker_ids`): at the
+        suffix token (PSM) or at the final middle token (SPM); None when `ids` is not laid out so."""
+        _, suffix_id, middle_id = markers
+        if self.order == "psm":
+            return ids.index(suffix_id) if suffix_id in ids else None
+        return len(ids) - 1 if len(ids) and ids[-1] == middle_id else None
+
     def stop_ids(self, tok) -> list[int]:
         """Ids of the stop tokens this tokenizer has as single tokens."""
         return [i for i in (token_id(tok, t) for t in self.stop_tokens) if i is not None]

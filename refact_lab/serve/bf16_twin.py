@@ -93,15 +93,12 @@ def _machine_key(model, threads: int) -> str:
 
     import torch
 
+    from refact_lab.models.loading import cpu_info
+
     cfg = model.config
     shape = [getattr(cfg, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                               "num_key_value_heads", "intermediate_size", "vocab_size")]
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_info("model name") or platform.processor() or platform.machine()
     return json.dumps([shape, cpu, os.cpu_count(), torch.__version__, threads])
 
 

@@ -545,11 +545,12 @@ class Engine:
                 self._check_prefix_owner(model)
                 joining, others = self._split_newcomers(group, newcomers)
                 if others:
+                    rows, reuse = [g for g, _ in others], [r for _, r in others]
                     twin = self.twin
                     with self._adapter_contexts(model, group.key, twin):
-                        logits = group.batch.prefill(model, [g for g, _ in others], self.prefix_cache, group.key,
-                                                     self.decoder, twin, reuse=[r for _, r in others])
-                    self._accept(group, [g for g, _ in others], sample(logits, [g for g, _ in others]))
+                        logits = group.batch.prefill(model, rows, self.prefix_cache, group.key, self.decoder, twin,
+                                                     reuse=reuse)
+                    self._accept(group, rows, sample(logits, rows))
                 if joining:
                     self._pass(group, model, joining)
             elif len(group.batch) and not self._pass(group, model, []):
@@ -634,16 +635,10 @@ class Engine:
             group.batch.keep([i for i, r in enumerate(group.batch.rows) if id(r) not in finished])
 
     def _before_cursor(self, ids) -> int:
-        """How many of a prompt's tokens come before the cursor: up to its FIM suffix marker (prefix-suffix-middle
-        order) or its middle marker (suffix-prefix-middle); the whole prompt when it has no markers."""
-        markers = self._fim_markers
-        if markers is None:
-            return len(ids)
-        end = markers[1] if self.spec.fim.order == "psm" else markers[2]
-        for i in range(len(ids) - 1, -1, -1):
-            if ids[i] == end:
-                return i
-        return len(ids)
+        """How many of a prompt's tokens come before the cursor (FimFormat.cursor_index); all of a prompt that is
+        not laid out as FIM."""
+        end = self.spec.fim.cursor_index(ids, self._fim_markers) if self._fim_markers is not None else None
+        return len(ids) if end is None else end
 
     def _typed_ahead(self, before: tuple, completion: tuple, ids: list[int], healed: str = "") -> tuple[int, ...]:
         """The tokens the previous keystroke's completion still suggests now: its prompt `before` and `completion`
