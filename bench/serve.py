@@ -18,8 +18,10 @@ tokens without hitting a stop token are used, so both sides produce exactly the 
    character by character, a FIM completion (16 tokens) requested after each character, through an engine
    with prefix reuse and one without (`prefix_cache_mib=0`), one request each in turn. Reuse is both halves of
    what the previous keystroke left in the prefix cache: its prompt's KV and its completion, which drafts the
-   next one when the user typed what was suggested (serve/prefix_cache.py). The texts must match when every pass
-   is fp32 (a prompt computed in two parts rounds differently in bf16, as batching with other prompts does).
+   next one when the user typed what was suggested (serve/prefix_cache.py). The engine runs in the precision
+   `--dtype` asks, as the server in 2 does (auto: fp32 weights and, on a CPU with native bf16, the bf16 copy
+   that serve/bf16_twin.py times at load). The texts must match when every pass is fp32 (`--dtype fp32`); with
+   bf16 passes a prompt computed in two parts rounds differently, as batching with other prompts does.
    The server keeps its default prefix cache in 2. For the throughput runs each client is a user typing through
    its own file, asking after every 10 characters: prompts share their start with that client's previous ones
    (as an IDE's do) and never repeat one; every run starts on other files.
@@ -349,7 +351,7 @@ def cpu_bench(args) -> None:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            slow, fast, stats = pool.submit(keystroke_replay, folder, server.dtype, tmp, args.keystrokes,
+            slow, fast, stats = pool.submit(keystroke_replay, folder, args.dtype, tmp, args.keystrokes,
                                             args.threads, args.compile_decode).result()
         print(f"keystroke replay    : {len(fast)} keystrokes, FIM prompt up to {stats['prompt_tokens_last']} tokens, "
               f"{REPLAY_TOKENS} new tokens each")
@@ -360,7 +362,8 @@ def cpu_bench(args) -> None:
               f"{stats['reused_tokens']} of {stats['prompt_tokens']} prompt tokens reused, "
               f"{stats['entries']} prompts in {stats['used_mib']} MiB")
         print(f"  completions that differ: {stats['texts_differ']} (fp32 throughout: must be 0; with bf16 passes: "
-              "rounding of a prompt computed in two parts, the kind of difference batching already makes)")
+              "rounding of a prompt computed in two parts, the kind of difference batching already makes); "
+              f"passes in the bf16 copy: {stats['bf16_passes']}")
         speed_up = statistics.median(base) / statistics.median(lat)
         print(f"\nserver p50 at one client: {statistics.median(lat) / statistics.median(base):.2f} of generate's "
               "(goal <= 0.5)")
@@ -409,7 +412,7 @@ def keystroke_replay(folder: str, dtype: str, tmp: Path, keystrokes: int, thread
 
         torch.set_num_threads(threads)
     home = Home.resolve(tmp / "replay").ensure()
-    home.update_settings(model=folder, dtype={"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype])
+    home.update_settings(model=folder, dtype=dtype)  # auto: as the server above chose (its bf16 copy included)
     engine = Engine(home, prefix_cache_mib=256, compile_decode=compile_decode).start().wait_ready(300)
     caches = [PrefixCache(0), engine.prefix_cache]
     try:
@@ -430,6 +433,7 @@ def keystroke_replay(folder: str, dtype: str, tmp: Path, keystrokes: int, thread
         stats = caches[1].stats()
         stats["prompt_tokens_last"] = len(ids)
         stats["texts_differ"] = differ
+        stats["bf16_passes"] = (engine.snapshot()["bf16_twin"] or {}).get("passes", 0)
         return times[0], times[1], stats
     finally:
         engine.stop()

@@ -38,6 +38,9 @@ PROMPT_TOKENS = (16, 32, 64, 128)
 GAIN = 0.9  # bf16 must take at most this share of fp32's time to count as faster (noise and the cast)
 MIN_HIDDEN = 256
 REPEAT = 10
+# Part of the remembered choice's key: raised when the timed passes change (2: bf16 weights prepacked), so a home
+# times them again instead of keeping a choice made for slower code
+TIMED_CODE = 2
 
 
 def _timed_in_turns(calls, repeat: int = REPEAT) -> tuple[float, float]:
@@ -88,7 +91,8 @@ def calibrate(model, twin, decoder=None) -> dict[str, dict[int, tuple[float, flo
 
 
 def _machine_key(model, threads: int) -> str:
-    """What a calibration's outcome depends on: the model's shape, the CPU, torch's version and threads."""
+    """What a calibration's outcome depends on: the model's shape, the CPU, torch's version and threads, and the
+    code timed."""
     import platform
 
     import torch
@@ -99,7 +103,7 @@ def _machine_key(model, threads: int) -> str:
     shape = [getattr(cfg, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                               "num_key_value_heads", "intermediate_size", "vocab_size")]
     cpu = cpu_info("model name") or platform.processor() or platform.machine()
-    return json.dumps([shape, cpu, os.cpu_count(), torch.__version__, threads])
+    return json.dumps([shape, cpu, os.cpu_count(), torch.__version__, threads, TIMED_CODE])
 
 
 def crossover(timings: dict[int, tuple[float, float]]) -> int | None:

@@ -14,7 +14,8 @@ are loaded the eager step runs instead (peft switches adapters with Python state
 
 On a CPU, a small model's q/k/v projections run as one matrix product and its MLP's gate/up as another
 (`fuse_projections`: copies, only of plain linear layers, so a LoRA-wrapped layer keeps its own modules): a product
-of one row costs mostly its call there.
+of one row costs mostly its call there. In bf16 every product's weight is also prepacked for oneDNN (`Projection`),
+which F.linear would reorder again on each call.
 
 Everything else (prefill of fresh prompts, models of other architectures) keeps transformers' forward. Greedy tokens
 equal that forward's (tests/serve/test_decode_step.py compares them, padded batches and drafts included).
@@ -61,7 +62,7 @@ def _step(model, ids, positions, kbufs: list, vbufs: list, n: int, mask, fused=N
     """Logits [rows, tokens, vocab] of `ids` [rows, tokens] at `positions`; their keys and values are written into
     columns n.. of each layer's buffers (converted to the buffers' dtype), and attention reads columns ..n+tokens.
     `mask`: None (every column of every row is real and tokens == 1) or bool [rows, 1, tokens, columns].
-    `fused`: per layer, the q/k/v and gate/up weights in one matrix each (`fuse_projections`), or None."""
+    `fused`: the model's projections with q/k/v and gate/up in one matrix each (`fuse_projections`), or None."""
     import torch.nn.functional as F
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -75,7 +76,7 @@ def _step(model, ids, positions, kbufs: list, vbufs: list, n: int, mask, fused=N
         shape = (rows, tokens, -1, a.head_dim)
         if fused is not None:
             f = fused[i]
-            q, k, v = F.linear(h, f.qkv, f.qkv_bias).split(f.qkv_sizes, dim=-1)
+            q, k, v = f.qkv(h).split(f.qkv_sizes, dim=-1)
             q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
         else:
             q, k, v = a.q_proj(h).view(shape), a.k_proj(h).view(shape), a.v_proj(h).view(shape)
@@ -88,69 +89,148 @@ def _step(model, ids, positions, kbufs: list, vbufs: list, n: int, mask, fused=N
         # a bf16 twin's pass (serve/bf16_twin.py) attends in the buffers' fp32, and goes on in bf16
         o = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask, scale=a.scaling,
                                            enable_gqa=q.shape[1] != keys.shape[1])
-        x = x + a.o_proj(o.transpose(1, 2).reshape(rows, tokens, -1).to(x.dtype))
+        o = o.transpose(1, 2).reshape(rows, tokens, -1).to(x.dtype)
+        x = x + (a.o_proj(o) if fused is None else f.o(o))
         h = layer.post_attention_layernorm(x)
         if fused is not None:
-            gate, up = F.linear(h, f.gate_up, f.gate_up_bias).split(f.gate_up_sizes, dim=-1)
-            x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+            gate, up = f.gate_up(h).split(f.gate_up_sizes, dim=-1)
+            x = x + f.down(layer.mlp.act_fn(gate) * up)
         else:
             x = x + layer.mlp(h)
-    return model.lm_head(inner.norm(x))
+    return (model.lm_head if fused is None else fused.head)(inner.norm(x))
 
 
 # The fused copies of a model's projections may take this much memory (beside its weights) at most
 FUSE_MAX_BYTES = 64 * 2**20
 
 
+class Projection:
+    """`x @ weight.T + bias`. A bf16 weight on a CPU is also kept prepacked in oneDNN's blocked layout: a plain
+    `F.linear` in bf16 reorders its whole weight into that layout on every call, which for the few rows of a
+    decode step costs more than the product (on this project's 2-core EPYC, 1 row x 320 -> 1728: 49 us through
+    F.linear, 26 us prepacked; the logits' 320 -> 4096: 87 us, 39 us). The packed product is the same oneDNN
+    kernel, so its results are bit-identical; `_prepacked` checks that once, and keeps the plain call otherwise."""
+
+    __slots__ = ("weight", "bias", "packed", "_product")
+
+    def __init__(self, weight, bias=None):
+        import torch
+        import torch.nn.functional as F
+
+        self.weight, self.bias = weight, bias
+        self.packed = _prepacked(weight, bias)
+        self._product = torch.ops.mkldnn._linear_pointwise if self.packed is not None else F.linear
+
+    def __call__(self, x):
+        if self.packed is not None:
+            return self._product(x, self.packed, self.bias, "none", [], "")
+        return self._product(x, self.weight, self.bias)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weight and bias."""
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.bias) if t is not None)
+
+    @property
+    def packed_nbytes(self) -> int:
+        """Bytes of the packed copy (0: none)."""
+        return 0 if self.packed is None else self.weight.numel() * self.weight.element_size()
+
+
+def _prepacked(weight, bias):
+    """`weight` in oneDNN's layout for `_linear_pointwise`, when it is bf16 on a CPU and a probe product through
+    it equals F.linear's exactly; else None (fp32 goes through MKL, whose rounding differs from oneDNN's)."""
+    import torch
+    import torch.nn.functional as F
+
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        with torch.inference_mode():
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+            probe = torch.randn((1, 3, weight.shape[1]), generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+            same = torch.equal(torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], ""),
+                               F.linear(probe, weight, bias))
+    except (RuntimeError, AttributeError) as exc:  # a torch built without oneDNN, or without these ops
+        log.debug("bf16 weights not prepacked: %s", exc)
+        return None
+    return packed if same else None
+
+
 @dataclass
 class FusedLayer:
-    qkv: Any
-    qkv_bias: Any
+    qkv: Projection
     qkv_sizes: tuple[int, int, int]
-    gate_up: Any
-    gate_up_bias: Any
+    o: Projection
+    gate_up: Projection
     gate_up_sizes: tuple[int, int]
+    down: Projection
 
 
-def fuse_projections(model) -> list[FusedLayer] | None:
+@dataclass
+class FusedModel:
+    """A model's projections for the lean step: per layer (FusedLayer), and the logits' head."""
+    layers: list[FusedLayer]
+    head: Projection
+
+    def __getitem__(self, i: int) -> FusedLayer:
+        return self.layers[i]
+
+
+def projection_modules(model) -> tuple:
+    """The modules `fuse_projections` copies, in a fixed order (the decoder makes them again when one changes)."""
+    mods = []
+    for layer in model.model.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        mods += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, getattr(mlp, "gate_proj", None),
+                 getattr(mlp, "up_proj", None), getattr(mlp, "down_proj", None)]
+    return (*mods, getattr(model, "lm_head", None))
+
+
+def fuse_projections(model) -> FusedModel | None:
     """For a small model on a CPU: each layer's q/k/v projections as one matrix and its MLP's gate/up as another
-    (copies; the model is unchanged), so a pass makes 2 matrix products per layer where it made 5. On a CPU each
-    product of one row costs mostly its call: on this project's 2-core CPU three 320x320 bf16 products of one row
-    took 86 us, one 960x320 product 48 us. None when a layer's projections are not plain linear layers (LoRA
-    adapters wrap them while loaded), the model is not on a CPU, or the copies would take more than
-    FUSE_MAX_BYTES."""
+    (copies; the model is unchanged), so a pass makes 2 matrix products per layer where it made 5; in bf16 every
+    product's weight is prepacked too (`Projection`). On a CPU each product of one row costs mostly its call: on
+    this project's 2-core CPU three 320x320 bf16 products of one row took 86 us, one 960x320 product 48 us. None
+    when a projection is not a plain linear layer (LoRA adapters wrap them while loaded), the model is not on a
+    CPU, or the copies would take more than FUSE_MAX_BYTES."""
     import torch
 
     def plain(*modules) -> bool:
         return all(type(m) is torch.nn.Linear for m in modules)
 
-    def joined(*modules):
+    def joined(*modules) -> Projection | None:
         weight = torch.cat([m.weight for m in modules])
         biases = [m.bias for m in modules]
         if all(b is None for b in biases):
-            return weight, None
+            return Projection(weight)
         if any(b is None for b in biases):
             return None
-        return weight, torch.cat(biases)
+        return Projection(weight, torch.cat(biases))
 
     layers = model.model.layers
-    if not layers or layers[0].self_attn.q_proj.weight.device.type != "cpu":
+    if not layers or layers[0].self_attn.q_proj.weight.device.type != "cpu" or not plain(*projection_modules(model)):
         return None
     out, total = [], 0
-    for layer in layers:
-        a, mlp = layer.self_attn, layer.mlp
-        if not (plain(a.q_proj, a.k_proj, a.v_proj) and plain(getattr(mlp, "gate_proj", None),
-                                                             getattr(mlp, "up_proj", None))):
+    with torch.no_grad():
+        for layer in layers:
+            a, mlp = layer.self_attn, layer.mlp
+            qkv, gate_up = joined(a.q_proj, a.k_proj, a.v_proj), joined(mlp.gate_proj, mlp.up_proj)
+            if qkv is None or gate_up is None:
+                return None
+            fused = FusedLayer(qkv, (a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features),
+                               Projection(a.o_proj.weight, a.o_proj.bias), gate_up,
+                               (mlp.gate_proj.out_features, mlp.up_proj.out_features),
+                               Projection(mlp.down_proj.weight, mlp.down_proj.bias))
+            # the joined matrices are copies; o and down use the model's own weights (a packed layout is a copy)
+            total += qkv.nbytes + gate_up.nbytes + sum(p.packed_nbytes for p in (qkv, fused.o, gate_up, fused.down))
+            if total > FUSE_MAX_BYTES:
+                return None
+            out.append(fused)
+        head = Projection(model.lm_head.weight, model.lm_head.bias)
+        if total + head.packed_nbytes > FUSE_MAX_BYTES:
             return None
-        qkv, gate_up = joined(a.q_proj, a.k_proj, a.v_proj), joined(mlp.gate_proj, mlp.up_proj)
-        if qkv is None or gate_up is None:
-            return None
-        total += sum(t.numel() * t.element_size() for t in (*qkv, *gate_up) if t is not None)
-        if total > FUSE_MAX_BYTES:
-            return None
-        out.append(FusedLayer(qkv[0], qkv[1], (a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features),
-                              gate_up[0], gate_up[1], (mlp.gate_proj.out_features, mlp.up_proj.out_features)))
-    return out
+    return FusedModel(out, head)
 
 
 class LeanDecoder:
@@ -165,11 +245,9 @@ class LeanDecoder:
         self.steps = {"lean": 0, "compiled": 0}
         self._fusion: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (module ids, fused)
 
-    def fused_for(self, model) -> list[FusedLayer] | None:
+    def fused_for(self, model) -> FusedModel | None:
         """`fuse_projections(model)`, made again when any of its projection modules changes (adapters wrap them)."""
-        modules = tuple(id(m) for layer in model.model.layers
-                        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                                  getattr(layer.mlp, "gate_proj", None), getattr(layer.mlp, "up_proj", None)))
+        modules = tuple(id(m) for m in projection_modules(model))
         entry = self._fusion.get(model)
         if entry is None or entry[0] != modules:
             entry = self._fusion[model] = (modules, fuse_projections(model))

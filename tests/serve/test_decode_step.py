@@ -228,7 +228,7 @@ def test_projections_are_fused_for_plain_layers_only_and_give_the_same_logits():
     model = tiny("qwen2")
     decoder = LeanDecoder.for_model(model)
     fused = decoder.fused_for(model)
-    assert fused is not None and fused[0].qkv_bias is not None  # qwen2's q/k/v biases are joined too
+    assert fused is not None and fused[0].qkv.bias is not None  # qwen2's q/k/v biases are joined too
     assert decoder.fused_for(model) is fused  # made once per model
     ids = torch.tensor([prompts(6, (12,))[0]])
     with torch.inference_mode():
@@ -242,3 +242,24 @@ def test_projections_are_fused_for_plain_layers_only_and_give_the_same_logits():
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["up_proj"]))
     assert decoder.fused_for(wrapped.get_base_model()) is None  # a LoRA layer anywhere: each projection on its own
+
+
+def test_bf16_projections_are_prepacked_and_give_the_same_products():
+    import torch.nn.functional as F
+
+    from refact_lab.models.loading import cpu_has_native_bf16
+    from refact_lab.serve.decode_step import Projection
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 64).bfloat16(), torch.randn(96).bfloat16()
+    x = torch.randn(3, 5, 64).bfloat16()
+    for b in (None, bias):
+        projection = Projection(weight, b)
+        if cpu_has_native_bf16() and torch.backends.mkldnn.is_available():
+            assert projection.packed is not None and projection.packed_nbytes == weight.numel() * 2
+        with torch.inference_mode():
+            assert torch.equal(projection(x), F.linear(x, weight, b))  # packed or not: the same bits
+    assert Projection(weight.float()).packed is None  # fp32 keeps MKL's products, whose rounding differs
+    model = tiny("qwen2").to(torch.bfloat16)
+    fused = LeanDecoder.for_model(model).fused_for(model)
+    assert fused is not None and fused.head.weight is model.lm_head.weight
