@@ -283,3 +283,16 @@ def test_the_next_keystroke_drafts_the_rest_of_the_previous_completion(tmp_path,
     finally:
         with_cache.stop()
         without.stop()
+
+
+def test_a_lone_row_drafts_eagerly_only_where_a_wide_pass_is_cheap(engines):
+    """After a miss a row pauses and drafts as many as paid lately; `eager` (a lone row in the bf16 copy, where
+    9 tokens cost little more than one) drafts the most every pass."""
+    on, _ = engines
+    ids = on.encode(REPETITIVE[0])
+    g = Generation(ids, SamplingParams(max_tokens=40), lambda event: None, route=on.route(None))
+    g.draft_tokens, g.plain_steps = 1, 2  # as after a pass whose drafts all missed
+    assert on._drafts(g, 8) == [] and g.plain_steps == 1
+    eager = on._drafts(g, 8, eager=True)
+    assert len(eager) > 1 and g.draft_tokens == on.speculative_tokens
+    assert eager == draft(ids, min(8, on.speculative_tokens))
