@@ -230,6 +230,10 @@ def test_projections_are_fused_for_plain_layers_only_and_give_the_same_logits():
     fused = decoder.fused_for(model)
     assert fused is not None and fused[0].qkv.bias is not None  # qwen2's q/k/v biases are joined too
     assert decoder.fused_for(model) is fused  # made once per model
+    # torch's rms_norm gave the norm modules' bits; queries and keys rotate together where no per-head norm is
+    assert fused[0].attn_norm.fast and fused.final_norm.fast and fused[0].qk_together
+    qwen3 = tiny("qwen3")
+    assert not LeanDecoder.for_model(qwen3).fused_for(qwen3)[0].qk_together
     ids = torch.tensor([prompts(6, (12,))[0]])
     with torch.inference_mode():
         outs = []
