@@ -30,6 +30,8 @@ from __future__ import annotations
 import collections
 from typing import Any, Hashable, Sequence
 
+import numpy as np
+
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two token lists."""
@@ -46,11 +48,22 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return lo
 
 
+def _common_prefix_of_arrays(a: np.ndarray, b: np.ndarray) -> int:
+    """`common_prefix` of two token arrays, in one vectorized comparison: a lookup compares the new prompt with
+    every stored one, and for prompts that share most of their text (a file typed character by character) the
+    slices `common_prefix` bisects with cost about 20 us each (47 stored prompts of ~470 tokens: 0.95 ms per
+    lookup in slices, 0.14 ms in arrays)."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n
+
+
 class _Entry:
-    __slots__ = ("key", "ids", "layers", "nbytes", "completion")
+    __slots__ = ("key", "ids", "tokens", "layers", "nbytes", "completion")
 
     def __init__(self, key, ids: tuple[int, ...], layers: list[tuple[Any, Any]]):
         self.key, self.ids, self.layers = key, ids, layers
+        self.tokens = np.asarray(ids, dtype=np.int64)
         self.completion: tuple[int, ...] = ()
         self.nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
 
@@ -78,15 +91,15 @@ class PrefixCache:
     def lookup(self, key: Hashable, ids: Sequence[int]) -> tuple[int, list[tuple[Any, Any]] | None]:
         """(n, layers): the first n tokens of `ids` have these stored keys/values ([1, heads, >= n, dim] per
         layer; only the first n columns are meant); (0, None) when nothing worth reusing is stored."""
-        ids = tuple(ids)  # tuples on both sides: a list never equals a tuple
+        tokens = np.asarray(ids, dtype=np.int64)
         self.lookups += 1
-        self.prompt_tokens += len(ids)
+        self.prompt_tokens += len(tokens)
         best, best_n = None, 0
-        limit = len(ids) - 1
+        limit = len(tokens) - 1
         for slot, e in self._entries.items():
             if e.key != key:
                 continue
-            n = min(common_prefix(e.ids, ids), limit)
+            n = min(_common_prefix_of_arrays(e.tokens, tokens), limit)
             if n > best_n:
                 best, best_n = slot, n
         if best is None or best_n < self.min_tokens:
@@ -99,11 +112,11 @@ class PrefixCache:
     def completion_near(self, key: Hashable, ids: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(prompt, completion): the stored prompt of this adapter sharing the longest prefix with `ids` (at least
         `min_tokens`) and what was generated for it; ((), ()) when none does or nothing was remembered for it."""
-        ids = tuple(ids)
+        tokens = np.asarray(ids, dtype=np.int64)
         best, best_n = None, self.min_tokens - 1
         for e in self._entries.values():
             if e.key == key and e.completion:
-                n = common_prefix(e.ids, ids)
+                n = _common_prefix_of_arrays(e.tokens, tokens)
                 if n > best_n:
                     best, best_n = e, n
         return (best.ids, best.completion) if best is not None else ((), ())
@@ -125,7 +138,8 @@ class PrefixCache:
             return
         for slot, e in list(self._entries.items()):
             # an entry this prompt extends (or repeats) can never give a longer match than this one
-            if e.key == key and len(e.ids) <= len(entry.ids) and entry.ids[:len(e.ids)] == e.ids:
+            if e.key == key and len(e.ids) <= len(entry.ids) and \
+                    _common_prefix_of_arrays(e.tokens, entry.tokens) == len(e.ids):
                 self._drop(slot)
         self._seq += 1
         self._entries[self._seq] = entry
