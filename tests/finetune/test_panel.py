@@ -81,7 +81,9 @@ def test_preview_start_stop_resume_and_the_live_plot(home, stdlib_project, learn
 
         _wait_for(lambda: (service.status(run_id).get("step") or 0) >= 1, what="the first step")
         panel.stop_button.click()
-        assert "Stopping" in panel.message.value
+        # "Stopping..." until the run is seen stopped; the polling thread may already have seen it stop
+        message = panel.message.value
+        assert f"Stopping {run_id}" in message or f"Run {run_id} stopped at step" in message, message
         _wait_for(lambda: service.status(run_id)["state"] == "stopped", what="stopped")
         stopped_at = service.status(run_id)["step"]
         assert stopped_at < 30
