@@ -38,15 +38,13 @@ def fake_kv(tokens: int, layers: int = 2):
 def test_common_prefix():
     import numpy as np
 
-    from refact_lab.serve.prefix_cache import _common_prefix_of_arrays
-
     long = tuple(range(1000))
     cases = [((1, 2, 3), (1, 2, 4), 2), ((1, 2, 3), (1, 2, 3, 4), 3), ((5,), (1,), 0), ((), (1,), 0),
              (long, long[:777] + (-1,) + long[778:], 777), ((151643, 7), (151643, 7), 2)]
     for a, b, n in cases:
         assert common_prefix(a, b) == n
         # the form stored prompts are compared in
-        assert _common_prefix_of_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)) == n
+        assert common_prefix(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)) == n
 
 
 def test_lookup_finds_the_longest_match_of_the_same_adapter_and_leaves_one_token_to_run():
