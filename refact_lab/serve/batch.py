@@ -505,10 +505,12 @@ def sample(logits, rows: Sequence[Any]) -> list[int]:
             out.append(greedy[i])
             continue
         gen = r.generator
-        x = logits[i].float()
+        # in float64, from the best logit down: a temperature as small as 1e-300 (valid JSON, and OpenAI's range
+        # starts at 0) would make x / t overflow in float32 and the softmax NaN; here it is all but greedy
+        x = logits[i].double()
         if gen is not None and gen.device != x.device:
             x = x.to(gen.device)
-        probs = torch.softmax(x / p.temperature, dim=-1)
+        probs = torch.softmax((x - x.max()) / p.temperature, dim=-1)
         if p.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             # keep the smallest prefix whose mass reaches top_p (the first token always stays)

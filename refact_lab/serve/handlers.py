@@ -167,6 +167,9 @@ class ApiHandler(APIHandler):
 class JsonPostHandler(ApiHandler):
     """A POST API endpoint whose JSON body is counted while it arrives (see DRAIN_FACTOR)."""
 
+    # a request refused in prepare (auth, Host, headers) may close before prepare sets the instance's list
+    _generations: list[Generation] = []
+
     async def prepare(self):
         await super().prepare()
         if not self.current_user:
@@ -175,7 +178,10 @@ class JsonPostHandler(ApiHandler):
         self._chunks: list[bytes] = []
         self._size = 0
         self._generations: list[Generation] = []
-        declared = int(self.request.headers.get("Content-Length") or 0)
+        try:
+            declared = int(self.request.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise web.HTTPError(400, "the Content-Length header must be a whole number of bytes") from None
         if declared > self._limit * DRAIN_FACTOR:
             raise web.HTTPError(413, self._too_big_message(declared))
         # tornado's own cap is the server-wide max_body_size; let this body through so we can count it
@@ -341,7 +347,8 @@ class InfillHandler(JsonPostHandler):
         req = parse_infill(self.body_json())
         engine = await self.wait_for_model()
         prep = await off_loop(prepare_around_cursor, engine, req.prefix, req.suffix, req.max_tokens,
-                              req.temperature, False, req.seed, repo_context=True, snippets=req.snippets)
+                              req.temperature, False, req.seed, repo_context=True, snippets=req.snippets,
+                              stop=req.stop, top_p=req.top_p)
         events = self._submit(engine, prep, 1, stream=req.stream)
         name = prep.route.name
         if not req.stream:
@@ -496,9 +503,15 @@ class ExportHandler(ApiHandler):
 
         from refact_lab.finetune.export import ExportError, export_archive
 
+        from refact_lab.home import check_name
+
         run = self.get_query_argument("run", "")
         if not run:
             raise ApiError(400, "'run' is required: the run whose checkpoint to export", "run")
+        try:
+            check_name(run, "run id")
+        except ValueError as e:
+            raise ApiError(400, str(e), "run") from None
         checkpoint = self.get_query_argument("checkpoint", "best")
         fmt = self.get_query_argument("format", "peft")
         tmp = tempfile.mkdtemp(prefix="refact-lab-export-")

@@ -87,9 +87,31 @@ def _repo_context(engine, prefix: str, suffix: str, path: str | None = None, cli
                                           model=getattr(engine, "spec", None))
 
 
+# a file name longer than this is cut (to its end, which names the file) before it is tokenized
+MAX_PATH_CHARS = 512
+
+
+def bounded_snippets(snippets, chars: int) -> tuple:
+    """The client's snippets as far as `chars` characters of text reach, the last one cut to the rest: the
+    prompt builder takes them in order and keeps what fits its token budget, so nothing past a context's worth
+    of characters could be used, and tokenizing it (megabytes of declarations) would only hold up the server."""
+    from refact_lab.models.prompt import Snippet
+
+    out, left = [], chars
+    for s in snippets:
+        if left <= 0:
+            break
+        path = s.path if len(s.path) <= MAX_PATH_CHARS else s.path[-MAX_PATH_CHARS:]
+        text = s.text[:left]
+        out.append(s if (path, text) == (s.path, s.text) else Snippet(path, text))
+        left -= len(text) + len(path)
+    return tuple(out)
+
+
 def prepare_around_cursor(engine, prefix: str, suffix: str, max_tokens: int, temperature: float,
                           single_line: bool, seed: int | None, model: str | None = None, *,
-                          repo_context: bool = False, path: str | None = None, snippets=()) -> Prepared:
+                          repo_context: bool = False, path: str | None = None, snippets=(), stop=(),
+                          top_p: float = 1.0) -> Prepared:
     """A cursor in a file (Tabby's request, the scoreboard's cursors): the client sends as much of the file as it
     likes; like Tabby's server, keep what fits around the cursor (characters first, so a huge file is never
     tokenized whole, then tokens). `repo_context`: add the client's `snippets`, then retrieved ones from other
@@ -98,10 +120,13 @@ def prepare_around_cursor(engine, prefix: str, suffix: str, max_tokens: int, tem
     max_tokens = min(max_tokens, route.n_ctx // 2)
     keep = char_budget(route.n_ctx)
     prefix, suffix = prefix[-keep:], suffix[:keep]
+    path = path[-MAX_PATH_CHARS:] if path else path
+    snippets = bounded_snippets(snippets, keep)
     ctx = _repo_context(engine, prefix, suffix, path, snippets) if repo_context else None
     ids = engine.encode_fim(route.fim, prefix, suffix, route.n_ctx - max_tokens, path=path or "",
                             snippets=ctx.snippets if ctx else (), context_tokens=ctx.tokens if ctx else None)
-    sampling = Sampling(max_tokens=max_tokens, temperature=temperature, seed=seed, **TABBY_SAMPLING)
+    sampling = Sampling(max_tokens=max_tokens, temperature=temperature, seed=seed,
+                        **{**TABBY_SAMPLING, "stop": tuple(stop), "top_p": top_p})
     return Prepared(route, ids, _params(ids, sampling, route, single_line), snippets=ctx.snippets if ctx else ())
 
 

@@ -123,7 +123,9 @@ class Sampling:
 
 
 def _sampling(body: dict, default_max_tokens: int) -> Sampling:
-    max_tokens = body.get("max_tokens", body.get("max_new_tokens"))
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:  # null counts as absent, as for every other field
+        max_tokens = body.get("max_new_tokens")
     if max_tokens is None and body.get("max_completion_tokens") is not None:
         max_tokens = body["max_completion_tokens"]
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
@@ -135,6 +137,8 @@ def _sampling(body: dict, default_max_tokens: int) -> Sampling:
             raise ApiError(400, f"'{name}' is not supported by this server", name)
     if body.get("echo"):
         raise ApiError(400, "'echo' is not supported by this server", "echo")
+    if body.get("best_of") not in (None, 1):
+        raise ApiError(400, "'best_of' is not supported by this server (ask for 'n' completions instead)", "best_of")
     return Sampling(
         max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
         temperature=float(_get(body, "temperature", float, 0.0, lo=0.0, hi=2.0)),
@@ -157,7 +161,9 @@ class CompletionRequest:
 
 
 def _debug_options(body: dict) -> dict:
-    debug = body.get("debug_options") or {}
+    debug = body.get("debug_options")
+    if debug is None:
+        return {}
     if not isinstance(debug, dict):
         raise ApiError(400, "'debug_options' must be an object", "debug_options")
     return debug
@@ -218,6 +224,11 @@ def _content_text(content, i: int) -> str:
     raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
 
 
+# OpenAI's roles, as chat templates know them ("developer" is the newer name of "system", "function" of "tool")
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool",
+              "function": "tool"}
+
+
 def parse_chat(body: dict) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -226,7 +237,23 @@ def parse_chat(body: dict) -> ChatRequest:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ApiError(400, f"messages[{i}] must be an object with a 'role' string", "messages")
-        out.append({"role": m["role"], "content": _content_text(m.get("content"), i)})
+        role = CHAT_ROLES.get(m["role"])
+        if role is None:
+            raise ApiError(400, f"messages[{i}].role is {json.dumps(m['role'])[:40]}; it must be one of "
+                                f"{', '.join(CHAT_ROLES)}", "messages")
+        out.append({"role": role, "content": _content_text(m.get("content"), i)})
+    # options a chat here cannot honour are refused, not dropped
+    if body.get("suffix") is not None:
+        raise ApiError(400, "'suffix' belongs to /v1/completions (fill-in-the-middle); a chat has no suffix",
+                       "suffix")
+    if body.get("tools"):
+        raise ApiError(400, "'tools' (function calling) is not supported by this server", "tools")
+    _get(body, "single_line", bool, False)
+    _debug_options(body)
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise ApiError(400, "'response_format' other than {\"type\": \"text\"} is not supported by this server",
+                       "response_format")
     return ChatRequest(_get(body, "model", str, None) or None, out, _sampling(body, default_max_tokens=256))
 
 
@@ -277,7 +304,8 @@ def parse_tabby(body: dict) -> TabbyRequest:
     seg = body.get("segments")
     if not isinstance(seg, dict):
         raise ApiError(400, "'segments' must be an object with 'prefix' and optional 'suffix'", "segments")
-    prefix, suffix = seg.get("prefix"), seg.get("suffix") or ""
+    prefix, suffix = seg.get("prefix"), seg.get("suffix")
+    suffix = "" if suffix is None else suffix
     if not isinstance(prefix, str):
         raise ApiError(400, "'segments.prefix' must be a string", "segments.prefix")
     if not isinstance(suffix, str):
@@ -312,6 +340,8 @@ class InfillRequest:
     temperature: float
     seed: int | None
     stream: bool
+    stop: tuple[str, ...] = ()
+    top_p: float = 1.0
 
 
 # llama.cpp's n_predict -1 means "until the end token"; a FIM completion asked that way gets this many at most.
@@ -328,7 +358,8 @@ def parse_infill(body: dict) -> InfillRequest:
         snippets=client_snippets(body.get("input_extra"), "input_extra", "filename", "text"),
         max_tokens=INFILL_DEFAULT_TOKENS if n_predict in (-1, 0) else n_predict,
         temperature=float(_get(body, "temperature", float, 0.0, lo=0.0, hi=2.0)),
-        seed=_get(body, "seed", int, None), stream=bool(_get(body, "stream", bool, False)))
+        seed=_get(body, "seed", int, None), stream=bool(_get(body, "stream", bool, False)),
+        stop=_stop_list(body), top_p=float(_get(body, "top_p", float, 1.0, lo=0.0, hi=1.0, lo_open=True)))
 
 
 def infill_response(done: dict, model: str, stop: bool = True) -> dict:

@@ -239,7 +239,22 @@ BAD = [
     ("chat bad message", "/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "'role'"),
     ("chat image part", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "only text parts"),
+    ("chat unknown role", "/v1/chat/completions", {"messages": [{"role": "user\nAssistant", "content": "hi"}]},
+     400, "role"),
+    ("chat suffix", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "suffix": "x"}, 400,
+     "'suffix'"),
+    ("chat tools", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "'tools'"),
+    ("chat json mode", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, 400,
+     "'response_format'"),
+    ("best_of", "/v1/completions", {"prompt": "x", "best_of": 3}, 400, "'best_of'"),
     ("tabby bad segments", "/v1/completions", {"segments": "def f"}, 400, "'segments'"),
+    ("tabby suffix not text", "/v1/completions", {"segments": {"prefix": "x", "suffix": 0}}, 400,
+     "'segments.suffix'"),
+    ("tabby debug options", "/v1/completions", {"segments": {"prefix": "x"}, "debug_options": []}, 400,
+     "'debug_options'"),
+    ("infill top_p", "/infill", {"input_prefix": "x", "top_p": 99}, 400, "'top_p'"),
     ("NaN", "/v1/completions", b'{"prompt": "x", "temperature": NaN}', 400, "NaN is not a JSON number"),
     ("nested too deeply", "/v1/completions", b'{"prompt": ' + b"[" * 50000 + b"]" * 50000 + b"}", 400,
      "nested too deeply"),
@@ -256,6 +271,31 @@ def test_odd_but_valid_input_is_served(model_server):
     status, out = call(model_server, "POST", "/v1/chat/completions",
                        {"messages": [{"role": "user", "content": "\ud83d"}], "max_tokens": 3})
     assert status == 200, out
+    # a null max_tokens counts as absent (its alias max_new_tokens then counts)
+    status, out = call(model_server, "POST", "/v1/completions",
+                       {"prompt": "def f(x):\n", "max_tokens": None, "max_new_tokens": 2})
+    assert status == 200 and out["usage"]["completion_tokens"] <= 2, out
+
+
+def test_a_tiny_temperature_is_nearly_greedy_and_harms_no_other_request(model_server, reference):
+    """temperature 1e-300 is valid JSON in OpenAI's range: it once overflowed the softmax to NaN, and the failed
+    sample ended every request decoding in the same batch with a 500."""
+    results = {}
+
+    def one(key, body):
+        results[key] = call(model_server, "POST", "/v1/completions", body)
+
+    long = {"prompt": PROMPTS[1], "max_tokens": 60, "temperature": 0}
+    threads = [threading.Thread(target=one, args=(i, long)) for i in range(3)]
+    threads += [threading.Thread(target=one, args=(f"tiny{t}", {"prompt": PROMPTS[0], "max_tokens": 4,
+                                                                  "temperature": t})) for t in (1e-300, 5e-324)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for key, (status, out) in results.items():
+        assert status == 200, (key, out)
+    assert results["tiny1e-300"][1]["choices"][0]["text"] == cut_at_special(reference(PROMPTS[0], 4))
 
 
 @pytest.mark.parametrize("name,path,body,status,words", BAD, ids=[b[0] for b in BAD])

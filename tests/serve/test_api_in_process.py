@@ -194,6 +194,74 @@ def test_a_huge_prompt_is_refused_by_its_size_before_tokenizing(jp_fetch, jp_asy
     run(jp_asyncio_loop, check())
 
 
+def test_the_clients_context_and_names_are_bounded_before_tokenizing(jp_fetch, jp_asyncio_loop, engine, monkeypatch):
+    """Declarations, snippets and file names (Tabby, /infill) count against the same character budget as the
+    code around the cursor; a chat role is one of OpenAI's names. None of it reaches a tokenizer whole."""
+    import refact_lab.models.prompt as prompt
+    from refact_lab.serve.prepare import char_budget
+
+    snap = run(jp_asyncio_loop, ready(jp_fetch))
+    seen = []
+    real = prompt.content_ids
+    monkeypatch.setattr(prompt, "content_ids", lambda tok, text: seen.append(len(text)) or real(tok, text))
+    big = "u " * (3 * 2**20)  # 6 MiB (twice in a body: under the 16 MiB limit)
+    budget = char_budget(snap["n_ctx"])
+
+    async def check():
+        for path, body in (
+                ("/v1/completions", {"segments": {"prefix": "def f():\n", "filepath": big,
+                                                  "declarations": [{"filepath": "a.py", "body": big}]}}),
+                ("/v1/completions", {"segments": {"prefix": "def f():\n", "declarations": [
+                    {"filepath": "a.py", "body": "x = 1"}] * 200_000}}),
+                ("/infill", {"input_prefix": "def f():\n", "input_extra": [{"filename": big, "text": big}]})):
+            started = time.monotonic()
+            status, out = await fetch(jp_fetch, path, body, request_timeout=60)
+            assert status == 200, (path, out)
+            assert seen and max(seen) <= 2 * budget < len(big), path
+            assert sum(seen) < 8 * budget, path  # 200,000 declarations: only a context's worth is looked at
+            seen.clear()
+            assert time.monotonic() - started < 20
+        status, out = await fetch(jp_fetch, "/v1/chat/completions",
+                                  {"messages": [{"role": big, "content": "x"}], "max_tokens": 2})
+        assert status == 400 and "role" in out["error"]["message"] and len(out["error"]["message"]) < 300, out
+        status, out = await fetch(jp_fetch, "/v1/chat/completions",
+                                  {"messages": [{"role": "developer", "content": "be brief"},
+                                                {"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert status == 200, out
+
+    run(jp_asyncio_loop, check())
+
+
+def test_malformed_headers_and_names_get_a_400(jp_fetch, jp_asyncio_loop, engine, jp_serverapp, jp_base_url):
+    run(jp_asyncio_loop, ready(jp_fetch))
+
+    async def raw(request: bytes) -> bytes:
+        """What the server answers to these exact bytes (HTTP clients fix a bad Content-Length themselves)."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", jp_serverapp.port)
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        return answer
+
+    async def check():
+        token = jp_serverapp.identity_provider.token
+        path = jp_base_url.rstrip("/") + "/v1/completions"
+        answer = await raw(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: token {token}\r\n"
+                           "Content-Type: application/json\r\nContent-Length: abc\r\nConnection: close\r\n\r\n{}"
+                           .encode())
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400"), answer[:300]
+        assert "Content-Length" in json.loads(body)["error"]["message"], body
+        status, out = await fetch(jp_fetch, "/v1/refact-lab/export", params={"run": "../x"})
+        assert status == 400 and out["error"]["param"] == "run", out
+        # and the server goes on answering
+        status, out = await fetch(jp_fetch, "/v1/completions", {"prompt": "def f():", "max_tokens": 2})
+        assert status == 200, out
+
+    run(jp_asyncio_loop, check())
+
+
 # ---- requests while the model loads -------------------------------------------------------------------------
 
 @pytest.fixture
