@@ -123,7 +123,12 @@ class ApiHandler(APIHandler):
         exc = (kwargs.get("exc_info") or (None, None))[1]
         if isinstance(exc, web.HTTPError) and exc.log_message:
             message = exc.log_message % exc.args if exc.args else exc.log_message
-        if status_code == 403 and not self.current_user:
+        if status_code == 403 and not self.check_host():
+            # jupyter_server's guard against DNS rebinding on a server bound to loopback, not a token problem
+            message = (f"this server answers local names only, and the request's Host header is "
+                       f"{self.request.host[:100]!r}: use 127.0.0.1 or localhost, or start the server with --host "
+                       "0.0.0.0 to serve other machines")
+        elif status_code == 403 and not self.current_user:
             status_code, message = 401, ("missing or wrong token: send 'Authorization: Bearer <token>' "
                                          "(the token is printed when the server starts)")
             self.set_status(401)

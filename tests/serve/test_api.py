@@ -320,6 +320,9 @@ def test_missing_or_wrong_token_is_401_json(model_server):
             status, out = call(model_server, method, path, {"prompt": "x"} if method == "POST" else None,
                                headers=headers)
             assert status in (401, 403) and "token" in out["error"]["message"], (path, out)
+    # a server on loopback refuses other Host names (DNS rebinding): the error says that, not "wrong token"
+    status, out = call(model_server, "POST", "/v1/completions", {"prompt": "x"}, headers={"Host": "evil.example"})
+    assert status == 403 and "Host" in out["error"]["message"] and "token" not in out["error"]["message"], out
 
 
 def test_many_simultaneous_requests_are_batched_and_all_correct(model_server, reference):
