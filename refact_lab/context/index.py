@@ -36,6 +36,7 @@ import numpy as np
 
 from refact_lab.context import chunking
 from refact_lab.context.chunking import MAX_CHUNK_CHARS, STRIDE, WINDOW, Chunk  # noqa: F401  (public names)
+from refact_lab.data.filters import decode_text
 from refact_lab.home import DEFAULT_PROJECT, Home, atomic_write_text
 from refact_lab.models.prompt import Snippet
 
@@ -366,7 +367,7 @@ def _chunk_file(path: str, file: str) -> tuple[str, list[Chunk]] | None:
         data = Path(file).read_bytes()
     except OSError:
         return None
-    return hashlib.sha256(data).hexdigest(), chunk_text(path, data.decode("utf-8", errors="replace"))
+    return hashlib.sha256(data).hexdigest(), chunk_text(path, decode_text(data, errors="replace"))
 
 
 def _chunk_batch(jobs: list[tuple[str, str]]) -> list[tuple[str, list[Chunk]] | None]:

@@ -11,7 +11,10 @@ An archive comes from someone else, so nothing in it is trusted:
 * memory and disk are bounded twice: from the declared sizes first (a member, a link target or a tar
   extension header that says it is too big is refused before a byte of it is read), then by counting the
   bytes actually written (headers can lie), so a bomb is stopped after at most `max_bytes` bytes written and
-  a link or header is never read whole into memory.
+  a link or header is never read whole into memory;
+* a member larger than the scan's per-file limit (`max_member_bytes`, from `max_file_kib`) is not written out
+  at all (nor what a header understates, once past the limit): the scan would only reject it, so it is
+  reported as `too_large` instead, and one huge member cannot fill the disk.
 
 Extraction goes into a temporary folder beside the destination and is renamed into place only when every
 member has passed; on any error the temporary folder is removed, so nothing half-extracted is left.
@@ -41,6 +44,7 @@ MAX_TAR_HEADER_BYTES = 1 << 20
 # Reason codes of skipped members (the scan's rejected list uses the same strings).
 SYMLINK = "symlink"
 SPECIAL_FILE = "special_file"
+TOO_LARGE = "too_large"
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar", ".zip")
 
@@ -53,7 +57,8 @@ class ArchiveError(ValueError):
 class ExtractReport:
     files: int = 0
     bytes: int = 0
-    # (member path, reason code, detail) of every member not extracted: links inside, devices, FIFOs
+    # (member path, reason code, detail) of every member not extracted: links inside, devices, FIFOs, files
+    # over the per-file limit
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
 
 
@@ -90,13 +95,25 @@ def _link_target_inside(member: str, target: str) -> bool:
     return True
 
 
-class _Budget:
-    """Counts members and bytes written; raises as soon as either bound is passed."""
+def _member_path(archive: str, name: str) -> str:
+    """safe_member_path, with the archive named in the error."""
+    try:
+        return safe_member_path(name)
+    except ArchiveError as e:
+        raise ArchiveError(f"{archive}: {e}") from None
 
-    def __init__(self, archive: str, max_bytes: int, max_files: int):
-        self.archive, self.max_bytes, self.max_files = archive, max_bytes, max_files
+
+class _Budget:
+    """Counts members and bytes written; raises as soon as either bound is passed. Also leaves out (and
+    reports) a member over the per-file limit, `max_member` (None: no such limit), unless it is in `keep`."""
+
+    def __init__(self, archive: str, max_bytes: int, max_files: int, max_member: int | None = None,
+                 keep: frozenset = frozenset()):
+        self.archive, self.max_bytes, self.max_files, self.max_member = archive, max_bytes, max_files, max_member
+        self.keep = keep   # member paths extracted whatever their size (force-included by the user)
         self.report = ExtractReport()
         self.members = 0
+        self.left_out: dict[str, str] = {}   # member path -> detail, of those over the per-file limit
 
     def member(self) -> None:
         self.members += 1
@@ -117,19 +134,37 @@ class _Budget:
             raise ArchiveError(f"{self.archive}: more than {_mib(self.max_bytes)} uncompressed; refused "
                                "(a zip bomb, or raise the limit)")
 
+    def too_large(self, rel: str, size: int | None) -> bool:
+        """True, with the member reported as too_large, when `size` (None: more than the header said, found
+        while writing) is over the per-file limit."""
+        if self.max_member is None or rel in self.keep or (size is not None and size <= self.max_member):
+            return False
+        what = f"more than {_kib(self.max_member)}" if size is None else f"{_kib(size)} > {_kib(self.max_member)}"
+        self.left_out[rel] = f"{what}, the scan's file size limit; not extracted"
+        self.report.skipped.append((rel, TOO_LARGE, self.left_out[rel]))
+        return True
 
-def _write_stream(src, target: Path, budget: _Budget) -> None:
+
+def _write_stream(src, target: Path, budget: _Budget, rel: str = "") -> bool:
+    """Copy member `rel` out. False, and nothing kept, when it proves larger than the per-file limit (a zip
+    header can understate a member's size)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.is_dir():
-        raise ArchiveError(f"member {target.name!r} is both a folder and a file")
+        raise ArchiveError(f"{budget.archive}: member {target.name!r} is both a folder and a file")
+    limit = None if rel in budget.keep else budget.max_member
+    written = 0
     with open(target, "wb") as dst:
-        while True:
-            chunk = src.read(_CHUNK)
-            if not chunk:
+        while chunk := src.read(_CHUNK):
+            written += len(chunk)
+            if limit is not None and written > limit:
                 break
             budget.add(len(chunk))
             dst.write(chunk)
-    budget.report.files += 1
+        else:
+            budget.report.files += 1
+            return True
+    target.unlink()
+    return False
 
 
 def _extract_zip(path: Path, out: Path, budget: _Budget) -> None:
@@ -147,7 +182,7 @@ def _extract_zip(path: Path, out: Path, budget: _Budget) -> None:
                                f"{_mib(budget.max_bytes)}; refused (a zip bomb, or raise the limit)")
         for info in infos:
             budget.member()
-            rel = safe_member_path(info.filename)
+            rel = _member_path(path.name, info.filename)
             if not rel:
                 continue
             mode = info.external_attr >> 16
@@ -166,9 +201,12 @@ def _extract_zip(path: Path, out: Path, budget: _Budget) -> None:
             if info.flag_bits & 0x1:
                 raise ArchiveError(f"{path.name}: member {info.filename!r} is encrypted")
             budget.declared(info.filename, info.file_size)
+            if budget.too_large(rel, info.file_size):
+                continue
             try:
                 with zf.open(info) as src:
-                    _write_stream(src, out / rel, budget)
+                    if not _write_stream(src, out / rel, budget, rel):
+                        budget.too_large(rel, None)
             except (zipfile.BadZipFile, EOFError, OSError, NotImplementedError, ValueError) as e:
                 if isinstance(e, ArchiveError):
                     raise
@@ -247,7 +285,7 @@ def _extract_tar(path: Path, out: Path, budget: _Budget) -> None:
             if member is None:
                 break
             budget.member()
-            rel = safe_member_path(member.name)
+            rel = _member_path(path.name, member.name)
             if not rel:
                 continue
             if member.issym():
@@ -261,21 +299,29 @@ def _extract_tar(path: Path, out: Path, budget: _Budget) -> None:
                 except ArchiveError:
                     raise ArchiveError(f"{path.name}: hard link {member.name!r} points outside "
                                        f"({member.linkname!r})") from None
+                if target in budget.left_out:   # a copy of a member too large to extract is as large
+                    budget.report.skipped.append((rel, TOO_LARGE, budget.left_out[target]))
+                    continue
                 if target not in written:
                     budget.report.skipped.append((rel, SPECIAL_FILE, f"hard link to {member.linkname!r}, not a "
                                                                      "file extracted before it"))
                     continue
-                budget.declared(member.name, (out / target).stat().st_size)
+                size = (out / target).stat().st_size
+                budget.declared(member.name, size)
+                if budget.too_large(rel, size):
+                    continue
                 with open(out / target, "rb") as src:
-                    _write_stream(src, out / rel, budget)
+                    _write_stream(src, out / rel, budget, rel)
                 written.add(rel)
             elif member.isdir():
                 (out / rel).mkdir(parents=True, exist_ok=True)
             elif member.isfile():
                 budget.declared(member.name, member.size)
+                if budget.too_large(rel, member.size):
+                    continue   # tarfile skips the member's data when asked for the next one
                 try:
                     src = tf.extractfile(member)
-                    _write_stream(src, out / rel, budget)
+                    _write_stream(src, out / rel, budget, rel)   # a tar member holds what its header says
                 except (tarfile.TarError, OSError, EOFError, ValueError) as e:
                     if isinstance(e, ArchiveError):
                         raise
@@ -288,8 +334,10 @@ def _extract_tar(path: Path, out: Path, budget: _Budget) -> None:
 
 
 def extract(archive: str | os.PathLike, dest: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES,
-            max_files: int = DEFAULT_MAX_FILES) -> ExtractReport:
-    """Extract `archive` into the new folder `dest` (which must not exist), all or nothing."""
+            max_files: int = DEFAULT_MAX_FILES, max_member_bytes: int | None = None,
+            keep: frozenset = frozenset()) -> ExtractReport:
+    """Extract `archive` into the new folder `dest` (which must not exist), all or nothing. Members larger than
+    `max_member_bytes` are left out and reported as `too_large`, except those named in `keep`."""
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
         raise ArchiveError(f"{archive}: no such file")
@@ -300,7 +348,7 @@ def extract(archive: str | os.PathLike, dest: str | os.PathLike, *, max_bytes: i
         raise ArchiveError(f"{archive.name}: not a supported archive ({', '.join(ARCHIVE_SUFFIXES)})")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.extract-", dir=dest.parent))
-    budget = _Budget(archive.name, max_bytes, max_files)
+    budget = _Budget(archive.name, max_bytes, max_files, max_member_bytes, frozenset(keep))
     try:
         if name.endswith(".zip"):
             _extract_zip(archive, tmp, budget)
@@ -319,3 +367,7 @@ def extract(archive: str | os.PathLike, dest: str | os.PathLike, *, max_bytes: i
 
 def _mib(n: int) -> str:
     return f"{n / 1024**2:.0f} MiB" if n >= 1024**2 else f"{n} bytes"
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024**2:.0f} MiB" if n >= 10 * 1024**2 else f"{n / 1024:.0f} KiB"

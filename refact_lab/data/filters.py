@@ -1,4 +1,5 @@
-"""Stage 1 of the scan: one small rule per reason code, and the one function that reads a file.
+"""Stage 1 of the scan: one small rule per reason code, the one function that reads a file, and the one that
+decodes it (`decode_text`, which training uses too, so it trains on the text the scan judged).
 
 Every rule looks at one `FileEntry` (and the scan's `RuleContext`) and returns `None` to keep the file or a
 `(reason_code, human detail)` pair to reject it. Rules never log, count or write: the pipeline runner does the
@@ -9,7 +10,7 @@ Rules come in lists so the cheap ones run first:
 * `NAME_RULES` and `SELECT_RULES` decide from the path and the size alone (masks, vendored folders, lock
   files, binary extensions, file type, size) — a file they reject is never opened;
 * `CONTENT_RULES` use the `Facts` that `read_facts` measured in one read of the file (decoding, binary
-  bytes, "generated" headers, digit share) and, last, the duplicate check.
+  bytes, emptiness, "generated" headers, digit share) and, last, the duplicate check.
 
 `Facts` hold only settings-independent measurements (counts, not verdicts), so the scan can cache them per
 file and re-apply changed thresholds without reading anything again.
@@ -29,7 +30,8 @@ Verdict = Optional[Tuple[str, str]]  # None keeps the file; (reason_code, detail
 # Reason codes, in the order a file meets them. The UI and the stats use these strings.
 LINGUIST_ERROR = "linguist_error"
 NOT_TEXT = "not_text"
-TOO_LARGE = "too_large"
+EMPTY = "empty"
+TOO_LARGE = archives.TOO_LARGE   # also what an archive reports of a member it did not extract for its size
 GENERATED = "generated"
 VENDORED = "vendored"
 EXCLUDED_BY_MASK = "excluded_by_mask"
@@ -40,10 +42,11 @@ SECRET = "secret"
 LOSS_TOO_HIGH = "loss_too_high"
 FILTER_EMPTY = "filter_empty"
 FORCED_EXCLUDE = "forced_exclude"
-# Not files at all: recorded by the listing (sources.walk_files, archives), never read.
+# Not files at all: recorded by the listing (sources.walk_files, archives), never read. The listing also records
+# folders and files it cannot look at, as linguist_error, and archive members too large to extract, as too_large.
 SYMLINK, SPECIAL_FILE = archives.SYMLINK, archives.SPECIAL_FILE
 
-REASONS = (EXCLUDED_BY_MASK, VENDORED, GENERATED, NOT_TEXT, TYPE_OFF, TOO_LARGE, LINGUIST_ERROR,
+REASONS = (EXCLUDED_BY_MASK, VENDORED, GENERATED, NOT_TEXT, TYPE_OFF, TOO_LARGE, LINGUIST_ERROR, EMPTY,
            LOTS_OF_DIGITS, DUPLICATE, SECRET, LOSS_TOO_HIGH, FILTER_EMPTY, FORCED_EXCLUDE, SYMLINK, SPECIAL_FILE)
 
 
@@ -215,6 +218,21 @@ def _read(file: str, limit: int, listed: int) -> bytes:
     return data
 
 
+def text_codec(data: bytes) -> str:
+    """The codec a file is read with: the one its byte-order mark names, else UTF-8."""
+    for bom, codec in (_BOMS if data[:1] in _BOM_FIRST else ()):
+        if data.startswith(bom):
+            return codec
+    return "utf-8"
+
+
+def decode_text(data: bytes, errors: str = "strict") -> str:
+    """A file's bytes as text, the one way the scan, the secrets rule and training all read it: decoded by
+    its byte-order mark (UTF-8, UTF-16, UTF-32), else as UTF-8, the mark itself dropped. Training must see
+    the text the scan judged, not a UTF-16 file's bytes read as UTF-8."""
+    return data.decode(text_codec(data), errors)
+
+
 def read_facts(file: str, max_bytes: int, listed: int | None = None) -> Facts:
     """Read a file once (at most max_bytes + 1 bytes) and measure everything the content rules need.
     `listed` is the size the listing saw (None: unknown, read until the end or the limit)."""
@@ -225,13 +243,12 @@ def read_facts(file: str, max_bytes: int, listed: int | None = None) -> Facts:
         return Facts("", 0, error=f"cannot read: {e.strerror or e}")
     sha = hashlib.sha256(data).hexdigest()
     size = len(data)
-    for bom, codec in (_BOMS if data[:1] in _BOM_FIRST else ()):
-        if data.startswith(bom):
-            try:
-                data = data.decode(codec).encode("utf-8")
-            except UnicodeDecodeError as e:
-                return Facts(sha, size, error=f"cannot decode as {codec}: {e.reason} at byte {e.start}")
-            break
+    codec = text_codec(data)
+    if codec != "utf-8":
+        try:
+            data = decode_text(data).encode("utf-8")   # measured as the UTF-8 text training will see
+        except UnicodeDecodeError as e:
+            return Facts(sha, size, error=f"cannot decode as {codec}: {e.reason} at byte {e.start}")
     else:
         if data.find(b"\0", 0, 8000) >= 0:
             return Facts(sha, size, binary=True)
@@ -385,6 +402,13 @@ def too_large_now(e: FileEntry, ctx: RuleContext) -> Verdict:
     return None
 
 
+def empty(e: FileEntry, ctx: RuleContext) -> Verdict:
+    # Nothing to learn from, and every other empty file would be rejected as its duplicate.
+    if not e.facts.nonspace:
+        return EMPTY, "empty file" if not e.facts.size else "only whitespace"
+    return None
+
+
 def generated(e: FileEntry, ctx: RuleContext) -> Verdict:
     if e.facts.generated:
         return GENERATED, e.facts.generated
@@ -409,7 +433,7 @@ def duplicate(e: FileEntry, ctx: RuleContext) -> Verdict:
     return None
 
 
-CONTENT_RULES: list[Callable] = [linguist_error, not_text, too_large_now, generated, lots_of_digits, duplicate]
+CONTENT_RULES: list[Callable] = [linguist_error, not_text, too_large_now, empty, generated, lots_of_digits, duplicate]
 
 
 def near_duplicate(e: FileEntry, ctx: RuleContext) -> Verdict:
@@ -433,7 +457,7 @@ def secret(e: FileEntry, ctx: RuleContext) -> Verdict:
     that cannot be redacted cleanly is rejected. The detail names kinds and lines, never a value."""
     if ctx.secret_scanner is None:
         return None
-    from refact_lab.data.secrets import Finding, SecretReport, decode
+    from refact_lab.data.secrets import Finding, SecretReport
 
     # The cache holds kinds and lines only, so a redaction (which needs the values) always reads the file.
     key = secret_cache_key(e)
@@ -445,7 +469,7 @@ def secret(e: FileEntry, ctx: RuleContext) -> Verdict:
         return SECRET, SecretReport([Finding(kind, line, "") for kind, line in known]).describe()
     try:
         with open(e.file, "rb") as f:
-            text = decode(f.read())
+            text = decode_text(f.read(), errors="replace")   # as training will read it
     except OSError as err:
         return LINGUIST_ERROR, f"cannot read: {err.strerror or err}"
     report = ctx.secret_scanner.check(text, e.path, redact=redact)

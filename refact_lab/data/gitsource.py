@@ -17,6 +17,7 @@ with git's own message.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from dataclasses import dataclass
@@ -80,6 +81,15 @@ def parse_url(url: str) -> GitUrl:
     raise GitSourceError(f"{url}: not a git URL (https://, ssh://, user@host:path, file://) nor an existing folder")
 
 
+def is_git_dir(path: Path) -> bool:
+    """Whether `path` is a repository's git directory itself (a bare repository, or a checkout's .git folder):
+    the files in it are git's objects, not code, so it is cloned like a file:// URL, never scanned as a folder.
+    The test is git's own (setup.c): a HEAD file, an objects/ and a refs/ folder. os.path, not pathlib, so an
+    unreadable folder is "no" rather than an error."""
+    return (os.path.isfile(os.path.join(path, "HEAD")) and os.path.isdir(os.path.join(path, "objects"))
+            and os.path.isdir(os.path.join(path, "refs")))
+
+
 def git_env(transport: str, *, token: str | None = None, ssh_key: Path | None = None,
             known_hosts: Path | None = None, username: str | None = None) -> dict[str, str]:
     """Environment for one git process: no prompts, allowed protocols only, credentials if any."""
@@ -136,6 +146,14 @@ def clone(parsed: GitUrl, dest: Path, *, branch: str | None = None, shallow: boo
     except git.exc.UnsafeProtocolError as e:  # GitPython's own guard; parse_url should have caught it
         raise GitSourceError(f"{parsed.url}: {e}") from None
     with repo:
+        # git clones an empty repository, or one whose HEAD names a branch nobody pushed, with a warning only;
+        # the clone's HEAD then names a branch that does not exist.
+        if not repo.head.is_valid():
+            branches = [ref.remote_head for ref in repo.remote().refs if ref.remote_head != "HEAD"]
+            if not branches:
+                raise GitSourceError(f"{parsed.url} has no commits: there is nothing to scan until one is pushed")
+            raise GitSourceError(f"{parsed.url}: its default branch {repo.head.ref.name!r} does not exist; choose "
+                                 f"one of its branches: {', '.join(sorted(branches))}")
         return repo.head.commit.hexsha
 
 
@@ -172,9 +190,14 @@ def fetch_and_reset(repo_dir: Path, *, branch: str | None, shallow: bool,
         return old, new, changed
 
 
-def tracked_and_untracked(folder: Path) -> list[str] | None:
+# git lists what it can and only warns about a folder it cannot open (GitPython runs git with LC_ALL=C).
+_UNLISTABLE = re.compile(r"^warning: could not open directory '(.+?)/?': (.+)$", re.MULTILINE)
+
+
+def tracked_and_untracked(folder: Path, unreadable: list | None = None) -> list[str] | None:
     """For a local folder that is a git work tree: the files git would see (tracked plus untracked, minus
-    .gitignore'd), as relative paths. None when the folder is not a work tree or git cannot tell."""
+    .gitignore'd), as relative paths. None when the folder is not a work tree or git cannot tell.
+    Folders git could not open are appended to `unreadable` as (relative path, why)."""
     import git
 
     try:
@@ -185,7 +208,10 @@ def tracked_and_untracked(folder: Path) -> list[str] | None:
         if repo.bare or Path(repo.working_tree_dir).resolve() != folder.resolve():
             return None
         try:
-            out = repo.git.ls_files("-z", "--cached", "--others", "--exclude-standard")
+            _, out, err = repo.git.ls_files("-z", "--cached", "--others", "--exclude-standard",
+                                            with_extended_output=True)
         except git.GitCommandError:
             return None
+    if unreadable is not None:
+        unreadable.extend(m.groups() for m in _UNLISTABLE.finditer(err))
     return [p for p in out.split("\0") if p]

@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
+from refact_lab.data.filters import decode_text
 from refact_lab.home import append_jsonl, read_jsonl
 
 
@@ -112,7 +113,7 @@ def compute_losses(items: list[tuple[str, str]], *, model: str | None, cache_dir
     encoded: list[tuple[str, list[int] | None, str | None]] = []
     for sha, file in todo.items():
         try:
-            text = Path(file).read_text(encoding="utf-8-sig")
+            text = decode_text(Path(file).read_bytes())  # as the scan and training read it (UTF-16 too)
         except (OSError, UnicodeDecodeError) as e:
             encoded.append((sha, None, f"cannot read: {e}"))
             continue

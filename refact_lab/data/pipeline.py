@@ -2,7 +2,9 @@
 
 Stages, in order (each stage only sees what the previous kept, so cheap checks protect expensive ones):
 
-1. list the sources' files (one lstat each) and name their languages;
+1. list the sources' files (one lstat each) and name their languages (an archive whose members over the file
+   size limit were left out at extraction is first extracted again if this scan's limit, or a force-include,
+   wants them);
 2. name rules (user's force-exclude and masks, vendored folders, generated names, binary extensions), then
    count the detected file types and settle which are on; type and size rules;
 3. read each remaining file once (`filters.read_facts`, cached per file by size and mtime, optionally in
@@ -387,7 +389,7 @@ def run_scan(home: Home, project: str = DEFAULT_PROJECT, settings: ScanSettings 
     report = progress or (lambda stage, done, total: None)
     stop = should_stop or (lambda: False)
     started = time.perf_counter()
-    store = SourceStore(home, project)
+    store = SourceStore(home, project, max_member_bytes=settings.max_file_kib * 1024)
     sources = store.list()
     if not sources:
         raise ScanError("no sources to scan: add a git repository, an archive, files or a folder first")
@@ -396,6 +398,15 @@ def run_scan(home: Home, project: str = DEFAULT_PROJECT, settings: ScanSettings 
     with _exclusive(paths["lock"]), contextlib.closing(readers):
         overrides = load_overrides(home, project)
         forced_in, test_keys = set(overrides["include"]), set(overrides["test"])
+        # An archive is extracted without its members over the file size limit of the time: extract it again
+        # when this scan's limit is higher, or the user force-included one of those members.
+        for k, src in enumerate(sources):
+            if src.kind == "archive":
+                forced = frozenset(key.partition("/")[2] for key in forced_in if key.startswith(src.id + "/"))
+                try:
+                    sources[k] = store.extract_left_out(src, forced)
+                except ValueError as e:
+                    raise ScanError(str(e)) from None   # the archive errors name the archive
 
         # 1. list
         entries: list[FileEntry] = []

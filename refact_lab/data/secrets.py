@@ -103,11 +103,6 @@ def placeholder(kind: str) -> str:
     return _PLACEHOLDER + re.sub(r"[^A-Z0-9]+", "_", kind.upper()).strip("_")
 
 
-def decode(data: bytes) -> str:
-    """Bytes as training decodes them (finetune.dataset): UTF-8, bad bytes replaced, a UTF-8 BOM dropped."""
-    return data.decode("utf-8-sig", errors="replace")
-
-
 class SecretScanner:
     """Finds secrets in texts. Use it as a context manager around a batch of files: detect-secrets keeps its
     plugin choice in a process-wide settings object, set here for the batch and restored after it."""

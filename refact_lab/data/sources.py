@@ -19,15 +19,21 @@ import re
 import secrets
 import shutil
 import stat
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from refact_lab.config import ScanSettings
 from refact_lab.data import archives, gitsource, sshkeys
-from refact_lab.home import DEFAULT_PROJECT, Home, atomic_write_bytes, atomic_write_json, check_name, read_json
+from refact_lab.data.filters import LINGUIST_ERROR
+from refact_lab.home import (DEFAULT_PROJECT, Home, atomic_write_bytes, atomic_write_json, check_name, read_json,
+                             read_json_object)
 
 KINDS = ("git", "archive", "upload", "file", "folder")
 VCS_DIRS = frozenset({".git", ".hg", ".svn", ".bzr"})
+# Archive members larger than the scan's file size limit are not extracted (the scan would only reject them as
+# too_large, and a bomb's one huge member would fill the disk). Until a scan asks for another, the default limit.
+DEFAULT_MAX_MEMBER_BYTES = ScanSettings().max_file_kib * 1024
 
 
 class SourceError(ValueError):
@@ -51,8 +57,10 @@ class Source:
     updated_at: str | None = None
     last_update: dict | None = None    # {"from", "to", "changed": n}
     files: list[str] = field(default_factory=list)   # upload: the names it holds
-    # archive: members not extracted, as [path, reason code, detail] (links, devices), so the scan lists them
+    # archive: members not extracted, as [path, reason code, detail] (links, devices, too large), so the scan
+    # lists them; member_limit is the per-file limit (bytes) it was extracted under
     skipped: list[list[str]] = field(default_factory=list)
+    member_limit: int | None = None
 
     @property
     def label(self) -> str:
@@ -93,21 +101,32 @@ def _not_a_file(path: str, mode: int) -> tuple[str, str]:
     return archives.SPECIAL_FILE, f"{archives.file_kind(mode)}, not a regular file"
 
 
+def _record_unreadable(skipped: list | None, rel: str, what: str, err: OSError) -> None:
+    """Record what could not be listed or looked at, so it is rejected with the reason instead of vanishing.
+    Something deleted while the scan lists it is simply gone and is not recorded."""
+    if skipped is not None and not isinstance(err, FileNotFoundError):
+        skipped.append((rel, LINGUIST_ERROR, f"{what}: {err.strerror or err}"))
+
+
 def walk_files(root: Path, skipped: list | None = None) -> Iterator[tuple[str, str, int, int]]:
     """Regular files under root as (relative path, absolute path, size, mtime_ns).
 
     Symlinks are not followed (a link in someone's repository may point at ~/.ssh), and VCS folders are
     skipped. One scandir per folder and one lstat per file: the listing must not cost more than reading.
     Links and special files (FIFOs, sockets, devices) are appended to `skipped` as (relative path, reason
-    code, detail), so the scan can say why they are not in the dataset.
+    code, detail), so the scan can say why they are not in the dataset; so are folders that cannot be
+    listed and files that cannot be looked at (no permission). A root that cannot be listed is a SourceError.
     """
     stack = [("", str(root))]
     while stack:
         rel, folder = stack.pop()
         try:
             it = os.scandir(folder)
-        except OSError:
-            continue  # an unreadable folder: its files cannot be listed, let alone read
+        except OSError as e:
+            if not rel:
+                raise SourceError(f"cannot list {root}: {e.strerror or e}") from None
+            _record_unreadable(skipped, rel.rstrip("/"), "cannot list", e)
+            continue
         with it:
             for entry in it:
                 try:
@@ -120,8 +139,8 @@ def walk_files(root: Path, skipped: list | None = None) -> Iterator[tuple[str, s
                     elif skipped is not None:
                         mode = entry.stat(follow_symlinks=False).st_mode
                         skipped.append((rel + entry.name, *_not_a_file(entry.path, mode)))
-                except OSError:
-                    continue
+                except OSError as e:
+                    _record_unreadable(skipped, rel + entry.name, "cannot read", e)
 
 
 class SourceStore:
@@ -129,30 +148,45 @@ class SourceStore:
 
     def __init__(self, home: Home, project: str = DEFAULT_PROJECT, *,
                  max_archive_bytes: int = archives.DEFAULT_MAX_BYTES,
-                 max_archive_files: int = archives.DEFAULT_MAX_FILES):
+                 max_archive_files: int = archives.DEFAULT_MAX_FILES,
+                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES):
         self.home = home
         self.project = check_name(project, "project name")
         self.dir = home.sources_dir(project)
         self.max_archive_bytes = max_archive_bytes
         self.max_archive_files = max_archive_files
+        self.max_member_bytes = max_member_bytes
 
     # --- reading ----------------------------------------------------------------------------------------
 
     def list(self) -> list[Source]:
         if not self.dir.is_dir():
             return []
-        out = []
-        for d in self.dir.iterdir():
-            data = read_json(d / "source.json") if d.is_dir() else None
-            if data:
-                out.append(self._from_dict(data))
-        return sorted(out, key=lambda s: (s.added_at, s.id))
+        out = [self._load(d / "source.json") for d in self.dir.iterdir() if d.is_dir()]
+        return sorted((s for s in out if s is not None), key=lambda s: (s.added_at, s.id))
 
     def get(self, source_id: str) -> Source:
-        data = read_json(self.dir / check_name(source_id, "source id") / "source.json")
-        if not data:
+        source = self._load(self.dir / check_name(source_id, "source id") / "source.json")
+        if source is None:
             raise SourceError(f"no source {source_id!r} in project {self.project!r}")
-        return self._from_dict(data)
+        return source
+
+    @staticmethod
+    def _load(path: Path) -> Source | None:
+        """The source a source.json describes; None without one (a folder being removed). A damaged one is an
+        error naming it: skipping it would drop the user's source from every scan without a word."""
+        if not path.is_file():
+            return None
+        fix = f"remove the folder {path.parent} and add the source again"
+        try:
+            data = read_json_object(path)
+            return SourceStore._from_dict(data)
+        except ValueError as e:
+            raise SourceError(f"{e}: {fix}") from None
+        except TypeError:
+            missing = sorted(n for n, f in Source.__dataclass_fields__.items()
+                             if f.default is MISSING and f.default_factory is MISSING and n not in data)
+            raise SourceError(f"{path} is damaged: it lacks {', '.join(missing) or 'valid fields'}: {fix}") from None
 
     @staticmethod
     def _from_dict(data: dict) -> Source:
@@ -167,15 +201,19 @@ class SourceStore:
         if not root.is_dir():
             raise SourceError(f"{source.name}: folder {root} does not exist any more")
         if source.kind == "folder":
-            listed = gitsource.tracked_and_untracked(root)
+            unlisted: list = []
+            listed = gitsource.tracked_and_untracked(root, unlisted)
             if listed is not None:
+                if skipped is not None:
+                    skipped.extend((rel, LINGUIST_ERROR, f"cannot list: {why}") for rel, why in unlisted)
                 # A work tree: what git sees, so .gitignore'd build outputs and virtualenvs stay out.
                 for rel in listed:
                     path = root / rel
                     try:
                         st = path.lstat()
-                    except OSError:
-                        continue  # deleted but still in the index
+                    except OSError as e:  # deleted but still in the index (not recorded), or not ours to read
+                        _record_unreadable(skipped, rel, "cannot read", e)
+                        continue
                     if stat.S_ISREG(st.st_mode):
                         yield rel, str(path), st.st_size, st.st_mtime_ns
                     elif skipped is not None and not stat.S_ISDIR(st.st_mode):  # a submodule is a folder
@@ -216,7 +254,7 @@ class SourceStore:
     @staticmethod
     def _origin_of(spec: str) -> str:
         path = Path(spec).expanduser()
-        if path.exists():
+        if path.exists() and not gitsource.is_git_dir(path):
             return str(path.resolve())
         try:
             return gitsource.parse_url(spec).url
@@ -227,12 +265,16 @@ class SourceStore:
 
     def add(self, spec: str, *, test: bool = False, branch: str | None = None, shallow: bool = False,
             token: str | None = None) -> Source:
-        """Add whatever `spec` is: an existing folder, archive or file, else a git URL."""
+        """Add whatever `spec` is: an existing folder, archive or file, else a git URL. A folder that is a
+        repository's git directory (a bare repository) is a git source, like its file:// URL."""
         spec = (spec or "").strip()
         if not spec:
             raise SourceError("empty source")
         path = Path(spec).expanduser()
         if path.is_dir():
+            if gitsource.is_git_dir(path):   # a bare repository: the code is in its commits, not in its files
+                self._refuse_state_path(path)
+                return self.add_git(spec, branch=branch, shallow=shallow, token=token, test=test)
             return self.add_folder(path, test=test)
         if path.is_file():
             if archives.is_archive(path.name):
@@ -321,7 +363,8 @@ class SourceStore:
             skipped = self._extract(path, folder / "files")
             return self._save(Source(
                 id=sid, kind="archive", origin=origin, name=path.name, root=str(folder / "files"),
-                test=test, archive_sha256=_file_sha256(path), added_at=_now(), skipped=skipped))
+                test=test, archive_sha256=_file_sha256(path), added_at=_now(), skipped=skipped,
+                member_limit=self.max_member_bytes))
 
     def add_archive_bytes(self, name: str, data: bytes, *, test: bool = False) -> Source:
         """An archive uploaded through the browser: kept beside its extraction so it can be re-extracted."""
@@ -336,16 +379,49 @@ class SourceStore:
             skipped = self._extract(kept, folder / "files")
             return self._save(Source(
                 id=sid, kind="archive", origin=f"upload:{name}", name=name, root=str(folder / "files"),
-                test=test, archive_sha256=sha, added_at=_now(), skipped=skipped))
+                test=test, archive_sha256=sha, added_at=_now(), skipped=skipped, member_limit=self.max_member_bytes))
 
-    def _extract(self, archive: Path, dest: Path) -> list[list[str]]:
-        """Extract; return the members not extracted as [path, reason code, detail]."""
+    def _extract(self, archive: Path, dest: Path, keep: frozenset = frozenset()) -> list[list[str]]:
+        """Extract; return the members not extracted as [path, reason code, detail]. Members in `keep` are
+        extracted whatever their size (the whole-archive caps still hold)."""
         try:
             report = archives.extract(archive, dest, max_bytes=self.max_archive_bytes,
-                                      max_files=self.max_archive_files)
+                                      max_files=self.max_archive_files, max_member_bytes=self.max_member_bytes,
+                                      keep=keep)
         except archives.ArchiveError as e:
             raise SourceError(str(e)) from None
         return [list(item) for item in report.skipped]
+
+    def _replace_files(self, source: Source, archive: Path, keep: frozenset = frozenset()) -> None:
+        """Extract the archive again beside the old files, then swap the folders: a failure leaves the old ones."""
+        d = self.dir / source.id
+        fresh = d / f"files.new-{secrets.token_hex(3)}"
+        source.skipped = self._extract(archive, fresh, keep)
+        source.member_limit = self.max_member_bytes
+        old = d / f"files.old-{secrets.token_hex(3)}"
+        os.rename(source.root, old)
+        os.rename(fresh, source.root)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _archive_file(self, source: Source) -> Path:
+        """Where an archive source's archive is: the path it was added from, or the upload kept beside it."""
+        if source.origin.startswith("upload:"):
+            return self.dir / source.id / source.name
+        return Path(source.origin)
+
+    def extract_left_out(self, source: Source, keep: frozenset = frozenset()) -> Source:
+        """An archive source with the members an earlier extraction left out as too large now on disk, when
+        this store's limit is higher than the one it was extracted under or the member is in `keep` (the
+        user force-included it). Unchanged when nothing was left out that now fits, or when the archive is
+        gone or has changed (refresh's business, not the scan's)."""
+        limit = source.member_limit
+        wanted = [rel for rel, reason, _ in source.skipped if reason == archives.TOO_LARGE
+                  and (rel in keep or (limit is not None and limit < self.max_member_bytes))]
+        path = self._archive_file(source)
+        if not wanted or not path.is_file() or _file_sha256(path) != source.archive_sha256:
+            return source
+        self._replace_files(source, path, keep)
+        return self._save(source)
 
     def add_files(self, files: list[tuple[str, bytes]], *, test: bool = False) -> Source:
         """Uploaded single files (name, content): one source holding them all."""
@@ -383,6 +459,8 @@ class SourceStore:
         if not path.is_dir():
             raise SourceError(f"{path}: no such folder")
         resolved = self._refuse_state_path(path)
+        if gitsource.is_git_dir(path):   # a bare repository: the code is in its commits, not in its files
+            return self.add_git(str(path), test=test)
         self._refuse_duplicate(str(resolved))
         with self._building("folder", resolved.name or "root") as (sid, folder):
             return self._save(Source(
@@ -417,13 +495,7 @@ class SourceStore:
                 raise SourceError(f"{source.name}: archive {path} does not exist any more")
             sha = _file_sha256(path)
             if sha != source.archive_sha256:
-                d = self.dir / source.id
-                fresh = d / f"files.new-{secrets.token_hex(3)}"
-                source.skipped = self._extract(path, fresh)
-                old = d / f"files.old-{secrets.token_hex(3)}"
-                os.rename(source.root, old)
-                os.rename(fresh, source.root)
-                shutil.rmtree(old, ignore_errors=True)
+                self._replace_files(source, path)
                 source.archive_sha256 = sha
                 source.updated_at = _now()
                 source.last_update = {"changed": "archive re-extracted"}

@@ -5,7 +5,8 @@ at least `path`, `source`, `sha256`, `size`, `language` and `set` ("train" or "t
 read the file: a clone or unpacked archive under `projects/<project>/sources/<source>/`, or a local folder
 left where it is (its root is in the source's source.json). This module is the one place that turns those
 records into texts; the records themselves are read through `refact_lab.data.results`, which owns the
-scan's layout.
+scan's layout, and a file's bytes are decoded by `refact_lab.data.filters.decode_text`, as the scan decoded
+them (a UTF-16 file by its byte-order mark, the mark dropped).
 
 A file that has disappeared or changed since the scan (its sha256 differs) is skipped and counted, not fatal:
 the run's log says how many. With no test files at all, a deterministic tenth of the training files (chosen
@@ -19,6 +20,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from refact_lab.data.filters import decode_text
 from refact_lab.home import Home, read_json
 
 HOLDOUT_SHARE = 0.1
@@ -91,7 +93,7 @@ def _resolve_text(home: Home, project: str, record: dict) -> tuple[str | None, s
             expected = record.get("sha256")
             if expected and hashlib.sha256(data).hexdigest() != expected:
                 return None, "changed since the scan (sha256 differs)"
-            return data.decode("utf-8", errors="replace"), ""
+            return decode_text(data, errors="replace"), ""   # as the scan read it: by byte-order mark
     return None, "file not found"
 
 

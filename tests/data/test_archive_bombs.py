@@ -212,3 +212,70 @@ def test_special_tar_members_are_reported_with_reason_codes(tmp_path):
         ("pkg/pipe", "special_file", "FIFO member, not extracted"),
         ("pkg/tty", "special_file", "character device member, not extracted")]
     assert sorted(p.name for p in (tmp_path / "out/pkg").iterdir()) == ["a.py"]
+
+
+def _one_huge_member(path: Path, size: int) -> Path:
+    """A zip or tar.gz holding a small file and one `size`-byte member of one byte repeated, streamed."""
+    chunk = b"#" * MIB
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("pkg/ok.py", "x = 1\n")
+            with zf.open("pkg/huge.py", "w", force_zip64=True) as member:
+                for _ in range(size // MIB):
+                    member.write(chunk)
+        return path
+
+    class Repeated:   # the member's content, read in pieces, never held in memory whole
+        left = size
+
+        def read(self, n):
+            n = min(n, self.left)
+            self.left -= n
+            return b"#" * n
+
+    with tarfile.open(path, "w:gz", compresslevel=1) as tf:
+        ok = tarfile.TarInfo("pkg/ok.py")
+        ok.size = 6
+        tf.addfile(ok, io.BytesIO(b"x = 1\n"))
+        huge = tarfile.TarInfo("pkg/huge.py")
+        huge.size = size
+        tf.addfile(huge, Repeated())
+    return path
+
+
+@pytest.mark.parametrize("name", ["bomb.zip", "bomb.tar.gz"])
+def test_a_member_over_the_file_size_limit_is_reported_too_large_and_never_written(tmp_path, name):
+    path = _one_huge_member(tmp_path / name, 64 * MIB)
+    assert path.stat().st_size < 2 * MIB
+    report = extract(path, tmp_path / "out", max_member_bytes=512 * 1024)
+    assert report.skipped == [("pkg/huge.py", "too_large", "64 MiB > 512 KiB, the scan's file size limit; not "
+                                                            "extracted")]
+    assert report.files == 1 and report.bytes == 6
+    assert sorted(p.name for p in (tmp_path / "out/pkg").iterdir()) == ["ok.py"]
+
+
+def test_a_member_bigger_than_its_header_says_is_dropped_at_the_file_size_limit(tmp_path):
+    budget = archives._Budget("lies.zip", 4 * MIB, 10, max_member=MIB)
+    budget.declared("small.py", 10)   # what the header claims passes...
+    assert not archives._write_stream(io.BytesIO(b"#" * (3 * MIB)), tmp_path / "small.py", budget, "small.py")
+    assert not (tmp_path / "small.py").exists() and budget.report.bytes <= MIB   # ...the bytes are not kept
+    assert budget.too_large("small.py", None)
+    assert budget.report.skipped == [("small.py", "too_large", "more than 1024 KiB, the scan's file size limit; "
+                                                              "not extracted")]
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+@pytest.mark.parametrize("name,error", [("../../evil.py", "escapes the extraction folder"),
+                                        ("/tmp/refact-lab-absolute.py", "has an absolute path")])
+def test_path_errors_name_the_archive(tmp_path, kind, name, error):
+    path = tmp_path / f"named.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr(name, "import os\n")
+    else:
+        with tarfile.open(path, "w") as tf:
+            info = tarfile.TarInfo(name)
+            info.size = 10
+            tf.addfile(info, io.BytesIO(b"import os\n"))
+    with pytest.raises(ArchiveError, match=rf"^named\.{kind}: member '{name}' {error}"):
+        extract(path, tmp_path / "out")

@@ -212,6 +212,15 @@ def test_default_scan_rejects_just_above_the_default_digit_share(home, tree):
     assert "pkg/at.py" in accepted and rejected["pkg/above.py"]["reason"] == "lots_of_digits"
 
 
+def test_empty(home, tree):
+    root = tree({**BASE, "pkg/__init__.py": "", "app/__init__.py": "", "pkg/blank.py": "\n  \n\t\n"})
+    accepted, rejected, stats = scan_folder(home, root)
+    assert {p: (r["reason"], r["detail"]) for p, r in rejected.items()} == {
+        "pkg/__init__.py": ("empty", "empty file"), "app/__init__.py": ("empty", "empty file"),
+        "pkg/blank.py": ("empty", "only whitespace")}   # not kept once, then rejected as its own duplicates
+    assert set(accepted) == set(BASE) and stats["reasons"] == {"empty": 3}
+
+
 def test_duplicate_exact(home, tree):
     root = tree({**BASE, "pkg/z_copy.py": good_py(2)})
     accepted, rejected, _ = scan_folder(home, root)

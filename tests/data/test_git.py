@@ -197,3 +197,40 @@ def test_a_symlink_committed_in_a_work_tree_folder_is_rejected_as_such(home, tmp
     assert "src/a.py" in accepted
     assert rejected["src/alias.py"]["reason"] == "symlink"
     assert rejected["src/alias.py"]["detail"] == "symbolic link to 'a.py', not followed"
+
+
+def test_a_bare_repository_path_is_a_git_source_a_checkout_stays_a_folder(home, upstream, tmp_path):
+    import git
+
+    bare = git.Repo.init(str(tmp_path / "bare.git"), bare=True, initial_branch="main")
+    upstream.git.push(bare.git_dir, "main")
+    store = SourceStore(home)
+    src = store.add(bare.git_dir)
+    assert src.kind == "git" and src.origin == Path(bare.git_dir).as_uri()
+    assert src.commit == upstream.head.commit.hexsha
+    accepted, rejected, _ = _scan(home)
+    assert set(accepted) == {f"app/m{i}.py" for i in range(5)} and not rejected
+    assert store.ensure(bare.git_dir).id == src.id   # a re-scan finds it again
+    assert store.add(upstream.working_tree_dir).kind == "folder"
+    assert store.add(upstream.git_dir).kind == "git"   # a checkout's .git folder is git's, not code
+
+
+def test_an_empty_repository_is_an_error_naming_it(home, tmp_path):
+    import git
+
+    empty = git.Repo.init(str(tmp_path / "empty.git"), bare=True)
+    store = SourceStore(home)
+    with pytest.raises(SourceError, match=rf"^{Path(empty.git_dir).as_uri()} has no commits"):
+        store.add(empty.git_dir)
+    assert store.list() == [] and list(store.dir.iterdir()) == []
+
+
+def test_a_repository_whose_head_names_a_missing_branch_is_an_error_naming_its_branches(home, upstream, tmp_path):
+    import git
+
+    bare = git.Repo.init(str(tmp_path / "bare.git"), bare=True, initial_branch="master")
+    upstream.git.push(bare.git_dir, "main")   # main is pushed, master (its HEAD) never was
+    store = SourceStore(home)
+    with pytest.raises(SourceError, match="default branch 'master' does not exist; choose one of its branches: main"):
+        store.add(bare.git_dir)
+    assert store.add(bare.git_dir, branch="main").commit == upstream.head.commit.hexsha

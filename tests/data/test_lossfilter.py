@@ -8,7 +8,7 @@ from refact_lab.data.lossfilter import LossFilterError, compute_losses
 from tests.data.conftest import good_py, scan_folder
 
 FILES = {**{f"pkg/mod_{i}.py": good_py(i) for i in range(5)},
-         "pkg/__init__.py": "",                      # an empty file has no loss: filter_empty
+         "pkg/__init__.py": "x",                     # one token has no loss: filter_empty
          "pkg/short.py": "x\n"}
 
 
@@ -81,3 +81,19 @@ def test_auto_threshold_comes_from_the_model(home, tree, tiny_model_dir):
     assert stats["loss_threshold"] == stats["loss"]["threshold"] and stats["loss"]["threshold_auto"] is True
     assert stats["settings"]["loss_threshold"] is None
     assert ProjectService(home).applied_loss_threshold() == resolve("default").loss_threshold
+
+
+def test_a_utf16_file_gets_the_loss_of_its_text(tmp_path, tiny_model_dir):
+    """The loss filter reads a file as the scan and training do (by its byte-order mark): a UTF-16 file's loss
+    is the loss of its text, not 'cannot read'."""
+    import hashlib
+
+    text = good_py(3)
+    items = []
+    for name, data in (("a8.py", text.encode("utf-8")), ("a16.py", text.encode("utf-16"))):
+        (tmp_path / name).write_bytes(data)
+        items.append((hashlib.sha256(data).hexdigest(), str(tmp_path / name)))
+    losses, _ = compute_losses(items, model=str(tiny_model_dir), cache_dir=tmp_path / "c", batch_size=1)
+    (sha8, _), (sha16, _) = items
+    assert isinstance(losses[sha16][0], float), losses[sha16]
+    assert losses[sha16][0] == pytest.approx(losses[sha8][0], abs=1e-4)

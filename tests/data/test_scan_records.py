@@ -4,8 +4,12 @@ with a reason and the source's name; a source cannot be added twice; results say
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 import stat
+import subprocess
+import sys
 import tarfile
 import zipfile
 
@@ -134,3 +138,96 @@ def test_small_test_sets_are_warned_about_in_the_stats(home, tmp_path):
     assert stats["split_warning"].startswith(f"only {stats['test']['files']} test file")
     assert "the test loss will be noisy" in stats["split_warning"]
     assert stats["loss_threshold"] is None   # stage 2 was off: no threshold applied
+
+
+def _refuse_listing(monkeypatch, folder) -> None:
+    """Listing `folder` fails as it does without read permission (what root cannot see with chmod 000)."""
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(folder):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_a_folder_that_cannot_be_listed_is_rejected_with_the_reason(home, tmp_path, monkeypatch):
+    root = write_tree(tmp_path / "proj", {**FILES, "noread/x.py": good_py(60)})
+    _refuse_listing(monkeypatch, root / "noread")
+    accepted, rejected, stats = scan_folder(home, root)
+    assert rejected["noread"] == {**rejected["noread"], "reason": "linguist_error",
+                                  "detail": "cannot list: Permission denied", "source_name": "proj"}
+    assert stats["reasons"] == {"linguist_error": 1}
+    assert stats["files"] == len(accepted) + len(rejected) == len(FILES) + 1
+
+
+def test_a_source_folder_that_cannot_be_listed_is_an_error_that_says_so(home, tmp_path, monkeypatch):
+    from refact_lab.data.pipeline import ScanError
+
+    root = write_tree(tmp_path / "proj", FILES)
+    _refuse_listing(monkeypatch, root)
+    with pytest.raises(ScanError, match=f"cannot list {root}: Permission denied"):
+        scan_folder(home, root)
+
+
+def _as_a_user(cmd: list[str]) -> list[str]:
+    """Root reads a chmod 000 folder anyway: run `cmd` without the capabilities that let it."""
+    if os.geteuid() != 0:
+        return cmd
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv to drop the read-anything capabilities")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *cmd]
+
+
+@pytest.mark.parametrize("work_tree", [False, True], ids=["folder", "git-work-tree"])
+def test_an_unreadable_folder_is_rejected_by_the_installed_command(home, tmp_path, work_tree):
+    root = write_tree(tmp_path / "proj", {**FILES, "noread/x.py": good_py(60)})
+    if work_tree:   # git lists the files, and only warns about a folder it cannot open
+        from tests.data.conftest import make_git_repo
+
+        make_git_repo(root, {"pkg/m0.py": good_py(0)})
+    (root / "noread").chmod(0)
+    try:
+        run = subprocess.run(_as_a_user([sys.executable, "-m", "refact_lab.cli", "scan", str(root), "--home",
+                                         str(home.root), "--no-lm-filter", "--json"]),
+                             capture_output=True, text=True, timeout=300)
+    finally:
+        (root / "noread").chmod(0o755)
+    assert run.returncode == 0, run.stderr
+    data = json.loads(run.stdout)
+    rejected = {r["path"]: r for r in map(json.loads, open(data["logs"]["rejected"]))}
+    assert rejected["noread"]["reason"] == "linguist_error"
+    assert rejected["noread"]["detail"] == "cannot list: Permission denied"
+    assert data["files"] == data["accepted"] + data["rejected"] == len(FILES) + 1
+
+
+def test_an_archive_member_over_the_size_limit_stays_packed_until_a_scan_wants_it(home, tmp_path):
+    from refact_lab.data.pipeline import set_override
+
+    big = "".join(f"def function_{i}(value):\n    return value * 2 + {i % 7}\n\n" for i in range(12000))
+    assert 512 * 1024 < len(big) < 1024 * 1024
+    path = tmp_path / "code.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, text in {**FILES, "pkg/big.py": big}.items():
+            zf.writestr(name, text)
+    service = ProjectService(home)
+    src = service.add_archive(str(path))
+    on_disk = os.path.join(src.root, "pkg/big.py")
+
+    stats = service.run_scan(ScanSettings(lm_filter=False))
+    rejected = {r["path"]: r for r in service.results().rejected}
+    assert rejected["pkg/big.py"]["reason"] == "too_large" and "> 512 KiB" in rejected["pkg/big.py"]["detail"]
+    assert stats["reasons"] == {"too_large": 1} and not os.path.exists(on_disk)
+
+    # A scan that allows bigger files gets it; so does a force-include under the default limit.
+    service.run_scan(ScanSettings(lm_filter=False, max_file_kib=1024))
+    assert "pkg/big.py" in {r["path"] for r in service.results().accepted}
+    service.remove_source(src.id)
+    src = service.add_archive(str(path))   # extracted afresh, under the default 512 KiB
+    on_disk = os.path.join(src.root, "pkg/big.py")
+    assert not os.path.exists(on_disk)
+    set_override(home, "default", f"{src.id}/pkg/big.py", include=True)
+    service.run_scan(ScanSettings(lm_filter=False))
+    accepted = {r["path"]: r for r in service.results().accepted}
+    assert accepted["pkg/big.py"]["forced"] and os.path.getsize(on_disk) == len(big)

@@ -184,3 +184,10 @@ def test_key_blocks_go_whole_with_or_without_their_end_line():
     assert secrets.redact_text(escaped, []) == 'K = "REDACTED_PRIVATE_KEY\\n"\nx = 1\n'
     cut = "-----BEGIN EC PRIVATE KEY-----\n" + "\n".join(KEY_BODY) + "\ndef key():\n    return None\n"
     assert secrets.redact_text(cut, []) == "REDACTED_PRIVATE_KEY\ndef key():\n    return None\n"
+
+
+def test_a_utf16_file_is_checked_as_the_text_training_reads(home, tree):
+    """Training decodes a UTF-16 file by its byte-order mark, so the secrets rule must look at that text too."""
+    root = tree({**CLEAN, "app/aws.py": PLANTED["app/aws.py"].encode("utf-16")})
+    accepted, rejected, _ = scan_folder(home, root)
+    assert rejected["app/aws.py"]["reason"] == "secret" and "AWS Access Key" in rejected["app/aws.py"]["detail"]

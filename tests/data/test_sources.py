@@ -111,3 +111,15 @@ def test_only_git_sources_update(home, tmp_path):
     src = store.add_folder(write_tree(tmp_path / "p", {"a.py": "x\n"}))
     with pytest.raises(SourceError, match="only git sources"):
         store.update(src.id)
+
+
+@pytest.mark.parametrize("damage", [b"[]", b"{}", b"{not json", b'{"id": "x"}'])
+def test_a_damaged_source_json_is_an_error_naming_it(home, tmp_path, damage):
+    """A source whose source.json was damaged by hand is not dropped from every scan without a word."""
+    write_tree(tmp_path / "code", {"a.py": good_py(1)})
+    store = SourceStore(home)
+    source = store.add(str(tmp_path / "code"))
+    (store.dir / source.id / "source.json").write_bytes(damage)
+    for read in (store.list, lambda: store.get(source.id)):
+        with pytest.raises(SourceError, match="source.json"):
+            read()

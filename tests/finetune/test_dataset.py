@@ -1,5 +1,6 @@
 """The dataset reader: accepted.jsonl records -> texts per set, skipping files changed since the scan."""
 
+import codecs
 import json
 
 import pytest
@@ -70,3 +71,24 @@ def test_dataset_from_the_real_scan_pipeline(home, tmp_path):
     assert len(ds.train) + len(ds.test) >= 5
     assert not ds.skipped
     assert all(f.text == (STDLIB / f.key.split("/", 1)[1]).read_text() for f in ds.train + ds.test)
+
+
+def test_training_reads_each_file_as_the_scan_decoded_it(home, tmp_path):
+    """A UTF-16 file is text by its byte-order mark, for the scan and for training alike; no BOM is trained on."""
+    service = pytest.importorskip("refact_lab.data.service")
+    folder = tmp_path / "code"
+    for name in TRAIN_FILES[:4]:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text((STDLIB / name).read_text())
+    texts = {rel: (STDLIB / name).read_text() for rel, name in zip(("utf16.py", "utf16be.py", "bom.py"), TEST_FILES)}
+    (folder / "utf16.py").write_bytes(texts["utf16.py"].encode("utf-16"))   # BOM, then the machine's byte order
+    (folder / "utf16be.py").write_bytes(codecs.BOM_UTF16_BE + texts["utf16be.py"].encode("utf-16-be"))
+    (folder / "bom.py").write_bytes(texts["bom.py"].encode("utf-8-sig"))
+    project = service.ProjectService(home, "encodings")
+    project.add_folder(str(folder))
+    from refact_lab.config import ScanSettings
+
+    project.run_scan(ScanSettings(lm_filter=False))
+    ds = load_dataset(home, "encodings")
+    read = {f.key.split("/", 1)[1]: f.text for f in ds.train + ds.test}
+    assert {rel: read.get(rel) for rel in texts} == texts
