@@ -9,6 +9,8 @@ Exit codes: 0 success, 1 failure while working, 2 bad input (argument, source, s
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 
 from refact_lab import __version__
@@ -144,12 +146,14 @@ def _cmd_host(args) -> int:
     import os
 
     from refact_lab.home import Home
+    from refact_lab.serve import state
     from refact_lab.serve.client import HttpInference, LocalInference
     from refact_lab.serve.hosting import HostingService
 
     if not args.host_command:
         return _fail("host: say what to do: list, add, remove, role, load or unload")
     home = Home.resolve(args.home).ensure()
+    state.load_checked(home)   # a damaged settings.json: one line naming it, before anything is shown or saved
     url = args.url or os.environ.get("REFACT_LAB_URL")
     inference = HttpInference(url, args.token or os.environ.get("REFACT_LAB_TOKEN", ""), timeout=10) if url \
         else LocalInference(home)  # not started: without a server, the list shows what settings.json says
@@ -251,6 +255,7 @@ def _cmd_scan(args) -> int:
     from refact_lab.data.service import ProjectService
     from refact_lab.data.sources import SourceError
     from refact_lab.home import Home
+    from refact_lab.serve.state import active_model
 
     try:
         settings = with_overrides(ScanSettings(exclude=list(args.exclude), lm_filter=not args.no_lm_filter,
@@ -258,6 +263,9 @@ def _cmd_scan(args) -> int:
     except SettingsError as e:
         return _fail(str(e))
     home = Home.resolve(args.home).ensure()
+    if settings.lm_filter and not settings.model:
+        # the loss filter's model comes from settings.json: a damaged one is refused now, not after stage 1
+        active_model(home)
     service = ProjectService(home, args.project)
     token = os.environ.get("REFACT_LAB_GIT_TOKEN") or None
     try:
@@ -377,7 +385,7 @@ def _cmd_finetune(args) -> int:
     home = Home.resolve(args.home).ensure()
     model = args.model or active_model(home)
     run_id = runs.create_run(home, args.project, model, settings, launch=launch)
-    block = runs.read_json(home.run_dir(run_id) / "settings.json", {}).get("launch") or {}
+    block = runs.read_run_settings(home.run_dir(run_id)).get("launch") or {}
     memory = (block.get("memory") or {}).get("message")
     if memory and "switched" in memory:
         print(f"refact-lab: {memory}", file=sys.stderr)
@@ -463,7 +471,7 @@ def _cmd_resume(args) -> int:
     home = Home.resolve(args.home)
     try:
         path = runs.run_dir(home, args.run)
-        block = runs.read_json(path / "settings.json", {}).get("launch") or {}
+        block = runs.read_run_settings(path).get("launch") or {}
         if not args.detach and (block.get("processes", 1) > 1 or block.get("fsdp") or block.get("gpus")):
             # launched as several processes: resumed the same way, followed here
             size = (path / "log.txt").stat().st_size if (path / "log.txt").exists() else 0
@@ -534,10 +542,16 @@ def _report_end(home, run_id: str, path) -> int:
     best = status.get("best")
     print(f"{run_id}: {status['state']} at step {status.get('step')}/{status.get('total')}"
           + (f" ({status['stop_reason']})" if status.get("stop_reason") else "")
-          + (f", best checkpoint {best['checkpoint']} (test loss {best['test_loss']:.4f})" if best else ""))
+          + (f", best checkpoint {_best_text(best, 'test loss ')}" if best else ""))
     if status["state"] == "failed":
         return _fail(f"run failed: {status.get('error')} (log: {path / 'log.txt'})", 1)
     return 0
+
+
+def _best_text(best: dict, label: str = "") -> str:
+    """A status's best checkpoint, with its test loss when it has one (a run made by hand may not)."""
+    loss = best.get("test_loss")
+    return best["checkpoint"] + (f" ({label}{loss:.4f})" if loss is not None else "")
 
 
 # --- runs ------------------------------------------------------------------------------------------------
@@ -552,11 +566,11 @@ def _add_runs(sub) -> None:
 def _cmd_runs(args) -> int:
     import json
 
-    from refact_lab.finetune.runs import list_runs
+    from refact_lab.finetune import runs
     from refact_lab.home import Home
 
     home = Home.resolve(args.home)
-    items = list_runs(home)
+    items = runs.list_runs(home)
     if args.json:
         print(json.dumps(items, indent=2, sort_keys=True, default=str))
         return 0
@@ -566,12 +580,15 @@ def _cmd_runs(args) -> int:
     rows = [("RUN", "STATE", "STEP", "BEST CHECKPOINT", "MODEL", "PROJECT")]
     for st in items:
         best = st.get("best")
-        rows.append((st["run_id"], st["state"], f"{st.get('step') or 0}/{st.get('total') or '?'}",
-                     f"{best['checkpoint']} ({best['test_loss']:.4f})" if best else "-",
+        step = "-" if st["state"] == runs.BROKEN else f"{st.get('step') or 0}/{st.get('total') or '?'}"
+        rows.append((st["run_id"], st["state"], step,
+                     _best_text(best) if best else "-",
                      str(st.get("model") or ""), str(st.get("project") or "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    for r, st in zip(rows, [{}, *items]):
+        line = "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()
+        # a broken run folder says why on its own row (its reason is too long for a column)
+        print(f"{line}  {st['error']}" if st.get("state") == runs.BROKEN else line)
     return 0
 
 
@@ -606,12 +623,15 @@ def _cmd_complete(args) -> int:
     if args.model:
         resolve(args.model)  # unknown model: exit 2 with the registry's message
         overrides["model"] = args.model
-    saved, problems = state.load(home)
-    if not args.lora and state.LORA in problems:
-        return _fail(problems[state.LORA])
-    choice = LoraChoice.parse(args.lora) if args.lora else saved.lora
     if args.lora:
-        overrides["lora"] = choice.to_dict()
+        overrides["lora"] = LoraChoice.parse(args.lora).to_dict()
+    saved = state.load_checked(home, overrides)   # what --model / --lora do not replace comes from settings.json
+    if not args.model:
+        try:
+            resolve(saved.model or "default")   # checked here, not by the engine, whose log would add a traceback
+        except ValueError as e:
+            return _fail(f"{home.settings_file}: model: {e}")
+    choice = saved.lora
     if choice.mode != "off":
         checkpoints.resolve(home, choice)  # no such run or checkpoint: exit 2 saying what exists
     inference = LocalInference(home, overrides)
@@ -652,10 +672,12 @@ def _add_deploy(sub) -> None:
 
 def _cmd_deploy(args) -> int:
     from refact_lab.home import Home, check_name
+    from refact_lab.serve import state
     from refact_lab.serve.deploy import DeployService
     from refact_lab.serve.state import LoraChoice
 
     home = Home.resolve(args.home).ensure()
+    state.load_checked(home)   # what is deployed is read from settings.json: a damaged one is not "off"
     service = DeployService(home, inference=False)   # only saves: no engine is started here
     if args.run is not None:
         check_name(args.run, "run id")
@@ -716,6 +738,7 @@ def _cmd_eval(args) -> int:
     from refact_lab.home import Home
     from refact_lab.scoreboard import cursors as sc
     from refact_lab.scoreboard import results, runner
+    from refact_lab.serve import state
 
     n = sc.DEFAULT_CURSORS if args.cursors is None else args.cursors
     if n < 1:
@@ -724,6 +747,7 @@ def _cmd_eval(args) -> int:
         return _fail(f"--context-tokens must be from 1 to 32768, got {args.context_tokens}")
     seed = sc.DEFAULT_SEED if args.seed is None else args.seed
     home = Home.resolve(args.home)
+    state.load_checked(home)   # the engine that completes the cursors runs with settings.json's choices
     if not (home.project_dir(args.project) / "scan").is_dir():
         return _fail(f"project {args.project!r} has not been scanned in {home.root}")
     choices = args.checkpoint or (["best"] if args.run or any(r.checkpoints for r in
@@ -780,7 +804,7 @@ def _cmd_export(args) -> int:
     except ExportError as e:
         return _fail(str(e))
     except OSError as e:   # a full disk, a read-only folder: nothing was left behind
-        return _fail(f"cannot write the export: {e.strerror or e}", 1)
+        return _fail(f"cannot write the export to {args.out}: {e.strerror or e}", 1)
     print(result.out)
     return 0
 
@@ -863,11 +887,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()   # here, where a closed pipe is caught, rather than at exit
+        return code
     except (SettingsError, ValueError, FileNotFoundError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        if not stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode):
+            raise   # not our output's reader going away: a real failure
+        # the reader stopped reading (`refact-lab runs --json | head -1`): stop quietly, and point stdout at
+        # /dev/null so the flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

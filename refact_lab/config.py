@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -60,6 +61,9 @@ def validate(obj: Any) -> None:
             raise SettingsError(f"{f.name}: expected true or false, got {value!r}")
         if t in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise SettingsError(f"{f.name}: expected a number, got {value!r}")
+        if t in (int, float) and not math.isfinite(value):
+            # nan passes every bound check (each comparison is false) and inf has no place in a setting
+            raise SettingsError(f"{f.name}: expected a finite number, got {value!r}")
         if t is int and isinstance(value, float) and not value.is_integer():
             raise SettingsError(f"{f.name}: expected a whole number, got {value!r}")
         if t is int and isinstance(value, float):
@@ -83,7 +87,12 @@ def parse_value(cls, name: str, text: str) -> Any:
     if name not in fields:
         raise SettingsError(f"unknown setting {name!r}; known: {', '.join(sorted(fields))}")
     f = fields[name]
-    if text.strip().lower() in ("auto", "none", "") and (f.metadata.get("auto") or f.default is None):
+    if not text.strip():
+        # an empty value is a slip (an unset shell variable), not a choice: say how to ask for the default
+        how = f"write {name}=auto for the automatic value" if f.metadata.get("auto") else \
+            "leave the setting out to keep its default"
+        raise SettingsError(f"{name}: the value is empty; {how}")
+    if text.strip().lower() in ("auto", "none") and (f.metadata.get("auto") or f.default is None):
         return None
     t = _field_type(cls, f)
     try:

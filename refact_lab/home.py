@@ -86,15 +86,34 @@ def atomic_write_json(path: Path, obj: Any, mode: int | None = None) -> None:
 
 
 def read_json(path: Path, default: Any = None) -> Any:
-    """Read a JSON file; a missing file gives `default`. A corrupt file raises ValueError naming it."""
+    """Read a JSON file; a missing file gives `default`. A damaged one (not JSON, not text, a folder in its
+    place) raises ValueError naming it and what is wrong, never a bare decoding error."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         return default
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not a JSON file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not valid JSON: it is not UTF-8 text") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+_JSON_KINDS = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true or false",
+               type(None): "null"}
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (settings, a status): a missing file gives {}; a file holding
+    anything else (`[]`, a string) raises ValueError naming it, since reading it as empty would silently
+    drop what the user wrote."""
+    data = read_json(path, {})
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is damaged: expected a JSON object, found {_JSON_KINDS.get(type(data), 'JSON')}")
+    return data
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -246,7 +265,7 @@ class Home:
 
     # settings.json holds credentials too, so it is always written 0600.
     def load_settings(self) -> dict:
-        return read_json(self.settings_file, {}) or {}
+        return read_json_object(self.settings_file)
 
     def update_settings(self, **changes: Any) -> dict:
         with file_lock(self.root / ".settings.lock"):

@@ -57,3 +57,32 @@ def test_serve_settings_refuse_no_auth_off_loopback():
     with pytest.raises(SettingsError, match="port: 70000 is above"):
         ServeSettings(port=70000)
     assert is_loopback("::1") and is_loopback("127.0.0.2") and not is_loopback("10.0.0.1")
+
+
+@pytest.mark.parametrize("pair", ["rate=nan", "rate=NaN", "rate=-nan", "rate=inf", "rate=-inf", "steps=nan",
+                                  "steps=inf"])
+def test_a_number_that_is_not_finite_is_refused(pair):
+    # nan passes every bound (each comparison with it is false), so it needs its own check
+    name = pair.split("=")[0]
+    with pytest.raises(SettingsError, match=f"{name}: expected a finite number, got"):
+        with_overrides(Example(), [pair])
+    with pytest.raises(SettingsError, match="rate: expected a finite number, got nan"):
+        Example(rate=float("nan"))   # a saved settings.json goes through the same check
+
+
+def test_every_float_setting_refuses_nan():
+    from refact_lab.config import FinetuneSettings, ScanSettings
+
+    for cls in (FinetuneSettings, ScanSettings, ServeSettings):
+        for spec in field_specs(cls):
+            if spec["type"] is float:
+                with pytest.raises(SettingsError, match=f"{spec['name']}: expected a finite number"):
+                    with_overrides(cls(), [f"{spec['name']}=nan"])
+
+
+def test_an_empty_value_is_refused_saying_how_to_ask_for_the_default():
+    with pytest.raises(SettingsError, match="steps: the value is empty; write steps=auto for the automatic value"):
+        with_overrides(Example(), ["steps="])
+    with pytest.raises(SettingsError, match="rate: the value is empty; leave the setting out to keep its default"):
+        with_overrides(Example(), ["rate= "])
+    assert with_overrides(Example(steps=5), ["steps=auto"]).steps is None

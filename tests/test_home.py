@@ -43,6 +43,35 @@ def test_read_json_names_corrupt_file(tmp_path):
     assert read_json(tmp_path / "missing.json", default={"a": 1}) == {"a": 1}
 
 
+@pytest.mark.parametrize("damage, words", [
+    (b"\xff\xfe\x00garbage", "is not valid JSON: it is not UTF-8 text"),
+    (None, "is a folder, not a JSON file"),   # a folder where the file belongs
+])
+def test_read_json_names_a_file_it_cannot_decode(tmp_path, damage, words):
+    path = tmp_path / "x.json"
+    if damage is None:
+        path.mkdir()
+    else:
+        path.write_bytes(damage)
+    with pytest.raises(ValueError) as err:
+        read_json(path)
+    assert str(err.value) == f"{path} {words}"
+
+
+@pytest.mark.parametrize("text, found", [("[1, 2]", "a list"), ('"str"', "a string"), ("null", "null"),
+                                         ("3", "a number")])
+def test_settings_that_are_not_an_object_are_refused_naming_the_file(tmp_path, text, found):
+    home = Home.resolve(tmp_path / "s").ensure()
+    home.settings_file.write_text(text)
+    message = f"{home.settings_file} is damaged: expected a JSON object, found {found}"
+    with pytest.raises(ValueError) as err:
+        home.load_settings()
+    assert str(err.value) == message
+    with pytest.raises(ValueError, match="is damaged"):
+        home.update_settings(model="default")   # never overwritten as if it were empty
+    assert home.settings_file.read_text() == text
+
+
 def test_jsonl_skips_a_half_written_last_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     append_jsonl(path, {"step": 1})

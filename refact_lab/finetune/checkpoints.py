@@ -86,6 +86,7 @@ class Run:
     checkpoints: tuple[Checkpoint, ...] = field(default_factory=tuple)
     best: str | None = None
     best_by: str = "test_loss"    # or "edit_similarity": the scoreboard chose it (FinetuneSettings.best_by)
+    error: str | None = None      # why the run folder is broken (its status.json is missing or damaged)
 
     @property
     def latest(self) -> Checkpoint | None:
@@ -138,6 +139,10 @@ def list_runs(home: Home, *, loadable_only: bool = True) -> list[Run]:
 
     out = []
     for status in ft.list_runs(home):
+        if status["state"] == ft.BROKEN:
+            # listed, so asking for it says what is wrong; with no checkpoints, "the newest run" passes over it
+            out.append(Run(status["run_id"], ft.BROKEN, 0.0, None, error=status["error"]))
+            continue
         try:
             out.append(run_view(home, status, loadable_only=loadable_only))
         except (FileNotFoundError, ValueError):
@@ -152,6 +157,8 @@ def pick_run(runs: list[Run], run_id: str | None, where: str) -> Run:
         run = next((r for r in runs if r.run_id == run_id), None)
         if run is None:
             raise ValueError(f"no run {run_id!r} in {where}; it has {', '.join(r.run_id for r in runs) or 'none'}")
+        if run.error:
+            raise ValueError(f"run {run_id} is broken: {run.error}")
     else:
         run = next((r for r in runs if r.checkpoints), None)
         if run is None:

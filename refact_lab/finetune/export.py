@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from refact_lab.finetune.checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Checkpoint, read_checkpoint, select
-from refact_lab.home import Home, read_json
+from refact_lab.home import Home, read_json, read_json_object
 
 FORMATS = ("peft", "merged")
 CARD = "README.md"
@@ -67,11 +67,28 @@ def resolve_checkpoint(home: Home, run_id: str, checkpoint: str = "best") -> Che
 
 
 def check_out(out: Path) -> Path:
-    """The export folder must not exist or be empty; refused before any work."""
+    """The export folder must not exist or be empty, and must be a folder that can be made; refused before any
+    work."""
     out = Path(out).expanduser().absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out} already exists and is not empty: choose a new folder or empty it first")
+    if out.is_dir():
+        if any(out.iterdir()):
+            raise ExportError(f"{out} already exists and is not empty: choose a new folder or empty it first")
+    elif out.exists():
+        raise ExportError(f"{out} is a file, not a folder: choose a new folder")
+    else:
+        # it will be created inside its nearest existing parent, which must be a folder
+        parent = next(p for p in out.parents if p.exists())
+        if not parent.is_dir():
+            raise ExportError(f"{out} cannot be created: {parent} is a file, not a folder")
     return out
+
+
+def _run_file(path: Path) -> dict:
+    """A JSON object of the run folder (settings.json, status.json); ExportError naming it when it is damaged."""
+    try:
+        return read_json_object(path)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 def export_checkpoint(home: Home, run_id: str, checkpoint: str = "best", fmt: str = "peft",
@@ -84,12 +101,16 @@ def export_checkpoint(home: Home, run_id: str, checkpoint: str = "best", fmt: st
         raise ExportError("--out is required: the folder to write the export into")
     out = check_out(Path(out))
     ck = resolve_checkpoint(home, run_id, checkpoint)
-    run_settings = read_json(home.run_dir(run_id) / "settings.json", {}) or {}
+    run_settings = _run_file(home.run_dir(run_id) / "settings.json")
     say = log or (lambda message: None)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.export-{_random.token_hex(4)}.tmp"
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except FileNotFoundError as e:
+        # mkdir in a folder that exists, yet "No such file or directory": a place that takes no new folders (/proc)
+        raise ExportError(f"cannot create {out}: {Path(e.filename).parent} does not take new folders") from None
     try:
         if fmt == "peft":
             for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
@@ -164,8 +185,8 @@ def card_facts(home: Home, run_id: str, ck: Checkpoint, fmt: str) -> dict:
     from refact_lab.data import results
 
     run_dir = home.run_dir(run_id)
-    settings = read_json(run_dir / "settings.json", {}) or {}
-    status = read_json(run_dir / "status.json", {}) or {}
+    settings = _run_file(run_dir / "settings.json")
+    status = _run_file(run_dir / "status.json")
     project = settings.get("project") or status.get("project") or "default"
     scan = results.read_results(home, project)
     stats = scan.stats or {}

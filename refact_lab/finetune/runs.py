@@ -20,7 +20,6 @@ defined here (STYLE.md points 4 and 6).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import os
@@ -38,12 +37,21 @@ from refact_lab.config import FinetuneSettings, LaunchSettings, SettingsError, f
 from refact_lab.finetune.checkpoints import latest_resumable, run_checkpoints
 from refact_lab.finetune.checkpoints import best_name as _best_name
 from refact_lab import job_status
-from refact_lab.home import Home, append_jsonl, atomic_write_json, atomic_write_text, file_lock, read_json, read_jsonl
+from refact_lab.home import (Home, append_jsonl, atomic_write_json, atomic_write_text, file_lock, read_json,
+                             read_json_object, read_jsonl)
 from refact_lab.job_status import ACTIVE, RUN_OWNERS, STATES, STOP_FLAG, owner_fields  # noqa: F401 - re-exported
 
 STATUS_WRITE_INTERVAL_S = 1.0
 # A queued run that names no owner process at all (written by an older version) is failed after this long.
 UNOWNED_QUEUED_GRACE_S = 120.0
+# What `list_runs` says of a run folder whose status.json is missing or damaged (not a state a run is ever in):
+# that run is listed with the reason as its error, and the other runs still list.
+BROKEN = "broken"
+
+
+class RunStateError(ValueError):
+    """A run folder's status.json or settings.json is missing or damaged; the message names the file and what
+    is wrong."""
 
 
 # --- small helpers ---------------------------------------------------------------------------------------------
@@ -69,6 +77,14 @@ def run_dir(home: Home, run_id: str) -> Path:
     if not (path / "settings.json").is_file():
         raise FileNotFoundError(f"no run {run_id!r} in {home.runs_dir}")
     return path
+
+
+def read_run_settings(path: Path) -> dict:
+    """The run's settings.json (what to train and how it is launched); RunStateError when it is damaged."""
+    try:
+        return read_json_object(Path(path) / "settings.json")
+    except ValueError as e:
+        raise RunStateError(str(e)) from None
 
 
 def update_status(path: Path, **changes) -> dict:
@@ -138,10 +154,8 @@ def create_run(home: Home, project: str, model: str, settings: FinetuneSettings,
                                             "free_gib": round(decision.free / 2 ** 30, 2),
                                             "low_gpu_mem_mode": decision.low_gpu_mem_mode,
                                             "message": decision.message}
-    atomic_write_json(path / "settings.json", {
-        "run_id": run_id, "project": project, "model": model, "model_name": spec.name,
-        "finetune": asdict(settings), "launch": {**launch_plan.to_dict(), "memory": memory},
-        **({"init_adapter": str(init_adapter)} if init_adapter else {}), "created_at": _now()})
+    # status.json before settings.json: a folder is a run once its settings.json exists (`run_dir`), and a
+    # reader must never find a run without its status (that is a damaged run folder)
     atomic_write_json(path / "status.json", {
         "run_id": run_id, "state": "queued", "step": 0, "total": settings.train_steps, "eta_s": None,
         "error": None, "best": None, "last_checkpoint": None, "created_at": _now(),
@@ -150,6 +164,10 @@ def create_run(home: Home, project: str, model: str, settings: FinetuneSettings,
         **owner_fields(),
         "updated_at": _now(), "model": spec.name, "project": project, "world_size": launch_plan.processes,
         "launch": launch_plan.describe()})
+    atomic_write_json(path / "settings.json", {
+        "run_id": run_id, "project": project, "model": model, "model_name": spec.name,
+        "finetune": asdict(settings), "launch": {**launch_plan.to_dict(), "memory": memory},
+        **({"init_adapter": str(init_adapter)} if init_adapter else {}), "created_at": _now()})
     (path / "log.txt").touch()
     append_log(path, f"launch: {launch_plan.describe()}; "
                + ", ".join(d.describe() for d in launch_plan.devices))
@@ -231,7 +249,7 @@ def _claim(home: Home, run_id: str, resume: bool) -> None:
 def start_run(home: Home, run_id: str, *, resume: bool = False) -> subprocess.Popen:
     """Start the run's process, detached; record its pid. Returns the Popen (callers may keep it to reap it)."""
     path = run_dir(home, run_id)
-    doc = read_json(path / "settings.json", {})
+    doc = read_run_settings(path)
     launch = doc.get("launch") or {}
     cmd, env = _launch_command(path, int(launch.get("processes") or launch.get("num_processes") or 1),
                                bool(launch.get("cpu")), launch.get("gpus") or (), bool(launch.get("fsdp")))
@@ -294,15 +312,51 @@ def _orphaned(status: dict) -> bool:
     return status.get("state") == "queued" and _now() - float(status.get("created_at") or 0) > UNOWNED_QUEUED_GRACE_S
 
 
-def read_status(home: Home, run_id: str) -> dict:
-    """status.json, after checking that an active run still has a live owner process (else it is marked failed)."""
-    path = run_dir(home, run_id)
-    status = read_json(path / "status.json", {}) or {}
-    status.setdefault("run_id", run_id)
+def _status_problem(status) -> str | None:
+    """What is wrong with a parsed status.json, in a few words; None when the fields readers use are sound.
+    (The trainer writes it; a hand edit can break any field, and a reader formatting it must not crash.)"""
+    if not isinstance(status, dict):
+        return f"expected a JSON object, found {json.dumps(status)[:40]}"
+    if status.get("state", "queued") not in STATES:
+        return f"state: {status['state']!r} is not one of {', '.join(STATES)}"
+    for key in ("step", "total", "created_at"):
+        value = status.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"{key}: expected a number, got {value!r}"
+    best = status.get("best")
+    loss = best.get("test_loss") if isinstance(best, dict) else None
+    if best is not None and not (isinstance(best, dict) and isinstance(best.get("checkpoint"), str)
+                                 and (loss is None or isinstance(loss, (int, float)) and not isinstance(loss, bool))):
+        return f"best: expected an object with a checkpoint name (and a test_loss number), got {json.dumps(best)[:60]}"
+    return None
+
+
+def _load_status(path: Path) -> dict:
+    """The run's status.json with the defaults of a run nothing has started yet; RunStateError naming the file
+    when it is missing or damaged."""
+    file = path / "status.json"
+    if not file.exists():
+        raise RunStateError(f"{file} is missing")
+    try:
+        status = read_json(file)
+    except ValueError as e:
+        raise RunStateError(str(e)) from None
+    problem = _status_problem(status)
+    if problem:
+        raise RunStateError(f"{file} is damaged: {problem}")
+    status.setdefault("run_id", path.name)
     status.setdefault("state", "queued")
+    return status
+
+
+def read_status(home: Home, run_id: str) -> dict:
+    """status.json, after checking that an active run still has a live owner process (else it is marked failed).
+    Raises RunStateError when it is missing or damaged."""
+    path = run_dir(home, run_id)
+    status = _load_status(path)
     if _orphaned(status):
         with file_lock(path / ".status.lock"):
-            again = read_json(path / "status.json", {}) or {}
+            again = _load_status(path)
             # re-check under the lock: the process may have written its final state (or a new owner) meanwhile
             if _orphaned(again):
                 who = again.get("worker_pid") or again.get("pid")
@@ -326,8 +380,13 @@ def list_runs(home: Home) -> list[dict]:
     out = []
     for path in home.runs_dir.iterdir():
         if (path / "settings.json").is_file():
-            with contextlib.suppress(ValueError, FileNotFoundError):
+            try:
                 out.append(read_status(home, path.name))
+            except RunStateError as e:
+                # one damaged run folder is listed as broken, with why; the other runs still list and work
+                out.append({"run_id": path.name, "state": BROKEN, "error": str(e)})
+            except (ValueError, FileNotFoundError):
+                continue   # not a run id (a stray folder), or a run folder deleted while we looked
     return sorted(out, key=lambda s: s.get("created_at") or 0, reverse=True)
 
 
@@ -413,7 +472,6 @@ def execute_run(path: Path, *, log: Callable[[str], None] | None = None, extra_s
 
     path = Path(path).resolve()
     is_main = int(os.environ.get("RANK", "0")) == 0
-    doc = read_json(path / "settings.json", {})
     home = Home(path.parent.parent)
 
     def default_log(message: str) -> None:
@@ -426,6 +484,7 @@ def execute_run(path: Path, *, log: Callable[[str], None] | None = None, extra_s
             changes.update(owner_fields(pid))
         update_status(path, **changes)
     try:
+        doc = read_run_settings(path)   # in here: a damaged one fails the run with the reason, as any failure
         settings = from_dict(FinetuneSettings, doc.get("finetune") or {})
         dataset = load_dataset(home, doc["project"])
         sinks = [MetricsFileSink(path), StatusSink(path), *extra_sinks] if is_main else []
@@ -512,7 +571,10 @@ class RunService:
         names = list(KNOWN_MODELS)
         from refact_lab.serve.state import active_model
 
-        active = active_model(self.home)
+        try:
+            active = active_model(self.home)
+        except SettingsError:
+            return names   # a damaged settings.json: the form still offers the known models (serving reports it)
         if active and active not in names:
             names.insert(0, active)
         return names
@@ -600,10 +662,15 @@ class RunService:
 
     # reading
     def status(self, run_id: str) -> dict:
+        """The run's status; a damaged run folder reads as BROKEN with the reason as its error, as `runs` lists it
+        (a panel shows it and goes on)."""
         proc = self._procs.get(run_id)
         if proc is not None:
             proc.poll()
-        return read_status(self.home, run_id)
+        try:
+            return read_status(self.home, run_id)
+        except RunStateError as e:
+            return {"run_id": run_id, "state": BROKEN, "error": str(e)}
 
     def runs(self) -> list[dict]:
         for proc in self._procs.values():
@@ -620,4 +687,4 @@ class RunService:
         return log_tail(self.home, run_id, lines)
 
     def settings(self, run_id: str) -> dict:
-        return read_json(run_dir(self.home, run_id) / "settings.json", {})
+        return read_run_settings(run_dir(self.home, run_id))

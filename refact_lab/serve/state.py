@@ -332,16 +332,27 @@ def load(home: Home, overrides: dict | None = None,
         data = home.load_settings()
     except ValueError as e:
         base = previous or ServingChoice()
-        problems = {part: f"settings.json is not readable: {e}" for part in PARTS}
+        problems = {part: str(e) for part in PARTS}   # the message names the file and what is wrong
         data = {**base.to_settings(), **(overrides or {})}
         choice, more = parse(data, base)
         return choice, {**problems, **more}
     return parse({**data, **(overrides or {})}, previous)
 
 
+def load_checked(home: Home, overrides: dict | None = None) -> ServingChoice:
+    """settings.json's serving choice for a command, which must not go on with values it cannot read: a
+    SettingsError naming the file and every problem, on one line. (The engine uses `load` and keeps running.)"""
+    choice, problems = load(home, overrides)
+    if problems:
+        raise SettingsError("; ".join(dict.fromkeys(problems.values())))   # an unreadable file: once, not per part
+    return choice
+
+
 def active_model(home: Home) -> str:
-    """The base model settings.json chooses (what scan, fine-tuning and the scoreboard default to)."""
-    return load(home)[0].model or "default"
+    """The base model settings.json chooses (what scan, fine-tuning and the scoreboard default to). A damaged
+    settings.json is a SettingsError, as for every command that reads it: the default model in place of an
+    unreadable choice would scan, train or judge with a model nobody chose."""
+    return load_checked(home).model or "default"
 
 
 def save(home: Home, **changes) -> ServingChoice:

@@ -90,3 +90,20 @@ def test_the_active_model_is_the_files_or_the_default(home):
     assert state.active_model(home) == "default"
     state.save(home, model="/models/mine")
     assert state.active_model(home) == "/models/mine"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[1, 2]", "settings.json is damaged: expected a JSON object, found a list"),
+    ('"str"', "settings.json is damaged: expected a JSON object, found a string"),
+    ("{bad", "settings.json is not valid JSON"),
+    ('{"context": 5, "context_tokens": "lots"}', "settings.json: invalid context project 5"),
+])
+def test_a_command_refuses_a_damaged_file_in_one_line_and_the_engine_reads_on(home, text, words):
+    home.settings_file.write_text(text)
+    with pytest.raises(SettingsError) as err:
+        state.load_checked(home)
+    assert words in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(SettingsError, match="settings.json"):
+        state.active_model(home)   # what scan, finetune and eval default to: not silently "default"
+    choice, problems = state.load(home)   # the engine's reading: problems reported, never raised
+    assert problems and choice.part(state.LORA) == ServingChoice().part(state.LORA)
