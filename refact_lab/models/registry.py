@@ -116,8 +116,9 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
     spec.name: spec for spec in [
         # n_ctx is what the embedded model was trained on: its held-out loss rises quickly beyond it.
         # Its losses run about one nat per token above a 1B+ model's on the same code, hence the higher threshold.
-        # Its recipe has no repository-layout stage yet: with context on its scoreboard falls (sqlglot 26.0.0,
-        # 200 cursors: edit similarity 0.213 -> 0.176), so "auto" leaves context off for it.
+        # Its sixth stage learned the repository layout (cross-file names come back right twice as often with
+        # context), but at 512 positions the snippets still cost more edit similarity than they bring (sqlglot
+        # 26.0.0, 200 cursors: 0.250 off, 0.227 on), so "auto" leaves context off for it.
         ModelSpec(DEFAULT_MODEL, str(EMBEDDED_DIR), QWEN_FIM, n_ctx=512, memory_gb=0.03, is_local=True, loss_threshold=4.0,
                   repo_context=False, description="Small demo model shipped inside the package; works offline. Use a hub model for real work."),
         ModelSpec("qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B", QWEN_FIM, n_ctx=32768, memory_gb=1.0,

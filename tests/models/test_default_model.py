@@ -208,3 +208,52 @@ def test_recipe_splits_fim_examples_at_the_cursor_boundary_healing_uses(model_an
     for _ in range(5):
         maker.fim()
     assert len(seen) == 20   # switched off: the old character splits
+
+
+def test_recipe_copy_rows_put_the_cursor_at_a_call_whose_definition_is_in_the_snippets(monkeypatch):
+    """The context stage's copy rows (`copy_share`): the cursor starts a call of a name that only another file of
+    the source defines, and that definition is among the snippets before the cursor's file, so the middle can be
+    copied from them."""
+    import importlib.util
+    import random
+
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.spec_from_file_location("recipe", ROOT / "scripts" / "train_default_model.py")
+    recipe = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "recipe", recipe)
+    spec.loader.exec_module(recipe)
+    source = resolve(None).source
+    tok = Tokenizer.from_file(str(Path(source) / "tokenizer.json"))
+    hf_tok = AutoTokenizer.from_pretrained(source)
+    rates = "def convert_with_kestrel_rate(amount, table):\n    return amount * table['kestrel']\n"
+    filler = "".join(f"def helper_{i}(x):\n    return x + {i}\n\n" for i in range(30))
+    caller = filler + "def total(items):\n    amount = sum(items)\n    return convert_with_kestrel_rate(amount, TABLE)\n"
+    files = [("rates.py", rates + filler), ("billing.py", caller)]
+    src = recipe.Source("pkg", "1", "MIT", files)
+    texts = [t for _, t in files]
+    maker = recipe.ExampleMaker(tok, texts, [0.0, 1.0], recipe.Recipe(out="unused", context_rate=1.0, copy_share=1.0),
+                                random.Random(0), [(0, p) for p, _ in files], [src], hf_tok)
+    for _ in range(5):
+        ids, _, weights = maker.fim()
+        text = hf_tok.decode(ids, skip_special_tokens=False)
+        before, _, rest = text.partition("<|fim_prefix|>")
+        middle = rest.split("<|fim_middle|>")[1]
+        assert middle.lstrip().startswith("convert_with_kestrel_rate(amount, TABLE)")
+        assert "def convert_with_kestrel_rate(amount, table):" in before and "rates.py" in before
+    assert maker.copy_rows == 5
+    # where retrieval misses the definition, it is put in anyway
+    from refact_lab.context import index
+
+    class Blind:
+        def retrieve(self, *args, **kwargs):
+            return []
+
+    monkeypatch.setattr(index.ProjectIndex, "in_memory", staticmethod(lambda files: Blind()))
+    maker.indexes.clear()
+    ids, _, _ = maker.fim()
+    assert "def convert_with_kestrel_rate(" in hf_tok.decode(ids, skip_special_tokens=False).split("<|fim_prefix|>")[0]
+    maker.r = recipe.Recipe(out="unused", context_rate=1.0, copy_share=0.0)
+    maker.fim()
+    assert maker.copy_rows == 6  # off: random cursors as before
