@@ -893,6 +893,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, ValueError, FileNotFoundError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
+        print("refact-lab: stopped (Ctrl-C)", file=sys.stderr)
         return 130
     except BrokenPipeError:
         if not stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode):

@@ -154,7 +154,7 @@ class ScanJob:
             self._status.update(state="running", message="Starting")
             self._write(force=True)
             stats = run_scan(self.home, self.project, settings, progress=report, should_stop=self._should_stop)
-        except ScanCancelled:
+        except (ScanCancelled, KeyboardInterrupt):  # the Stop button, or Ctrl-C in a terminal: both are a stop
             self._status.update(state="stopped", message="Stopped; the previous results are unchanged",
                                 finished_at=_now())
             self._write(force=True)

@@ -130,6 +130,25 @@ def test_stopping_writes_nothing_and_reports_stopped(home, tree):
     assert not pipeline.scan_files(home)["stop"].exists()
 
 
+def test_ctrl_c_during_a_scan_is_a_stop(home, tree):
+    """Ctrl-C in a terminal stops a scan as the Stop button does: the status says stopped (not failed), the
+    results are unchanged, and the interrupt still reaches the command (exit 130)."""
+    root = tree(BASE)
+    scan_folder(home, root)
+    before = pipeline.scan_files(home)["accepted"].read_text()
+    (root / "pkg/extra.py").write_text(good_py(301))
+    job = ScanJob(home)
+
+    def progress(stage, done, total):
+        if stage == "reading":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        job.run(ScanSettings(lm_filter=False), progress=progress)
+    assert read_status(home)["state"] == "stopped"
+    assert pipeline.scan_files(home)["accepted"].read_text() == before
+
+
 def test_failed_job_reports_the_error(home, tree):
     SourceStore(home).add_folder(tree(BASE))
     job = ScanJob(home).start(ScanSettings(lm_filter=False, file_types=["NoSuchLanguage"]))
