@@ -45,7 +45,7 @@ class RepoContext:
 
     def project(self, choice: ServingChoice, deployed_run: str | None, model=None) -> str | None:
         """The project whose index gives snippets, or None (off). `model`: the served ModelSpec; "auto" is off
-        for a model that was not trained to use repository context (`ModelSpec.repo_context`)."""
+        for a model whose scoreboard falls with repository context (`ModelSpec.repo_context`)."""
         if choice.context == CONTEXT_OFF or choice.context_tokens <= 0:
             return None
         if choice.context:

@@ -103,8 +103,9 @@ class ModelSpec:
     loss_threshold: float = 3.0  # the scan's default loss filter threshold (mean nats per token) for this model
     description: str = ""
     is_local: bool = False
-    # whether the model was trained to use snippets of other files laid out before the cursor's file; "auto"
-    # repository context is on only for such models (an explicit project in Deploy turns it on for any)
+    # whether snippets of other files laid out before the cursor's file help the model's completions (it was
+    # trained to use them, and its scoreboard does not fall with them); "auto" repository context is on only
+    # for such models (an explicit project in Deploy turns it on for any)
     repo_context: bool = True
 
     @property

@@ -96,8 +96,8 @@ class DeployService:
                 "checkpoint": ck.key if ck else None, "lora_error": error,
                 "context": project or state.CONTEXT_OFF, "context_choice": choice.context or "auto",
                 "context_tokens": choice.context_tokens,
-                "context_note": ("auto is off for this model: it was not trained to use snippets of other files "
-                                 "(choose a project to turn it on anyway)")
+                "context_note": ("auto is off for this model: snippets of other files cost it more than they bring, "
+                                 "by its scoreboard (choose a project to turn it on anyway)")
                 if choice.context is None and spec is not None and not spec.repo_context
                 and choice.context_tokens > 0 else None}
 

@@ -54,6 +54,6 @@ def test_auto_context_is_off_for_a_model_not_trained_to_use_it(home, capsys):
     explicitly still turns it on."""
     (home.projects_dir / "shop").mkdir(parents=True)
     code, out, _ = deploy(capsys, home)
-    assert code == 0 and "context:    off" in out and "not trained to use snippets of other files" in out
+    assert code == 0 and "context:    off" in out and "snippets of other files cost it more than they bring" in out
     code, out, _ = deploy(capsys, home, "--context", "shop")
     assert code == 0 and "context:    shop, up to" in out and "not trained" not in out
