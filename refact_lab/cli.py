@@ -56,8 +56,6 @@ def _add_serve(sub) -> None:
 
 
 def _cmd_serve(args) -> int:
-    import os
-
     from refact_lab.config import ServeSettings
 
     given = {k: getattr(args, k) for k in SERVE_REMEMBERED if getattr(args, k) is not None}
@@ -143,7 +141,6 @@ def _add_host(sub) -> None:
 
 def _cmd_host(args) -> int:
     import json
-    import os
 
     from refact_lab.home import Home
     from refact_lab.serve import state
@@ -247,7 +244,6 @@ def _scan_progress():
 
 def _cmd_scan(args) -> int:
     import json
-    import os
 
     from refact_lab.config import ScanSettings, with_overrides
     from refact_lab.data.lossfilter import LossFilterError
@@ -489,7 +485,6 @@ def _cmd_resume(args) -> int:
 
 def _finetune_foreground(home, run_id: str) -> int:
     """The same trainer as a detached run, in this process, with a progress bar; Ctrl-C stops it cleanly."""
-    import os
     import signal
 
     from tqdm import tqdm

@@ -311,7 +311,7 @@ class ExampleMaker:
         # for repository context: each text's (source index, path), the sources, their indexes (built lazily)
         self.where, self.sources, self.hf_tok = where, sources, hf_tok
         self.indexes: dict[int, object] = {}
-        self.definers: dict[int, dict[str, list[str]]] = {}  # per source: name -> paths of the files defining it
+        self.definers: dict[int, tuple] = {}  # per source: `_definers`
         self.context_rows = self.copy_rows = 0
         self.L = recipe.seq_len + 1
         self.ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
@@ -353,15 +353,17 @@ class ExampleMaker:
         before, in_prefix, _ = context_ids(self.hf_tok, snippets, budget, path=path, repo=src.name)
         return before, in_prefix
 
-    def _definers(self, src_i: int) -> dict[str, list[str]]:
+    def _definers(self, src_i: int) -> tuple[dict[str, list[str]], dict[str, str]]:
+        """(name -> paths of the files defining it, path -> text) of a source, computed once."""
         if src_i not in self.definers:
             from refact_lab.scoreboard.cursors import project_definitions
 
+            files = dict(self.sources[src_i].files)
             names: dict[str, list[str]] = {}
             for path, defined in project_definitions(self.sources[src_i].files).items():
                 for name in defined:
                     names.setdefault(name, []).append(path)
-            self.definers[src_i] = names
+            self.definers[src_i] = names, files
         return self.definers[src_i]
 
     def _copy_cursor(self, i: int):
@@ -372,7 +374,7 @@ class ExampleMaker:
 
         src_i, path = self.where[i]
         text = self.texts[i]
-        definers = self._definers(src_i)
+        definers, files = self._definers(src_i)
         own = defined_names(text)
         foreign = frozenset(n for n, paths in definers.items() if n not in own and any(p != path for p in paths))
         calls = _candidates(text, foreign)["cross_file"] if foreign else []
@@ -381,7 +383,7 @@ class ExampleMaker:
         a, end = self.rng.choice(calls)
         name = re.match(r"[A-Za-z_][A-Za-z0-9_]*", text[a:]).group(0)
         other = self.rng.choice([p for p in definers[name] if p != path])
-        body = dict(self.sources[src_i].files)[other]
+        body = files[other]
         m = next((m for m in _DEFINITION.finditer(body) if name in m.groups()), None)
         if m is None:
             return None

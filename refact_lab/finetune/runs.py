@@ -349,6 +349,11 @@ def _load_status(path: Path) -> dict:
     return status
 
 
+def _broken(run_id: str, error: RunStateError) -> dict:
+    """The status a damaged run folder reads as: BROKEN, with the reason as its error."""
+    return {"run_id": run_id, "state": BROKEN, "error": str(error)}
+
+
 def read_status(home: Home, run_id: str) -> dict:
     """status.json, after checking that an active run still has a live owner process (else it is marked failed).
     Raises RunStateError when it is missing or damaged."""
@@ -384,7 +389,7 @@ def list_runs(home: Home) -> list[dict]:
                 out.append(read_status(home, path.name))
             except RunStateError as e:
                 # one damaged run folder is listed as broken, with why; the other runs still list and work
-                out.append({"run_id": path.name, "state": BROKEN, "error": str(e)})
+                out.append(_broken(path.name, e))
             except (ValueError, FileNotFoundError):
                 continue   # not a run id (a stray folder), or a run folder deleted while we looked
     return sorted(out, key=lambda s: s.get("created_at") or 0, reverse=True)
@@ -670,7 +675,7 @@ class RunService:
         try:
             return read_status(self.home, run_id)
         except RunStateError as e:
-            return {"run_id": run_id, "state": BROKEN, "error": str(e)}
+            return _broken(run_id, e)
 
     def runs(self) -> list[dict]:
         for proc in self._procs.values():

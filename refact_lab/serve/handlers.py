@@ -173,7 +173,7 @@ class JsonPostHandler(ApiHandler):
     """A POST API endpoint whose JSON body is counted while it arrives (see DRAIN_FACTOR)."""
 
     # a request refused in prepare (auth, Host, headers) may close before prepare sets the instance's list
-    _generations: list[Generation] = []
+    _generations: tuple = ()
 
     async def prepare(self):
         await super().prepare()
