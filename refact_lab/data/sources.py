@@ -70,8 +70,9 @@ class Source:
 
 
 def _now() -> str:
-    # Milliseconds: sources are listed in the order they were added, even several in one second.
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+    # Microseconds: sources are listed in the order they were added, even several in one millisecond (two
+    # folders added back to back can be; the order decides which of two equal files is the duplicate).
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
 def _slug(text: str) -> str:
