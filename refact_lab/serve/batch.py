@@ -237,12 +237,13 @@ def new_cache(layers=None):
     return cache
 
 
-def forward(model, decoder, ids, positions, cache, mask, padded: bool, twin=None):
+def forward(model, decoder, ids, positions, cache, mask, padded: bool, twin=None, fed=None, want=None):
     """Logits [rows, tokens, vocab] of `ids` continuing `cache`; `mask` [rows, columns] already counts the new
     columns. Through the engine's lean step (refact_lab.serve.decode_step) when the model has one, and then through
-    the bf16 `twin` (serve/bf16_twin.py) when the caller passes one."""
+    the bf16 `twin` (serve/bf16_twin.py) when the caller passes one; that step skips the padding tokens (`fed`)
+    and the logits nobody reads (`want`), which transformers' forward computes anyway."""
     if decoder is not None:
-        return decoder.forward(model, ids, positions, cache, mask, padded, twin)
+        return decoder.forward(model, ids, positions, cache, mask, padded, twin, fed, want)
     # Without padding (one request, or rows of equal length) the mask says nothing: leaving it out lets the
     # attention take its plain causal path instead of building a 4-D mask every step.
     out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions, use_cache=True,
@@ -386,11 +387,12 @@ class Batch:
             r.pos = n
             self._merge(cache, torch.ones((1, n), dtype=torch.long, device=layers[0][0].device), [r])
 
-    def feed(self, model, feeds: Sequence[Sequence[int]], decoder=None, twin=None):
+    def feed(self, model, feeds: Sequence[Sequence[int]], decoder=None, twin=None, read_from: Sequence[int] = ()):
         """One pass in which row i is fed the tokens feeds[i] (at least one; its last token and drafts after it,
         or the rest of a newcomer's prompt) at its next positions; returns logits [rows, t, vocab], t the longest
         feed (row i's logits after its own tokens mean nothing). Every row gets t new columns; `settle` then says
-        how many of them each row keeps."""
+        how many of them each row keeps. `read_from[i]`: the first of row i's positions whose logits the caller
+        reads (the ones before are a prompt's rest; default 0); others may come back as zeros."""
         import torch
 
         device = input_device(model)
@@ -406,7 +408,11 @@ class Batch:
         self._block = (self.mask.shape[1], t)
         self.mask = torch.cat([self.mask, fed.to(self.mask.device)], dim=1)
         padded = self.padded or any(len(f) < t for f in feeds)
-        return forward(model, decoder, ids.to(device), positions.to(device), self.cache, self.mask, padded, twin)
+        want = fed.bool()
+        for i, first in enumerate(read_from):
+            want[i, :first] = False
+        return forward(model, decoder, ids.to(device), positions.to(device), self.cache, self.mask, padded, twin,
+                       fed.bool().to(device), want.to(device))
 
     def prompt_kv(self, i: int, length: int, rest: int) -> list[tuple[Any, Any]]:
         """Right after `feed`, for a row fed the last `rest` tokens of its prompt first (drafts may follow them):

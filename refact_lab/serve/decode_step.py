@@ -18,6 +18,12 @@ of one row costs mostly its call there. In bf16 every product's weight is also p
 which F.linear would reorder again on each call; RMS norms run as torch's one `rms_norm` op and queries and keys
 rotate in one go (each checked to give the same bits; greedy tokens do not move).
 
+A pass whose rows were fed different numbers of tokens (newcomers' prompt rests beside running rows' last tokens
+and drafts, `Batch.feed`) runs its norms, projections and MLPs over the real tokens only, and the logits' head over
+the positions the engine reads (16 typing clients on this project's CPU: 15 rows x 3.3 tokens a pass, of which
+32 slots real and 30 logits read, out of 50). Only the attention sees the padded layout (its columns are the cache's). The products of
+each token are the same ones, so the logits keep their bits.
+
 Everything else (prefill of fresh prompts, models of other architectures) keeps transformers' forward. Greedy tokens
 equal that forward's (tests/serve/test_decode_step.py compares them, padded batches and drafts included).
 """
@@ -59,18 +65,25 @@ def _unsupported(model) -> str | None:
     return None
 
 
-def _step(model, ids, positions, kbufs: list, vbufs: list, n: int, mask, fused=None):
+def _step(model, ids, positions, kbufs: list, vbufs: list, n: int, mask, fused=None, fed=None, want=None):
     """Logits [rows, tokens, vocab] of `ids` [rows, tokens] at `positions`; their keys and values are written into
     columns n.. of each layer's buffers (converted to the buffers' dtype), and attention reads columns ..n+tokens.
     `mask`: None (every column of every row is real and tokens == 1) or bool [rows, 1, tokens, columns].
-    `fused`: the model's projections with q/k/v and gate/up in one matrix each (`fuse_projections`), or None."""
+    `fused`: the model's projections with q/k/v and gate/up in one matrix each (`fuse_projections`), or None.
+
+    `fed` (bool [rows, tokens], None: all) marks the tokens that are real: the others are padding of a pass whose
+    rows were fed different numbers of tokens, and only the attention sees them (their keys and values are zeros,
+    masked out); norms, projections and MLPs run over the real tokens alone (`_Packing`). `want` (bool
+    [rows, tokens] within `fed`, None: all) marks the positions whose logits the caller reads: the logits' head
+    runs for those, and the other positions' logits are zeros."""
     import torch.nn.functional as F
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
     inner = model.model
     rows, tokens = ids.shape
-    x = inner.embed_tokens(ids)
-    cos, sin = inner.rotary_emb(x, positions)
+    packing = _Packing.of(fed, want, rows, tokens)
+    x = inner.embed_tokens(packing.pack_ids(ids))
+    cos, sin = inner.rotary_emb(x, positions)  # x gives only the dtype and device
     cos_h, sin_h = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
     for i, layer in enumerate(inner.layers):
         a = layer.self_attn
@@ -78,7 +91,7 @@ def _step(model, ids, positions, kbufs: list, vbufs: list, n: int, mask, fused=N
         if fused is not None:
             f = fused[i]
             h = f.attn_norm(x)
-            qkv = f.qkv(h)
+            qkv = packing.spread(f.qkv(h))
             q_size, k_size, _ = f.qkv_sizes
             v = qkv[..., q_size + k_size:].reshape(shape)
             if f.qk_together:  # queries and keys rotated in one go: the same products, half the calls
@@ -89,7 +102,7 @@ def _step(model, ids, positions, kbufs: list, vbufs: list, n: int, mask, fused=N
                 q, k = qkv[..., :q_size].reshape(shape), qkv[..., q_size:q_size + k_size].reshape(shape)
         else:
             h = layer.input_layernorm(x)
-            q, k, v = a.q_proj(h).view(shape), a.k_proj(h).view(shape), a.v_proj(h).view(shape)
+            q, k, v = (packing.spread(proj(h)).view(shape) for proj in (a.q_proj, a.k_proj, a.v_proj))
         if fused is None or not f.qk_together:
             if hasattr(a, "q_norm"):  # qwen3 normalises each head's queries and keys before the rotation
                 q, k = a.q_norm(q), a.k_norm(k)
@@ -100,16 +113,73 @@ def _step(model, ids, positions, kbufs: list, vbufs: list, n: int, mask, fused=N
         # a bf16 twin's pass (serve/bf16_twin.py) attends in the buffers' fp32, and goes on in bf16
         o = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask, scale=a.scaling,
                                            enable_gqa=q.shape[1] != keys.shape[1])
-        o = o.transpose(1, 2).reshape(rows, tokens, -1).to(x.dtype)
+        o = packing.pack(o.transpose(1, 2).reshape(rows, tokens, -1).to(x.dtype))
         x = x + (a.o_proj(o) if fused is None else f.o(o))
         if fused is not None:
             gate, up = f.gate_up(f.mlp_norm(x)).split(f.gate_up_sizes, dim=-1)
             x = x + f.down(layer.mlp.act_fn(gate) * up)
         else:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-    if fused is None:
-        return model.lm_head(inner.norm(x))
-    return fused.head(fused.final_norm(x))
+    x = packing.wanted(x)
+    logits = model.lm_head(inner.norm(x)) if fused is None else fused.head(fused.final_norm(x))
+    return packing.logits(logits)
+
+
+class _Packing:
+    """Where a pass's real tokens sit among its [rows, tokens] slots (see `_step`'s `fed` and `want`). With every
+    slot real and every logit wanted (a plain step) each method hands its tensor back as it is."""
+
+    __slots__ = ("rows", "tokens", "real", "wanted_slots", "wanted_rows")
+
+    def __init__(self, rows: int, tokens: int, real=None, wanted_slots=None, wanted_rows=None):
+        self.rows, self.tokens = rows, tokens
+        self.real = real  # flat slot indices of the real tokens (None: all slots)
+        self.wanted_slots = wanted_slots  # flat slot indices of the wanted logits (None: all slots)
+        self.wanted_rows = wanted_rows  # where those sit among the rows of x (packed or not)
+
+    @classmethod
+    def of(cls, fed, want, rows: int, tokens: int) -> "_Packing":
+        if tokens == 1:
+            return cls(rows, tokens)
+        real = None
+        if fed is not None and not bool(fed.all()):
+            real = fed.reshape(-1).nonzero().squeeze(1)
+        wanted_slots = wanted_rows = None
+        if want is not None and not bool(want.all()):
+            wanted_slots = want.reshape(-1).nonzero().squeeze(1)
+            # the row of x holding each wanted slot: its index among the real slots when x is packed
+            wanted_rows = wanted_slots if real is None else (fed.reshape(-1).long().cumsum(0) - 1)[wanted_slots]
+        return cls(rows, tokens, real, wanted_slots, wanted_rows)
+
+    def pack_ids(self, ids):
+        """ids [rows, tokens] -> [1, real tokens] (or as they are)."""
+        return ids if self.real is None else ids.reshape(-1)[self.real].unsqueeze(0)
+
+    def pack(self, t):
+        """[rows, tokens, d] -> [1, real tokens, d]."""
+        return t if self.real is None else t.reshape(self.rows * self.tokens, -1).index_select(0, self.real)[None]
+
+    def spread(self, t):
+        """[1, real tokens, d] -> [rows, tokens, d], zeros in the padding slots."""
+        if self.real is None:
+            return t
+        out = t.new_zeros((self.rows * self.tokens, t.shape[-1]))
+        out.index_copy_(0, self.real, t[0])
+        return out.view(self.rows, self.tokens, -1)
+
+    def wanted(self, x):
+        """The hidden states whose logits are wanted: x itself, or [1, wanted, d]."""
+        if self.wanted_slots is None:
+            return x
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.wanted_rows)[None]
+
+    def logits(self, logits):
+        """Logits back in [rows, tokens, vocab] (zeros where not wanted)."""
+        if self.wanted_slots is None:
+            return self.spread(logits)
+        out = logits.new_zeros((self.rows * self.tokens, logits.shape[-1]))
+        out.index_copy_(0, self.wanted_slots, logits[0])
+        return out.view(self.rows, self.tokens, -1)
 
 
 # The fused copies of a model's projections may take this much memory (beside its weights) at most
@@ -308,10 +378,11 @@ class LeanDecoder:
             return None
         return cls(model, compile=compile)
 
-    def forward(self, wrapper, ids, positions, cache, mask2d, padded: bool, twin=None):
+    def forward(self, wrapper, ids, positions, cache, mask2d, padded: bool, twin=None, fed=None, want=None):
         """One pass over `ids` [rows, tokens] continuing `cache` (SlackLayers); `mask2d` [rows, columns] already
         holds the new columns. `wrapper` is the model the engine calls (a PeftModel while adapters are loaded).
-        With `twin` (a serve.bf16_twin.Bf16Twin), the pass runs through its bf16 copy."""
+        With `twin` (a serve.bf16_twin.Bf16Twin), the pass runs through its bf16 copy. `fed` / `want`: which
+        tokens are real and which logits are read (see `_step`)."""
         import torch
 
         rows, tokens = ids.shape
@@ -333,7 +404,7 @@ class LeanDecoder:
         logits = None
         if twin is not None:
             base = twin.base()
-            logits = _step(base, ids, positions, kbufs, vbufs, n, mask, self.fused_for(base)).float()
+            logits = _step(base, ids, positions, kbufs, vbufs, n, mask, self.fused_for(base), fed, want).float()
             twin.counted(rows * tokens)
         elif self.compiled is not None and plain and tokens == 1:
             try:
@@ -344,7 +415,7 @@ class LeanDecoder:
                 self.compiled = None
                 self.compile_error = f"at a step: {type(exc).__name__}: {exc}"[:500]
         if logits is None:  # the same columns are written again: nothing of a failed try remains
-            logits = _step(self.model, ids, positions, kbufs, vbufs, n, mask, self.fused_for(self.model))
+            logits = _step(self.model, ids, positions, kbufs, vbufs, n, mask, self.fused_for(self.model), fed, want)
             self.steps["lean"] += 1
         for layer in cache.layers:
             layer.advance(n + tokens)

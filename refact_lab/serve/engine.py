@@ -726,7 +726,7 @@ class Engine:
         wide = self.twin is not None and (self.twin.wants_step(rows) or self.twin.wants_prompt(sum(map(len, feeds))))
         twin = self.twin if wide else None
         with self._adapter_contexts(model, group.key, twin):
-            logits = batch.feed(model, feeds, self.decoder, twin)
+            logits = batch.feed(model, feeds, self.decoder, twin, read_from=at)
         for i, ((g, _), rest) in enumerate(zip(joining, rests), start=len(running)):
             self.prefix_cache.store(group.key, g.prompt_ids, batch.prompt_kv(i, len(g.prompt_ids), rest))
         picks, accepted = self._picks(logits, batch.rows, at, drafts)

@@ -267,3 +267,39 @@ def test_bf16_projections_are_prepacked_and_give_the_same_products():
     model = tiny("qwen2").to(torch.bfloat16)
     fused = LeanDecoder.for_model(model).fused_for(model)
     assert fused is not None and fused.head.weight is model.lm_head.weight
+
+
+def test_a_pass_runs_projections_over_its_real_tokens_and_the_head_over_the_logits_read(monkeypatch):
+    """A pass whose rows were fed 1, 3 and 2 tokens has 9 slots of which 6 are real: every projection takes those
+    6 tokens, and the logits' head only the positions the caller reads (from `read_from` on). Those logits are
+    transformers' for the same pass; the ones nobody reads are zeros."""
+    from refact_lab.serve import decode_step
+
+    model = tiny("llama")
+    decoder = LeanDecoder.for_model(model)
+    feeds, read_from = [[5], [6, 7, 8], [9, 10]], [0, 2, 0]
+    wanted = [(0, 0), (1, 2), (2, 0), (2, 1)]
+    taken = []
+    real_call = decoder_projection = decode_step.Projection.__call__
+
+    def counting(self, x):
+        taken.append(x.shape[:-1].numel())
+        return real_call(self, x)
+
+    logits = {}
+    for name, dec in (("lean", decoder), ("transformers", None)):
+        batch, rows = Batch(), [Row(p) for p in prompts(8, (9, 21, 14))]
+        with torch.inference_mode():
+            batch.prefill(model, rows, decoder=dec)
+            if dec is not None:
+                monkeypatch.setattr(decode_step.Projection, "__call__", counting)
+            logits[name] = batch.feed(model, feeds, decoder=dec, read_from=read_from)
+            monkeypatch.setattr(decode_step.Projection, "__call__", decoder_projection)
+    layers = len(model.model.layers)
+    assert taken == [6] * (4 * layers) + [len(wanted)]  # q/k/v, o, gate/up, down per layer; then the head
+    for i, j in wanted:
+        assert torch.allclose(logits["lean"][i, j], logits["transformers"][i, j], atol=1e-4), (i, j)
+    unread = torch.ones(logits["lean"].shape[:2], dtype=torch.bool)
+    for i, j in wanted:
+        unread[i, j] = False
+    assert not logits["lean"][unread].any()
