@@ -410,8 +410,13 @@ def _follow_launched(home, run_id: str, proc, log_from: int = 0) -> int:
     path = runs.run_dir(home, run_id)
     bar = tqdm(total=None, unit="step", desc=run_id, dynamic_ncols=True, file=sys.stderr)
 
+    ended_at: float | None = None   # when the run's state ended (its process may work on: the scoreboard)
+    said_waiting = False
+
     def on_interrupt(signum, frame):
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if ended_at is not None:   # nothing left to stop: stop following (the process finishes its work detached)
+            raise KeyboardInterrupt
         runs.request_stop(path)
         bar.write("stopping after this step (Ctrl-C again to abort)...", file=sys.stderr)
 
@@ -440,12 +445,22 @@ def _follow_launched(home, run_id: str, proc, log_from: int = 0) -> int:
             bar.update(max(0, (status.get("step") or 0) - bar.n))
             if status.get("train_loss") is not None:
                 bar.set_postfix(loss=f"{status['train_loss']:.3f}", refresh=False)
-            if ended or status["state"] not in runs.ACTIVE:
-                if not ended:
-                    proc.wait(timeout=60)   # the other processes end with it
+            if ended:
                 echo_log()
                 break
+            if status["state"] not in runs.ACTIVE:
+                # the run has ended but its process may still work for minutes (a finished run's scoreboard
+                # runs in the worker): keep showing its log until it exits, rather than give up after a while
+                ended_at = time.monotonic() if ended_at is None else ended_at
+                if not said_waiting and time.monotonic() - ended_at > 5:
+                    said_waiting = True
+                    bar.write(f"the run has {status['state']}; its process is still at work (the scoreboard of a "
+                              "finished run): waiting for it (Ctrl-C stops waiting, it carries on in the "
+                              "background)...", file=sys.stderr)
             time.sleep(0.5)
+    except KeyboardInterrupt:
+        if ended_at is None:
+            raise
     finally:
         signal.signal(signal.SIGINT, previous)
         bar.close()
@@ -484,7 +499,8 @@ def _cmd_resume(args) -> int:
 
 
 def _finetune_foreground(home, run_id: str) -> int:
-    """The same trainer as a detached run, in this process, with a progress bar; Ctrl-C stops it cleanly."""
+    """The same trainer as a detached run, in this process, with a progress bar; Ctrl-C or SIGTERM stops it
+    cleanly."""
     import signal
 
     from tqdm import tqdm
@@ -515,11 +531,19 @@ def _finetune_foreground(home, run_id: str) -> int:
         runs.request_stop(path)
         bar.write("stopping after this step (Ctrl-C again to abort)...", file=sys.stderr)
 
+    def on_terminate(signum, frame):
+        # SIGTERM (`timeout`, a CI job cancelled, `kill`) stops cleanly too, as it does a detached run's worker:
+        # this process is the run's worker here
+        runs.request_stop(path)
+        bar.write("terminated: stopping after this step...", file=sys.stderr)
+
     previous = signal.signal(signal.SIGINT, on_interrupt)
+    previous_term = signal.signal(signal.SIGTERM, on_terminate)
     try:
         runs.execute_run(path, log=log, extra_sinks=[progress], pid=os.getpid())
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)   # the scoreboard below can be ended by a plain SIGTERM
         bar.close()
     from refact_lab.scoreboard.service import after_run
 

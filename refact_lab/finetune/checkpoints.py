@@ -45,16 +45,45 @@ def latest_resumable(run_path: Path) -> Path | None:
     return None
 
 
+def adapter_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint's adapter files, in a few words; None when both can be read.
+    Checkpoints are written whole (temp folder + rename), so this finds damage from outside: a truncated copy,
+    a disk error, a hand edit. Reading the safetensors header checks that the file covers every tensor it lists
+    (the data itself is not read)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"{ADAPTER_CONFIG} cannot be read ({type(e).__name__}: {str(e)[:120]})"
+    if not isinstance(config, dict):
+        return f"{ADAPTER_CONFIG} is not a JSON object"
+    try:
+        with safe_open(str(path / ADAPTER_WEIGHTS), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type (and OSError for a missing file)
+        return f"{ADAPTER_WEIGHTS} cannot be read ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
 def read_checkpoint(path: Path) -> dict:
     """The settings and metrics a checkpoint folder was saved with."""
     path = Path(path)
     out = {"name": path.name, "path": str(path)}
     for name in ("metrics.json", "settings.json"):
         try:
-            out[name.split(".")[0]] = json.loads((path / name).read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
-            out[name.split(".")[0]] = {}
+            value = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):   # missing, unreadable, not JSON or not UTF-8
+            value = {}
+        # a damaged file (a list, a number) reads as empty: every reader of every run calls .get on it
+        out[name.split(".")[0]] = value if isinstance(value, dict) else {}
     return out
+
+
+def _number(value) -> float | None:
+    """A metric as a number, None where a damaged metrics.json holds something else (text, true)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 @dataclass(frozen=True)
@@ -104,8 +133,9 @@ def run_checkpoints(run_path: Path, run_id: str) -> list[Checkpoint]:
     out = []
     for ckpt in checkpoint_dirs(run_path):
         metrics = read_checkpoint(ckpt)["metrics"]
-        out.append(Checkpoint(run_id, ckpt.name, ckpt, metrics.get("step"), metrics.get("test_loss"),
-                              metrics.get("train_loss")))
+        step = _number(metrics.get("step"))
+        out.append(Checkpoint(run_id, ckpt.name, ckpt, None if step is None else int(step),
+                              _number(metrics.get("test_loss")), _number(metrics.get("train_loss"))))
     return out
 
 

@@ -17,6 +17,7 @@ its best checkpoint.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +108,9 @@ def load_dataset(home: Home, project: str) -> Dataset:
 
     ds = Dataset(project)
     for record in read_accepted(home, project):
+        if not isinstance(record, dict):   # a damaged or hand-edited line: skipped and counted like a lost file
+            ds.skipped.append(f"{json.dumps(record)[:40]}: a record that is not a JSON object")
+            continue
         key = f"{record.get('source', '')}/{record.get('path', '')}".lstrip("/")
         text, why = _resolve_text(home, project, record)
         if text is None:

@@ -27,7 +27,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from refact_lab.finetune.checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Checkpoint, read_checkpoint, select
+from refact_lab.finetune.checkpoints import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, Checkpoint, adapter_problem,
+                                             read_checkpoint, select)
 from refact_lab.home import Home, read_json, read_json_object
 
 FORMATS = ("peft", "merged")
@@ -116,6 +117,12 @@ def export_checkpoint(home: Home, run_id: str, checkpoint: str = "best", fmt: st
             for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
                 shutil.copy2(ck.path / name, tmp / name)
         else:
+            # a damaged adapter would fail the merge with a library traceback: refuse it naming the file. (A peft
+            # export copies the files as they are: the checks of damaged run folders export placeholders.)
+            problem = adapter_problem(ck.path)
+            if problem:
+                raise ExportError(f"checkpoint {ck.key} is damaged: {problem}; export another checkpoint "
+                                  "(--checkpoint, see `refact-lab runs`)")
             say(f"merging {ck.key} into {run_settings.get('model_name') or run_settings.get('model')}")
             _write_merged(run_settings["model"], ck.path, tmp)
         facts = card_facts(home, run_id, ck, fmt)
@@ -136,14 +143,17 @@ def export_checkpoint(home: Home, run_id: str, checkpoint: str = "best", fmt: st
 
 
 def export_archive(home: Home, run_id: str, checkpoint: str, fmt: str, folder: str | Path) -> Path:
-    """The export as one .zip in `folder` (what a download button hands the browser)."""
+    """The export as one .zip in `folder` (what a download button hands the browser). The zip is built beside
+    the export in a temporary folder and renamed into place, so a full disk leaves no truncated .zip."""
     import tempfile
 
     Path(folder).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         result = export_checkpoint(home, run_id, checkpoint, fmt, Path(tmp) / f"{run_id}-{checkpoint}-{fmt}")
-        name = Path(folder) / f"{run_id}-{result.checkpoint}-{fmt}"
-        return Path(shutil.make_archive(str(name), "zip", root_dir=result.out))
+        archive = shutil.make_archive(str(Path(tmp) / "archive"), "zip", root_dir=result.out)
+        final = Path(folder) / f"{run_id}-{result.checkpoint}-{fmt}.zip"
+        os.replace(archive, final)
+        return final
 
 
 def _write_merged(model: str, adapter: Path, tmp: Path) -> None:

@@ -65,7 +65,10 @@ def _stamp() -> str:
 
 
 def new_run_id(model_name: str = "") -> str:
-    base = "".join(c if c.isalnum() or c in "._-" else "-" for c in model_name.lower())[:24].strip("-._")
+    # ASCII only: a run id is a folder name that home.check_name accepts, and str.isalnum() also passes "é"
+    # (a model in a folder named with accents would otherwise give a run id nothing can open)
+    base = "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "-"
+                   for c in model_name.lower())[:24].strip("-._")
     when = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return f"{base + '-' if base else ''}{when}-{secrets.token_hex(2)}"
 
@@ -105,6 +108,9 @@ def append_log(path: Path, message: str) -> None:
 def one_line(error: BaseException) -> str:
     """An exception as the one line a user reads first (a settings error already names its field)."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if isinstance(error, KeyboardInterrupt):   # its bare name tells a user nothing
+        return ("interrupted (Ctrl-C twice, SIGINT twice or a kernel interrupt) before the run could stop "
+                "cleanly; resume continues from the last checkpoint")
     if isinstance(error, SettingsError):
         return text or type(error).__name__
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
@@ -256,14 +262,25 @@ def start_run(home: Home, run_id: str, *, resume: bool = False) -> subprocess.Po
     with file_lock(path / ".start.lock"):
         _claim(home, run_id, resume)
         _own(path)    # queued and owned by this process until the child's pid is known
-        with open(path / "log.txt", "a", encoding="utf-8") as log:
-            log.write(f"[{_stamp()}] starting: {' '.join(cmd)}\n")
-            log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=str(path), env=env, start_new_session=True, close_fds=True)
+        try:
+            with open(path / "log.txt", "a", encoding="utf-8") as log:
+                log.write(f"[{_stamp()}] starting: {' '.join(cmd)}\n")
+                log.flush()
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        cwd=str(path), env=env, start_new_session=True, close_fds=True)
+        except Exception as e:
+            # this process now owns the run and may live on (a server, a kernel): left queued, the run would
+            # neither start nor read as failed, and could not be resumed
+            _fail_start(path, e)
+            raise
         # only the owner changes: the child may already have written "running"
         update_status(path, **owner_fields(proc.pid))
     return proc
+
+
+def _fail_start(path: Path, error: BaseException) -> None:
+    update_status(path, state="failed", error=f"could not start: {one_line(error)}", finished_at=_now())
+    append_log(path, f"could not start: {one_line(error)}")
 
 
 def _own(path: Path) -> None:
@@ -526,10 +543,14 @@ def execute_run(path: Path, *, log: Callable[[str], None] | None = None, extra_s
     return result
 
 
-def install_stop_on_signal(path: Path, signals=(signal.SIGTERM,)) -> None:
-    """Turn a signal into a clean stop: the flag file is written and the trainer stops at the next step."""
+def install_stop_on_signal(path: Path, signals=(signal.SIGTERM, signal.SIGINT)) -> None:
+    """Turn a signal into a clean stop: the flag file is written and the trainer stops at the next step.
+    SIGINT (`kill -INT`, Ctrl-C where the run shares a terminal) stops cleanly the first time, as Ctrl-C does
+    in the foreground CLI; a second one interrupts at once (the run then fails, resumable)."""
     def handler(signum, frame):
         request_stop(path)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in signals:
         signal.signal(sig, handler)
 
@@ -636,10 +657,11 @@ class RunService:
         try:
             self._procs[run_id] = start_run(self.home, run_id)
         except Exception as e:
-            # this process owns the queued run and stays alive: it must not stay queued
-            update_status(self.home.run_dir(run_id), state="failed", error=f"could not start: {one_line(e)}",
-                          finished_at=_now())
-            append_log(self.home.run_dir(run_id), f"could not start: {one_line(e)}")
+            # this process owns the queued run and stays alive: it must not stay queued (start_run has failed it
+            # already when the process itself could not be started)
+            path = self.home.run_dir(run_id)
+            if (read_json(path / "status.json", {}) or {}).get("state") == "queued":
+                _fail_start(path, e)
             raise
         return run_id
 

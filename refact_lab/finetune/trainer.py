@@ -244,13 +244,18 @@ def _save_checkpoint(out_dir: Path, step: int, peft_model, optimizer, scheduler,
     tmp = folder / f".tmp-{checkpoint_name(step)}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    peft_model.save_pretrained(str(tmp), safe_serialization=True,
-                               **({"state_dict": adapter_state} if adapter_state is not None else {}))
-    atomic_write_json(tmp / "settings.json", settings_record)
-    atomic_write_json(tmp / "metrics.json", metrics)
-    torch.save({**trainer_state, "optimizer": None if adapter_state is not None else optimizer.state_dict(),
-                "scheduler": scheduler.state_dict()},
-               tmp / TRAINER_STATE)
+    try:
+        peft_model.save_pretrained(str(tmp), safe_serialization=True,
+                                   **({"state_dict": adapter_state} if adapter_state is not None else {}))
+        atomic_write_json(tmp / "settings.json", settings_record)
+        atomic_write_json(tmp / "metrics.json", metrics)
+        torch.save({**trainer_state, "optimizer": None if adapter_state is not None else optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict()},
+                   tmp / TRAINER_STATE)
+    except BaseException:
+        # a full disk is the usual cause: the half-written folder would hold on to the space it took
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -259,6 +264,10 @@ def _save_checkpoint(out_dir: Path, step: int, peft_model, optimizer, scheduler,
         if other != final:
             with contextlib.suppress(FileNotFoundError):
                 (other / TRAINER_STATE).unlink()
+    # a save cut short by a kill (-9, out of memory) left its temporary folder; only this process saves, so any
+    # other one is such a leftover, holding disk space nothing will ever read
+    for stale in folder.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -399,8 +408,17 @@ def _fit(spec: ModelSpec, dataset: Dataset, settings: FinetuneSettings, out_dir:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        state = torch.load(resume_from / TRAINER_STATE, map_location="cpu", weights_only=False)
-        set_peft_model_state_dict(peft_model, load_file(str(resume_from / "adapter_model.safetensors")))
+        try:
+            state = torch.load(resume_from / TRAINER_STATE, map_location="cpu", weights_only=False)
+            weights = load_file(str(resume_from / "adapter_model.safetensors"))
+        except Exception as e:  # noqa: BLE001 - torch and safetensors raise their own types for a damaged file
+            # a checkpoint is written whole, so this is damage from outside; torch's message names no file
+            why = (str(e).splitlines() or [""])[0][:120]
+            raise ValueError(f"checkpoint {resume_from.name} cannot be resumed, its files are damaged "
+                             f"({type(e).__name__}: {why}); move {resume_from} out of the run folder and resume "
+                             "again (only the latest checkpoint keeps the optimizer state, so the run then starts "
+                             "again from step 0)") from e
+        set_peft_model_state_dict(peft_model, weights)
         # the saved schedule wins: the dataset may have been re-scanned since, the run continues as it began
         # (fields an older version did not save come from today's resolution)
         schedule = Schedule(**{**schedule.to_dict(), **state["schedule"]})

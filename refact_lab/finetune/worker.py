@@ -1,7 +1,7 @@
 """The run process: `python -m refact_lab.finetune.worker RUN_DIR` (or under `accelerate launch`).
 
-runs.start_run starts it detached with stdout and stderr appended to the run's log.txt. SIGTERM asks for a
-clean stop (checkpoint, state "stopped"), like the panel's Stop button.
+runs.start_run starts it detached with stdout and stderr appended to the run's log.txt. SIGTERM, and a first
+SIGINT, ask for a clean stop (checkpoint, state "stopped"), like the panel's Stop button.
 """
 
 from __future__ import annotations
