@@ -772,8 +772,8 @@ def _cmd_eval(args) -> int:
     choices = args.checkpoint or (["best"] if args.run or any(r.checkpoints for r in
                                                                 runner.project_runs(home, args.project)) else [])
     try:
-        model = runner.run_model(home, args.project)
-        targets = runner.resolve_targets(home, args.project, model, args.run, choices)
+        model, label = runner.run_model(home, args.project)
+        targets = runner.resolve_targets(home, args.project, label, args.run, choices)
         cursors = runner.project_cursors(home, args.project, n, seed)
     except runner.EvalError as e:
         return _fail(str(e))
@@ -876,8 +876,9 @@ def _cmd_update(args) -> int:
                                  log=lambda m: print(m, file=sys.stderr, flush=True), should_stop=should_stop,
                                  on_run=on_run)
     try:
-        result = schedule.run_as_job(home, args.project, work) if args.job else work()
-    except update.UpdateStopped as e:
+        # from a terminal too the update is the project's job: one at a time, shown in the app
+        result = (schedule.run_as_job if args.job else schedule.run_in_foreground)(home, args.project, work)
+    except (update.UpdateStopped, schedule.UpdateBusy) as e:
         return _fail(str(e), 1)
     if args.json:
         print(json.dumps(result, sort_keys=True))

@@ -118,11 +118,17 @@ def read_json_object(path: Path) -> dict:
 
 def append_jsonl(path: Path, record: dict) -> None:
     """Append one line; a single write() of a line under PIPE_BUF-ish size is atomic enough for readers
-    that skip a trailing partial line (see read_jsonl)."""
+    that skip a trailing partial line (see read_jsonl). A line a crash cut off (the file does not end with a
+    newline) is ended first: glued to it, this record would be skipped with it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode("utf-8")
+    with open(path, "a+b") as f:
+        if f.seek(0, os.SEEK_END):
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = b"\n" + line
+        f.write(line)
         f.flush()
 
 

@@ -207,3 +207,12 @@ def test_scans_runs_and_updates_share_one_job_status(home):
     assert job_status.stop_requested(folder)
     job_status.clear_stop(folder)
     assert not job_status.stop_requested(folder)
+
+
+def test_a_line_cut_off_by_a_crash_does_not_swallow_the_next_record(tmp_path):
+    path = tmp_path / "history.jsonl"
+    append_jsonl(path, {"step": 1})
+    with open(path, "a") as f:
+        f.write('{"step": 2, "no')  # the process died mid-line
+    append_jsonl(path, {"step": 3})
+    assert [r["step"] for r in read_jsonl(path)] == [1, 3]

@@ -84,8 +84,9 @@ class Chunk:
 
     @property
     def end(self) -> int:
-        """One past the last line."""
-        return self.line + max(self.text.count("\n"), 1)
+        """One past the last line. Lines as the chunker counts them (splitlines): counting "\n" alone made a
+        file with "\r" line breaks all one line, so its overlapping windows were all returned as snippets."""
+        return self.line + max(len(self.text.splitlines()), 1)
 
 
 def window_chunks(path: str, text: str) -> list[Chunk]:

@@ -322,9 +322,10 @@ def current_index(home: Home, project: str = DEFAULT_PROJECT) -> Path | None:
 
 def _manifest(folder: Path | None) -> dict[str, str]:
     try:
-        return json.loads((folder / MANIFEST).read_text(encoding="utf-8")) if folder is not None else {}
+        got = json.loads((folder / MANIFEST).read_text(encoding="utf-8")) if folder is not None else {}
     except (OSError, ValueError):
         return {}
+    return got if isinstance(got, dict) else {}   # a damaged one names no files
 
 
 def _size(folder: Path) -> int:
@@ -345,13 +346,17 @@ def _unchanged(folder: Path | None, records: list[dict]) -> dict | None:
         info = json.loads((folder / INFO).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if info.get("store") != STORE:
+    if not isinstance(info, dict) or info.get("store") != STORE:
         return None   # built by another chunker or tokenizer version (or before the store existed): build again
     store = folder.parent / info["store"]
     if not all((store / sha[:2] / _key(sha, path)).is_file() for path, sha in wanted.items()):
         return None   # its chunks are gone from the store: build again
+    try:
+        ProjectIndex.load(folder)   # what the server will do with it (a tenth of a build's time)
+    except IndexDamaged:
+        return None   # a damaged BM25 matrix or store entry: a rescan is how a user repairs it, so build again
     store_bytes = _size(store) if store.is_dir() else 0
-    return {"files": info["files"], "chunks": info["chunks"], "bytes": _size(folder) + store_bytes,
+    return {"files": len(wanted), "chunks": info["chunks"], "bytes": _size(folder) + store_bytes,
             "store_bytes": store_bytes}
 
 
@@ -477,6 +482,11 @@ def build_index(home: Home, project: str, records: Iterable[dict]) -> dict:
             "bytes": _size(folder) + store_bytes, "store_bytes": store_bytes}
 
 
+class IndexDamaged(OSError):
+    """An index on disk that cannot be loaded (a file cut off or removed, a hand edit): served completions go
+    without context, and the next scan builds it again."""
+
+
 class ProjectIndex:
     """A loaded index, ready to answer queries; `IndexCache.get` reloads it when the scan switches in a new one."""
 
@@ -494,7 +504,17 @@ class ProjectIndex:
 
     @classmethod
     def load(cls, folder: Path) -> "ProjectIndex":
-        """The index the scan saved in `folder`."""
+        """The index the scan saved in `folder`; IndexDamaged saying why when it cannot be read."""
+        try:
+            return cls._load(folder)
+        except IndexDamaged:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged file fails in json's, numpy's or bm25s's readers alike
+            raise IndexDamaged(f"the retrieval index {folder} cannot be read ({type(e).__name__}: {e}); "
+                               "scan the project again to rebuild it") from None
+
+    @classmethod
+    def _load(cls, folder: Path) -> "ProjectIndex":
         chunks: list[Chunk] = []
         if (folder / CHUNKS).exists():   # a build from before the store
             with open(folder / CHUNKS, encoding="utf-8") as f:
@@ -507,10 +527,10 @@ class ProjectIndex:
             for path, sha in _manifest(folder).items():
                 got = store.chunks(_key(sha, path), path)
                 if got is None:   # the matrix's rows would no longer match the chunks
-                    raise OSError(f"the retrieval index {folder} lacks the chunks of {path}")
+                    raise IndexDamaged(f"the retrieval index {folder} lacks the chunks of {path}")
                 chunks.extend(got)
             if len(chunks) != info["chunks"]:
-                raise OSError(f"the retrieval index {folder} does not match its chunks")
+                raise IndexDamaged(f"the retrieval index {folder} does not match its chunks")
         return cls(chunks, _bm25_class().load(str(folder / BM25_DIR), show_progress=False) if chunks else None,
                    folder)
 
@@ -579,14 +599,26 @@ class IndexCache:
     def __init__(self, home: Home):
         self.home = home
         self._loaded: dict[str, ProjectIndex] = {}
+        self._damaged: dict[str, tuple[Path, IndexDamaged]] = {}
 
     def get(self, project: str) -> ProjectIndex | None:
+        """The project's current index, None when it has none; IndexDamaged when it cannot be loaded (not retried
+        on every request: a server would read the broken files again for each completion)."""
         folder = current_index(self.home, project)
         if folder is None:
             return None
         index = self._loaded.get(project)
         if index is None or index.folder != folder:
-            index = self._loaded[project] = ProjectIndex.load(folder)
+            failed = self._damaged.get(project)
+            if failed is not None and failed[0] == folder:
+                raise failed[1]
+            try:
+                index = self._loaded[project] = ProjectIndex.load(folder)
+            except IndexDamaged as e:
+                self._loaded.pop(project, None)
+                self._damaged[project] = (folder, e)
+                raise
+            self._damaged.pop(project, None)
         return index
 
 

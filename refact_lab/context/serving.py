@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from refact_lab.context.index import IndexCache, cursor_query
+from refact_lab.context.index import IndexCache, IndexDamaged, cursor_query
 from refact_lab.home import DEFAULT_PROJECT, Home
 from refact_lab.models.prompt import Snippet
 from refact_lab.serve.state import CONTEXT_OFF, ServingChoice
@@ -42,6 +42,7 @@ class RepoContext:
     def __init__(self, home: Home):
         self.home = home
         self.cache = IndexCache(home)
+        self.error: str | None = None   # why the project's index could not be used for the last cursor
 
     def project(self, choice: ServingChoice, deployed_run: str | None, model=None) -> str | None:
         """The project whose index gives snippets, or None (off). `model`: the served ModelSpec; "auto" is off
@@ -70,7 +71,13 @@ class RepoContext:
         snippets = list(client)
         project = self.project(choice, deployed_run, model) if retrieve else None
         if project is not None and len(snippets) < MAX_SNIPPETS:
-            index = self.cache.get(project)
+            try:
+                index = self.cache.get(project)
+                self.error = None
+            except IndexDamaged as e:
+                # a damaged index must not fail the completion: it goes without retrieved context (as with no
+                # index at all) and `error` says why until a scan rebuilds it
+                index, self.error = None, str(e)
             if index is not None:
                 found = index.retrieve(cursor_query(prefix, suffix), exclude_path=path,
                                        k=MAX_SNIPPETS - len(snippets), token_budget=budget,

@@ -30,9 +30,15 @@ def run_project(home: Home, run_id: str) -> str | None:
 
 
 def checkpoint_scores(home: Home, key: str) -> dict | None:
-    """The scoreboard overall of checkpoint "RUN/CHECKPOINT" from its run's eval.json, if it was evaluated."""
-    doc = read_json(home.run_dir(key.split("/", 1)[0]) / "eval.json", None) or {}
-    return next((m["overall"] for m in doc.get("models", []) if m.get("lora") == key), None)
+    """The scoreboard overall of checkpoint "RUN/CHECKPOINT" from its run's eval.json, if it was evaluated. A
+    damaged eval.json counts as not evaluated: the scores are a note on the deploy, never a reason to refuse it."""
+    try:
+        doc = read_json(home.run_dir(key.split("/", 1)[0]) / "eval.json", None)
+    except ValueError:
+        return None
+    models = doc.get("models") if isinstance(doc, dict) else None
+    return next((m.get("overall") for m in models if isinstance(m, dict) and m.get("lora") == key), None) \
+        if isinstance(models, list) else None
 
 
 def deployed_checkpoint(home: Home) -> checkpoints.Checkpoint | None:
@@ -50,13 +56,14 @@ def deploy(home: Home, choice: LoraChoice | str, *, by: str, scores: dict | None
     choice = LoraChoice.parse(choice) if isinstance(choice, str) else choice
     before = deployed_checkpoint(home)
     ck = checkpoints.resolve(home, choice) if choice.mode != "off" else None
-    state.save(home, lora=choice)
     key = ck.key if ck else None
     project = project or (run_project(home, ck.run_id) if ck else None) or \
         (run_project(home, before.run_id) if before else None)
+    # the entry is complete before settings.json changes: a deploy is never saved without its history line
     entry = {"time": time.time(), "by": by, "choice": choice.to_dict(), "checkpoint": key, "project": project,
              "scores": scores if scores is not None else (checkpoint_scores(home, key) if key else None),
              "note": note}
+    state.save(home, lora=choice)
     if project:  # nothing deployed before and nothing now (off over off): no project's history to change
         append_jsonl(history_path(home, project), entry)
     return entry

@@ -44,9 +44,34 @@ def _write(home: Home, project: str, **changes) -> dict:
         return status
 
 
+def _damage(status) -> str | None:
+    """What makes a status unreadable (hand-edited, or cut off by a full disk), else None."""
+    if not isinstance(status, dict):
+        return "expected a JSON object"
+    if status.get("state") not in (*job_status.STATES, None):
+        return f"state: {status.get('state')!r} is not a job state"
+    for key in ("pid", "pid_started"):
+        if not isinstance(status.get(key), (int, type(None))) or isinstance(status.get(key), bool):
+            return f"{key}: expected a number"
+    for key in ("started_at", "finished_at"):
+        if not isinstance(status.get(key), (int, float, type(None))) or isinstance(status.get(key), bool):
+            return f"{key}: expected a number"
+    return None
+
+
 def read_status(home: Home, project: str) -> dict:
-    """The job's status; an active job whose process is gone is reported (and recorded) as failed."""
-    status = read_json(job_dir(home, project) / "status.json", {}) or {}
+    """The job's status; an active job whose process is gone is reported (and recorded) as failed. A damaged
+    status.json reads as a failed job saying so (the next launch writes a fresh one): the app and the schedule
+    keep working instead of raising at every refresh and tick."""
+    path = job_dir(home, project) / "status.json"
+    try:
+        status = read_json(path, {})
+        why = _damage(status)
+    except ValueError as e:
+        status, why = None, str(e)
+    if why is not None:
+        return {"state": "failed", "project": project, "started_at": None,
+                "error": why if str(path) in why else f"{path} is damaged: {why}"}
     if not status:
         return {"state": "idle", "project": project}
     if orphaned(status):
@@ -60,16 +85,25 @@ def log_tail(home: Home, project: str, lines: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else ""
 
 
+class UpdateBusy(RuntimeError):
+    """An update of the project is already queued or running (in the background or in a terminal)."""
+
+
+def _check_idle(home: Home, project: str) -> None:
+    """Under the start lock: refuse while another update of the project is active."""
+    current = read_status(home, project)
+    if current.get("state") in ACTIVE:
+        raise UpdateBusy(f"an update of {project!r} is already {current['state']} (pid {current.get('pid')})")
+
+
 def launch(home: Home, project: str, *, extra_args: tuple[str, ...] = ()) -> dict:
-    """Start `refact-lab update` detached for the project; RuntimeError if one is already active."""
+    """Start `refact-lab update` detached for the project; UpdateBusy (a RuntimeError) if one is already active."""
     if not (home.project_dir(project) / "scan").is_dir():
         raise ValueError(f"project {project!r} has not been scanned in {home.root}")
     d = job_dir(home, project)
     d.mkdir(parents=True, exist_ok=True)
     with file_lock(d / ".start.lock"):
-        current = read_status(home, project)
-        if current.get("state") in ACTIVE:
-            raise RuntimeError(f"an update of {project!r} is already {current['state']} (pid {current.get('pid')})")
+        _check_idle(home, project)
         job_status.clear_stop(d)
         cmd = [sys.executable, "-m", "refact_lab.cli", "update", "--project", project, "--home", str(home.root),
                "--json", "--job", *extra_args]
@@ -108,6 +142,25 @@ def stop_requested(home: Home, project: str) -> bool:
     return job_status.stop_requested(job_dir(home, project))
 
 
+def run_in_foreground(home: Home, project: str, work) -> dict:
+    """`refact-lab update` typed in a terminal: the same one-at-a-time check as `launch`, then a job status
+    owned by this process, so the app shows it running and neither the schedule nor Update now starts a
+    second update of the project beside it (two would fetch, rescan and deploy over each other)."""
+    d = job_dir(home, project)
+    d.mkdir(parents=True, exist_ok=True)
+    with file_lock(d / ".start.lock"):
+        _check_idle(home, project)
+        job_status.clear_stop(d)
+        atomic_write_json(d / "status.json", {
+            "project": project, "state": "running", **owner_fields(),
+            "started_at": time.time(), "finished_at": None, "run": None, "result": None, "error": None,
+            "updated_at": time.time()})
+    with open(d / "log.txt", "a", encoding="utf-8") as log:   # the app's log tail says where the output is
+        log.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] running in a terminal (pid {os.getpid()}): "
+                  "its output is there\n")
+    return run_as_job(home, project, work)
+
+
 def run_as_job(home: Home, project: str, work) -> dict:
     """In the launched process: run `work(should_stop, on_run)` (the update) writing the job's status."""
     from refact_lab.keep_current.update import UpdateStopped
@@ -115,8 +168,8 @@ def run_as_job(home: Home, project: str, work) -> dict:
     _write(home, project, state="running", **owner_fields())
     try:
         result = work(lambda: stop_requested(home, project), lambda run_id: _write(home, project, run=run_id))
-    except UpdateStopped as e:
-        _write(home, project, state="stopped", error=str(e), finished_at=time.time())
+    except (UpdateStopped, KeyboardInterrupt) as e:
+        _write(home, project, state="stopped", error=str(e) or "stopped (Ctrl-C)", finished_at=time.time())
         raise
     except BaseException as e:  # noqa: BLE001 - the job must say why it ended
         _write(home, project, state="failed", error=f"{type(e).__name__}: {e}", finished_at=time.time())
@@ -129,7 +182,10 @@ def run_as_job(home: Home, project: str, work) -> dict:
 
 def load_schedule(home: Home) -> UpdateSchedule:
     try:
-        return from_dict(UpdateSchedule, home.load_settings().get(SETTINGS_KEY) or {})
+        value = home.load_settings().get(SETTINGS_KEY) or {}
+        if not isinstance(value, dict):   # "daily", [6]: from_dict would fail on it with an AttributeError
+            raise TypeError(f"{SETTINGS_KEY}: expected an object")
+        return from_dict(UpdateSchedule, value)
     except (ValueError, TypeError):
         return UpdateSchedule()   # a bad value in settings.json means "off", never a crash of the server
 

@@ -31,6 +31,10 @@ MIN_CROSS_FILE_NAME = 4   # shorter names (`run`, `get`) are too often guessed w
 DEFAULT_CURSORS = 200
 DEFAULT_SEED = 1234
 MAX_BODY_LINES = 8
+# A longer line is data (a minified bundle, an embedded blob), not code someone types: its every operator and
+# word would be a candidate, thousands from one line outweighing the project, each expecting a completion of
+# up to the whole line (and enumerating them is quadratic in the line's length)
+MAX_LINE_CHARS = 1000
 
 # an operator or keyword after which a new expression starts; the cursor goes after the match
 _AFTER_OPERATOR = re.compile(r"(?:[-+*/%&|^<>!=]?=|[(\[{]|, |\breturn |\byield |\bin |\bnot |\band |\bor |: |-> )")
@@ -99,7 +103,7 @@ def _candidates(text: str, foreign: frozenset[str] = frozenset()) -> dict[str, l
     lines = _lines(text)
     out: dict[str, list[tuple[int, int]]] = {k: [] for k in KINDS}
     for i, (start, content) in enumerate(lines):
-        if not _code(content):
+        if not _code(content) or len(content) > MAX_LINE_CHARS:
             continue
         indent = len(content) - len(content.lstrip())
         end = start + len(content.rstrip())
@@ -131,7 +135,7 @@ def _candidates(text: str, foreign: frozenset[str] = frozenset()) -> dict[str, l
             last = i + 1
             for k in range(i + 1, min(len(lines), i + 1 + MAX_BODY_LINES)):
                 s, c = lines[k]
-                if c.strip() and len(c) - len(c.lstrip()) < body_indent:
+                if (c.strip() and len(c) - len(c.lstrip()) < body_indent) or len(c) > MAX_LINE_CHARS:
                     break
                 if c.strip():
                     last = k

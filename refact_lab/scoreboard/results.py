@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from refact_lab.home import Home, append_jsonl, atomic_write_json, read_json, read_jsonl
@@ -37,7 +38,13 @@ def save(home: Home, report: dict, details: dict, *, seed: int) -> dict:
         path = run_eval_path(home, run_id)
         if not path.parent.is_dir():
             continue
-        old = read_json(path, None)
+        try:
+            old = read_json(path, None)
+        except ValueError:
+            # a damaged eval.json (cut off, hand-edited) cannot be merged with, and must not make a finished
+            # evaluation fail at its last step: this one replaces it, the damaged file kept beside it
+            os.replace(path, path.with_name(path.name + ".damaged"))
+            old = None
         keep = [m for m in report["models"] if m["lora"] is None or m["lora"].startswith(run_id + "/")]
         completions = {k: v for k, v in details["completions"].items() if k == "base" or k.startswith(run_id + "/")}
         if isinstance(old, dict) and old.get("fingerprint") == details["fingerprint"]:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from refact_lab.home import Home
+from refact_lab.home import Home, read_json
 from refact_lab.scoreboard.cursors import (
     DEFAULT_CURSORS, DEFAULT_SEED, KINDS, Cursor, fingerprint, project_definitions, sample_cursors,
 )
@@ -88,16 +88,30 @@ def resolve_targets(home: Home, project: str, model: str, run_id: str | None, ch
     return targets
 
 
-def run_model(home: Home, project: str) -> str:
-    """The base model a project's runs were trained on (newest run), else the active model."""
+def trained_model(home: Home, run_id: str, status: dict | None = None) -> str | None:
+    """The base model a run was trained on as its settings.json names it (a registry name, hub id or folder
+    path), else status.json's "model". That one is a display name: for a model in a local folder only the
+    folder's name, which no loader finds."""
+    try:
+        doc = read_json(home.run_dir(run_id) / "settings.json", {})
+    except ValueError:
+        doc = {}
+    model = doc.get("model") if isinstance(doc, dict) else None
+    return model if isinstance(model, str) and model else (status or {}).get("model")
+
+
+def run_model(home: Home, project: str) -> tuple[str, str]:
+    """(the model to load, its name in the report): the base model a project's runs were trained on (newest
+    run), else the active model."""
     from refact_lab.finetune.runs import list_runs as list_statuses
 
     for status in list_statuses(home):
         if status.get("project") == project and status.get("model"):
-            return status["model"]
+            return trained_model(home, status["run_id"], status), status["model"]
     from refact_lab.serve.state import active_model
 
-    return active_model(home)
+    model = active_model(home)
+    return model, model
 
 
 def complete_all(engine, model_name: str, cursors: list[Cursor], progress: Progress | None = None,

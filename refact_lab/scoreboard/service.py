@@ -23,7 +23,8 @@ def evaluate_run(home: Home, run_id: str, n: int, *, best_by: str = "test_loss",
     """Score the run's best checkpoint (or its MAX_CANDIDATES lowest-loss ones for best_by=edit_similarity)
     against the base model over `n` cursors; persist and return the report."""
     status = read_json(home.run_dir(run_id) / "status.json", {}) or {}
-    project, model = status.get("project"), status.get("model") or "default"
+    project, model = status.get("project"), runner.trained_model(home, run_id, status) or "default"
+    label = status.get("model") or model   # the report names the model as the run does
     if not project:
         raise runner.EvalError(f"run {run_id} has no project in its status")
     run = next((r for r in runner.project_runs(home, project) if r.run_id == run_id), None)
@@ -34,7 +35,7 @@ def evaluate_run(home: Home, run_id: str, n: int, *, best_by: str = "test_loss",
         names = [c.name for c in ranked[:MAX_CANDIDATES]]
     else:
         names = ["best"]
-    targets = runner.resolve_targets(home, project, model, run_id, names)
+    targets = runner.resolve_targets(home, project, label, run_id, names)
     cursors = runner.project_cursors(home, project, n, DEFAULT_SEED)
     report, details = runner.evaluate(home, project, targets, cursors=cursors, progress=progress, model=model)
     results.save(home, report, details, seed=DEFAULT_SEED)

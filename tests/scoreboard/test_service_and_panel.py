@@ -72,3 +72,21 @@ def test_the_finetune_panel_shows_the_selected_runs_scoreboard(home, default_run
         assert "default+run-a/step-000004" in panel.scoreboard.summary.value and panel.scoreboard.chart.outputs
     finally:
         panel.close()
+
+
+def test_a_run_of_a_model_in_a_local_folder_is_scored_on_that_model(home, stdlib_eval_project, tmp_path):
+    """status.json names the base model by its folder's name only ("my model"): scoring must load the folder the
+    run's settings name, not look that display name up (it used to fail with "unknown model")."""
+    import shutil
+
+    from refact_lab.finetune.runs import update_status
+    from refact_lab.models.registry import EMBEDDED_DIR
+    from tests.serve.helpers import make_run
+
+    folder = tmp_path / "my model"
+    shutil.copytree(EMBEDDED_DIR, folder)
+    make_run(home, "run-local", folder, [4], [1.0], seed=5)
+    update_status(home.run_dir("run-local"), project=stdlib_eval_project)
+    assert read_json(home.run_dir("run-local") / "status.json")["model"] == "my model"
+    report = evaluate_run(home, "run-local", 3)
+    assert [m["lora"] for m in report["models"]] == [None, "run-local/step-000004"]
