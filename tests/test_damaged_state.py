@@ -25,12 +25,16 @@ STATUS_DAMAGE = {
 
 
 def _run(home, run_id: str, created_at: float) -> None:
-    """A finished run folder with one complete checkpoint (its adapter files are placeholders: export copies them)."""
+    """A finished run folder with one complete checkpoint (its adapter files are readable placeholders: a PEFT
+    export checks and copies them, nothing loads them)."""
+    import torch
+    from safetensors.torch import save_file
+
     path = home.run_dir(run_id)
     ck = path / "checkpoints" / "step-000010"
     atomic_write_json(ck / "metrics.json", {"step": 10, "test_loss": 1.5})
     atomic_write_json(ck / checkpoints.ADAPTER_CONFIG, {})
-    (ck / checkpoints.ADAPTER_WEIGHTS).write_bytes(b"")
+    save_file({"placeholder": torch.zeros(1)}, str(ck / checkpoints.ADAPTER_WEIGHTS))
     atomic_write_json(path / "settings.json", {"run_id": run_id, "model": "default", "project": "default"})
     atomic_write_json(path / "status.json", {
         "run_id": run_id, "state": "finished", "step": 10, "total": 10, "created_at": created_at,

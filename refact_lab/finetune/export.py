@@ -113,16 +113,16 @@ def export_checkpoint(home: Home, run_id: str, checkpoint: str = "best", fmt: st
         # mkdir in a folder that exists, yet "No such file or directory": a place that takes no new folders (/proc)
         raise ExportError(f"cannot create {out}: {Path(e.filename).parent} does not take new folders") from None
     try:
+        # a damaged adapter would fail the merge with a library traceback, or be copied into a PEFT export that
+        # fails wherever it is loaded: refuse it naming the file
+        problem = adapter_problem(ck.path)
+        if problem:
+            raise ExportError(f"checkpoint {ck.key} is damaged: {problem}; export another checkpoint "
+                              "(--checkpoint, see `refact-lab runs`)")
         if fmt == "peft":
             for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
                 shutil.copy2(ck.path / name, tmp / name)
         else:
-            # a damaged adapter would fail the merge with a library traceback: refuse it naming the file. (A peft
-            # export copies the files as they are: the checks of damaged run folders export placeholders.)
-            problem = adapter_problem(ck.path)
-            if problem:
-                raise ExportError(f"checkpoint {ck.key} is damaged: {problem}; export another checkpoint "
-                                  "(--checkpoint, see `refact-lab runs`)")
             say(f"merging {ck.key} into {run_settings.get('model_name') or run_settings.get('model')}")
             _write_merged(run_settings["model"], ck.path, tmp)
         facts = card_facts(home, run_id, ck, fmt)

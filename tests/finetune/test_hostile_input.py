@@ -38,25 +38,26 @@ def test_a_model_folder_named_with_accents_gives_a_usable_run_id(home, stdlib_pr
     assert run_id.startswith("petit-mod") and runs.read_status(home, run_id)["state"] == "queued"
 
 
-def test_a_merged_export_refuses_a_damaged_checkpoint_and_writes_nothing(home, stdlib_project, learnable_model_dir,
-                                                                        tmp_path, capsys):
+@pytest.mark.parametrize("fmt", ["merged", "peft"])
+def test_an_export_refuses_a_damaged_checkpoint_and_writes_nothing(fmt, home, stdlib_project, learnable_model_dir,
+                                                                   tmp_path, capsys):
     run_id = _trained_run(home, stdlib_project, learnable_model_dir)
     weights = home.run_dir(run_id) / "checkpoints" / "step-000002" / "adapter_model.safetensors"
     with open(weights, "r+b") as f:     # a copy cut short: the header lists tensors the file no longer holds
         f.truncate(weights.stat().st_size // 2)
     out = tmp_path / "export"
     capsys.readouterr()
-    rc = main(["export", "--run", run_id, "--checkpoint", "step-000002", "--format", "merged", "--out", str(out),
+    rc = main(["export", "--run", run_id, "--checkpoint", "step-000002", "--format", fmt, "--out", str(out),
                "--home", str(home.root)])
     err = capsys.readouterr().err
-    # before: the merge ended in a safetensors traceback
+    # before: the merge ended in a safetensors traceback; a PEFT export copied the damaged file
     assert rc == 2 and "step-000002 is damaged" in err and "adapter_model.safetensors" in err, err
     assert "Traceback" not in err and err.count("\n") == 1
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     # the sound checkpoint beside it still exports
-    assert main(["export", "--run", run_id, "--checkpoint", "step-000001", "--format", "merged", "--out", str(out),
+    assert main(["export", "--run", run_id, "--checkpoint", "step-000001", "--format", fmt, "--out", str(out),
                  "--home", str(home.root)]) == 0
-    assert (out / "model.safetensors").is_file()
+    assert (out / ("model.safetensors" if fmt == "merged" else "adapter_model.safetensors")).is_file()
 
 
 def test_resume_from_a_damaged_checkpoint_fails_naming_it(home, stdlib_project, learnable_model_dir):
