@@ -58,7 +58,14 @@ def save(home: Home, report: dict, details: dict, *, seed: int) -> dict:
 
 
 def run_eval(home: Home, run_id: str) -> dict | None:
-    return read_json(run_eval_path(home, run_id), None)
+    """The run's stored scoreboard (None: not evaluated); ValueError naming the file when it is damaged (the
+    next evaluation replaces it, see `save`)."""
+    path = run_eval_path(home, run_id)
+    doc = read_json(path, None)
+    if doc is not None and not (isinstance(doc, dict) and isinstance(doc.get("models"), list)
+                                and all(isinstance(m, dict) for m in doc["models"])):
+        raise ValueError(f"{path} is damaged: expected a scoreboard with a list of models")
+    return doc
 
 
 def latest(home: Home, project: str) -> dict | None:

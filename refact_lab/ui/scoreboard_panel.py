@@ -76,9 +76,14 @@ class ScoreboardPanel:
             self.message.value = f"evaluating {html.escape(str(job['run_id']))}: {job['done']}/{job['total']} cursors"
         elif job["state"] == "failed":
             self.message.value = f"<span style='color:#b00'>evaluation failed: {html.escape(str(job['error']))}</span>"
-        doc = self.service.scoreboard(self.run_id) if self.run_id else None
+        try:
+            doc = self.service.scoreboard(self.run_id) if self.run_id else None
+            damaged = None
+        except ValueError as e:
+            doc, damaged = None, str(e)
         if not doc:
-            self.summary.value = "<i>not evaluated yet</i>"
+            self.summary.value = "<i>not evaluated yet</i>" if damaged is None else (
+                f"<span style='color:#b00'>{html.escape(damaged)}; Evaluate replaces it</span>")
             self.chart.outputs = ()
             self.checkpoint.options = []
             self.samples.value = ""

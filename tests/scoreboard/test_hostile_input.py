@@ -48,3 +48,21 @@ def test_a_huge_single_line_gives_no_cursors_and_does_not_outweigh_the_code():
     assert cursors and all(len(c.expected) <= MAX_LINE_CHARS for c in cursors)
     assert not any(c.file == "data.py" and c.line == 3 for c in cursors)   # none inside the blob line
     assert any(c.file == "calc.py" for c in cursors)
+
+
+def test_the_panel_says_a_stored_scoreboard_is_damaged_instead_of_raising(home):
+    from refact_lab.scoreboard.service import ScoreboardService
+    from refact_lab.ui.scoreboard_panel import ScoreboardPanel
+
+    run_dir = home.run_dir("run-a")
+    run_dir.mkdir(parents=True)
+    service = ScoreboardService(home)
+    for text in ('{"models": [{"lora": "run-a/st', '{"models": 3}', "[]"):
+        (run_dir / "eval.json").write_text(text)
+        panel = ScoreboardPanel(service, run_id="run-a")   # refreshes: it raised before
+        assert "eval.json is" in panel.summary.value and "Evaluate replaces it" in panel.summary.value, text
+        assert not panel.chart.outputs and not panel.samples.value
+    report, details = _evaluation("p", "run-a/step-000002", 0.7)
+    results.save(home, report, details, seed=1)
+    panel.refresh()
+    assert "m+run-a/step-000002" in panel.summary.value
