@@ -41,7 +41,7 @@ from refact_lab.home import DEFAULT_PROJECT, Home, atomic_write_text
 from refact_lab.models.prompt import Snippet
 
 MAX_TERMS = 400      # terms of a chunk beyond this add little to BM25 and cost build time
-TERMS_VERSION = 1    # bump when `terms` changes: the store's ids then no longer match and it starts afresh
+TERMS_VERSION = 2    # bump when `terms` changes: the store's ids then no longer match and it starts afresh
 INDEX = "index"
 CURRENT = "current"
 INFO = "info.json"       # the build's file and chunk counts and its store, for a scan that finds nothing changed
@@ -52,8 +52,9 @@ STORE = f"store-c{chunking.VERSION}-t{TERMS_VERSION}"
 VOCAB = "vocab.json"
 CHARS_PER_TOKEN = 4  # to turn a token budget into a character budget before the builder counts exactly
 
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+")
-_PARTS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
+# Identifiers in any script (`größe`, `计算`; version 1 saw only ASCII, so `café` was the term "caf"), and numbers
+_IDENT = re.compile(r"[^\W\d]\w*|\d+")
+_PARTS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[^\W\d_A-Z]+|\d+")   # [a-z] for ASCII names; other letters too
 # Keywords and very common names say nothing about which file a cursor needs.
 _STOP = frozenset("""self cls def class return import from as if else elif for while in is not and or none true false
 pass try except finally with raise lambda yield the a an of to is it this that var let const function new int str

@@ -41,6 +41,20 @@ def test_identifier_parts_are_terms():
     assert {"httpserver", "http", "server"} <= set(terms("HTTPServer()"))
 
 
+def test_identifiers_in_any_script_are_terms_and_retrieval_finds_them(home, tmp_path):
+    # version 1 knew ASCII names only: `计算` gave no term and `größe` the term "gr"
+    assert {"berechne_größe", "berechne", "größe", "计算"} <= set(terms("x = berechne_größe(计算(y))"))
+    root = tmp_path / "unicode"
+    root.mkdir()
+    (root / "maße.py").write_text("def berechne_größe(breite, höhe):\n    return breite * höhe\n", encoding="utf-8")
+    (root / "计算.py").write_text("def 计算总和(数字):\n    return sum(数字)\n", encoding="utf-8")
+    (root / "other.py").write_text("def unrelated(a, b):\n    return a - b\n", encoding="utf-8")
+    scan_folder(home, root)
+    for query, want in (("fläche = berechne_größe(", "maße.py"), ("ergebnis = 计算总和(", "计算.py")):
+        snippets = retrieve(home, "default", query, exclude_path="main.py", k=1, token_budget=500)
+        assert [s.path for s in snippets] == [want], query
+
+
 def test_scan_builds_the_index_incrementally_and_retrieval_excludes_the_edited_file(home, tmp_path):
     root = _project(tmp_path)
     accepted, _, stats = scan_folder(home, root)

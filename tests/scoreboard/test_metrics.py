@@ -62,3 +62,10 @@ def test_named_right_compares_the_first_identifier_only():
     assert score("convert_with_kestrel_rate(amount)", want, single_line=True)["named_right"] == 1.0
     assert score("convert_with_rate(total)", want, single_line=True)["named_right"] == 0.0
     assert score("", want, single_line=True)["named_right"] == 0.0
+
+
+def test_names_in_any_script_are_identifiers():
+    # ASCII-only, both sides had no identifier: F1 1.0 and "named right" for any two such completions
+    assert identifier_f1("größe(x)", "länge(x)") == 0.5
+    assert score("计算(x)", "合计(x)", single_line=True)["named_right"] == 0.0
+    assert score("größe(x)", "größe(y)", single_line=True)["named_right"] == 1.0
