@@ -441,3 +441,9 @@ class UpdateSchedule:
 
     def __post_init__(self):
         validate(self)
+        from refact_lab.home import check_name
+
+        try:   # a folder name: "../x" was accepted here and then warned at every tick of the server
+            check_name(self.project, "project")
+        except ValueError as e:
+            raise SettingsError(f"project: {e}") from None

@@ -53,6 +53,18 @@ def test_a_schedule_of_the_wrong_shape_in_settings_is_off(home, value):
     assert schedule.tick(home, start=lambda h, p: pytest.fail("launched")) is None
 
 
+@pytest.mark.parametrize("project", ["../x", "a/b", ""])
+def test_a_schedule_for_a_project_that_is_no_folder_name_is_refused(home, project):
+    from refact_lab.config import SettingsError
+
+    with pytest.raises(SettingsError, match="project: invalid project"):
+        UpdateSchedule(every_hours=6, project=project)
+    # one already in settings.json (written by hand) reads as off, never a warning at every tick
+    home.update_settings(**{schedule.SETTINGS_KEY: {"every_hours": 6, "project": project}})
+    assert schedule.load_schedule(home) == UpdateSchedule()
+    assert schedule.tick(home, start=lambda h, p: pytest.fail("launched")) is None
+
+
 def test_a_second_update_is_refused_while_one_runs(home, capsys):
     (home.project_dir("proj") / "scan").mkdir(parents=True)
     # another update process, alive: what `refact-lab update` (from a terminal or the schedule) leaves on disk
