@@ -381,13 +381,19 @@ class FinetunePanel(MessageMixin):
             self.progress_text.value = " · ".join(parts)
             self._settle_message(run_id, status)
 
-            metrics = self.service.metrics(run_id)
-            key = (run_id, len(metrics), state)
-            if key != self._drawn_key:
-                self._draw(metrics, run_id)
-                self._draw_checkpoints(self.service.checkpoints(run_id))
-                self._drawn_key = key
-            tail = self.service.log_tail(run_id, LOG_LINES)
+            try:
+                metrics = self.service.metrics(run_id)
+                key = (run_id, len(metrics), state)
+                if key != self._drawn_key:
+                    self._draw(metrics, run_id)
+                    self._draw_checkpoints(self.service.checkpoints(run_id))
+                    self._drawn_key = key
+                tail = self.service.log_tail(run_id, LOG_LINES)
+            except (ValueError, OSError) as e:
+                # a damaged or vanished run folder (its status already says so above): shown, not raised
+                self.checkpoints.value = f"<span style='color:#b00'>{html.escape(str(e))}</span>"
+                self._drawn_key = None
+                tail = ""
             # column-reverse anchors the scroll position at the bottom: the box opens on the newest lines. The
             # pre must not shrink (JupyterLab's CSS gives pre its own scrollbar, anchored at its top).
             self.log.value = ("<div class='refact-lab-log-box' style='max-height:260px;overflow:auto;display:flex;"

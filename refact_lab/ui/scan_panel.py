@@ -129,7 +129,10 @@ class ScanPanel(MessageMixin):
         ])
         self.widget.add_class("refact-lab-scan")
 
-        self.set_settings(service.last_settings())
+        try:
+            self.set_settings(service.last_settings())
+        except ValueError as e:   # damaged stats of the last scan: the form keeps its defaults, the reason is shown
+            self._error(str(e))
         self._unsubscribe = service.subscribe(self._on_event)
         self.refresh_sources()
         self.load_results()   # the last finished scan, even if a later one failed or was stopped
@@ -162,12 +165,12 @@ class ScanPanel(MessageMixin):
         except SettingsError as e:
             self._error(str(e))
             return False
-        if not self.service.list_sources():
-            self._error("No sources yet: add a repository, files, a folder or an archive in the Sources tab.")
-            return False
         try:
+            if not self.service.list_sources():
+                self._error("No sources yet: add a repository, files, a folder or an archive in the Sources tab.")
+                return False
             self.service.start_scan(settings)
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:
             self._error(str(e))
             return False
         self._info("Scanning...")
@@ -210,7 +213,11 @@ class ScanPanel(MessageMixin):
             self.sync()
 
     def refresh_sources(self) -> None:
-        sources = self.service.list_sources()
+        try:
+            sources = self.service.list_sources()
+        except ValueError as e:   # a damaged source.json: the Sources tab says the same
+            self.sources_info.value = f"<span style='color:#b00'>{html.escape(str(e))}</span>"
+            return
         if not sources:
             self.sources_info.value = "<i>No sources yet: add some in the Sources tab.</i>"
             return
@@ -219,7 +226,10 @@ class ScanPanel(MessageMixin):
 
     def refresh_stale(self) -> None:
         """Say so when the sources changed since the results shown were computed (the service decides)."""
-        why = [] if self.service.scanning else self.service.stale_reasons()
+        try:
+            why = [] if self.service.scanning else self.service.stale_reasons()
+        except ValueError as e:   # damaged stats or overrides: the hint says so instead of raising
+            why = [f"cannot compare with the last scan: {e}"]
         if not why:
             self.stale_hint.value = ""
             return
@@ -282,7 +292,14 @@ class ScanPanel(MessageMixin):
 
     def load_results(self) -> None:
         with self._lock:
-            self.results = self.service.results()
+            try:
+                self.results = self.service.results()
+            except ValueError as e:   # damaged results on disk: shown, and a new scan replaces them
+                self.results = None
+                self._error(f"{e}; scan again to replace them")
+                self.summary.value = "<i>No scan results to show.</i>"
+                self.render_list()
+                return
             stats = self.results.stats
             self.refresh_stale()
             self._show_auto_values(stats)
@@ -393,7 +410,10 @@ class ScanPanel(MessageMixin):
         return pd.DataFrame(rows, columns=COLUMNS)
 
     def _source_labels(self) -> dict[str, str]:
-        return {s.id: s.label for s in self.service.list_sources()}
+        try:
+            return {s.id: s.label for s in self.service.list_sources()}
+        except ValueError:   # a damaged source.json, shown above the form: rows still list by source id
+            return {}
 
     def rows(self) -> list[dict]:
         """The grid's rows (one per shown file, in the order sent to the grid), as the user reads them."""

@@ -186,7 +186,11 @@ class SourcesPanel(MessageMixin):
     # --- the list ---------------------------------------------------------------------------------------
 
     def refresh(self) -> None:
-        sources = self.service.list_sources()
+        try:
+            sources = self.service.list_sources()
+        except (ValueError, OSError) as e:   # a damaged source.json: say which, not a traceback in the notebook
+            self._error(str(e))
+            sources = []
         current = self.sources.value
         options = [(f"{s.label}  ·  {s.origin}", s.id) for s in sources]
         self.sources.options = options
@@ -197,6 +201,15 @@ class SourcesPanel(MessageMixin):
     def _selected(self):
         sid = self.sources.value
         return next((s for s in self.service.list_sources() if s.id == sid), None) if sid else None
+
+    def _chosen(self):
+        """The selected source for a button; None, said and the list refreshed, when it is gone meanwhile
+        (removed from another panel or kernel)."""
+        src = self._selected()
+        if src is None and self.sources.value:
+            self._error("That source is gone (removed elsewhere); the list is refreshed.")
+            self.refresh()
+        return src
 
     def _show_selected(self) -> None:
         src = self._selected()
@@ -218,13 +231,13 @@ class SourcesPanel(MessageMixin):
         self.selected_info.value = " · ".join(bits)
 
     def toggle_test(self) -> None:
-        src = self._selected()
+        src = self._chosen()
         if src is None:
             return
         self._run("Saving", lambda: f"{self.service.set_source_test(src.id, not src.test).label}.")
 
     def update_selected(self) -> None:
-        src = self._selected()
+        src = self._chosen()
         if src is None:
             return
 
@@ -241,7 +254,7 @@ class SourcesPanel(MessageMixin):
         self._run(f"Updating {src.name}", action)
 
     def remove_selected(self) -> None:
-        src = self._selected()
+        src = self._chosen()
         if src is None:
             return
 
