@@ -165,3 +165,20 @@ def test_export_into_a_place_that_takes_no_folders_names_it(home, capsys):
     rc, _, err = _cli(capsys, home, "export", "--run", "good", "--out", "/proc/refact-lab-export")
     # root: /proc takes no new folders (exit 2); anyone else: permission denied (exit 1); the path named either way
     assert rc in (1, 2) and err.count("\n") == 1 and "/proc/refact-lab-export" in err, err
+
+
+def test_a_broken_runs_checkpoints_are_still_listed(home, one_broken_run):
+    # the run list says why "bad" is broken; the fine-tune panel then reads its checkpoints (it raised)
+    assert [c["name"] for c in runs.list_checkpoints(home, "bad")] == ["step-000010"]
+
+
+@pytest.mark.parametrize("text", ["{bad", "[]", '{"state": 3}'])
+def test_a_damaged_scan_status_reads_as_failed_naming_the_file(home, capsys, text):
+    from refact_lab.data.jobs import read_status
+    from refact_lab.data.pipeline import scan_files
+
+    path = scan_files(home, "default")["status"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    status = read_status(home, "default")
+    assert status["state"] == "failed" and str(path) in status["error"], status

@@ -35,8 +35,17 @@ def _now() -> str:
 
 
 def read_status(home: Home, project: str = DEFAULT_PROJECT) -> dict:
-    """The job's last written status; "idle" before any scan; "failed" if its process has died."""
-    status = read_json(scan_files(home, project)["status"], None) or {"state": "idle"}
+    """The job's last written status; "idle" before any scan; "failed" if its process has died, or when the
+    file is damaged (saying so: the next scan writes a fresh one), so the app and CLI never raise on it."""
+    path = scan_files(home, project)["status"]
+    try:
+        status = read_json(path, None)
+        if status is None or status == {}:
+            status = {"state": "idle"}
+        if not isinstance(status, dict) or not isinstance(status.get("state"), str):
+            raise ValueError(f"{path} is damaged: expected a scan status object")
+    except ValueError as e:
+        return {"state": "failed", "error": f"{e}; the next scan replaces it"}
     if orphaned(status):
         status = {**status, "state": "failed", "error": "the process running the scan ended unexpectedly"}
     return status

@@ -420,7 +420,11 @@ def list_checkpoints(home: Home, run_id: str) -> list[dict]:
     """Checkpoints with step, test loss and whether each is the best (lowest test loss)."""
     path = run_dir(home, run_id)
     cks = run_checkpoints(path, run_id)
-    best = _best_name(read_json(path / "status.json", {}) or {}, cks)
+    try:
+        status = read_json(path / "status.json", {})
+    except ValueError:   # a broken run (listed as such with its reason): its checkpoints are still listed
+        status = {}
+    best = _best_name(status if isinstance(status, dict) else {}, cks)
     return [{"name": c.name, "path": str(c.path), "step": c.step, "test_loss": c.test_loss,
              "train_loss": c.train_loss, "best": c.name == best} for c in cks]
 
