@@ -182,3 +182,34 @@ def test_a_damaged_scan_status_reads_as_failed_naming_the_file(home, capsys, tex
     path.write_text(text)
     status = read_status(home, "default")
     assert status["state"] == "failed" and str(path) in status["error"], status
+
+
+@pytest.mark.parametrize("name, text, words", [
+    ("overrides.json", "[1, 2]", "expected a JSON object"),
+    ("overrides.json", '{"include": "a.py"}', "include: expected a list"),
+])
+def test_damaged_scan_overrides_are_refused_naming_the_file(home, name, text, words):
+    from refact_lab.data.pipeline import load_overrides, scan_files
+
+    path = scan_files(home, "default")["overrides"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    with pytest.raises(ValueError, match=words) as e:   # an AttributeError, or one override per letter, before
+        load_overrides(home, "default")
+    assert str(path) in str(e.value)
+
+
+def test_published_scan_results_of_the_wrong_shape_read_as_damaged(home, tmp_path):
+    from refact_lab.data import results
+    from tests.data.conftest import scan_folder
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text("def f():\n    return 1\n")
+    scan_folder(home, tmp_path / "src")
+    folder = results.current_dir(home, "default")
+    with open(folder / results.ACCEPTED, "a") as f:
+        f.write("[1, 2]\n")   # valid JSON, not a record: skipped like a line that is not JSON
+    assert [r["path"] for r in results.read_results(home, "default").accepted] == ["a.py"]
+    (folder / results.STATS).write_text("[]")
+    with pytest.raises(ValueError, match="stats.json is damaged"):
+        results.read_results(home, "default")

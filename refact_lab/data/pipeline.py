@@ -40,7 +40,7 @@ from refact_lab.data import filters, languages, results
 from refact_lab.data.filters import FileEntry, Facts, RuleContext, first_rejection
 from refact_lab.data.sources import SourceStore
 from refact_lab.data.split import SplitError, assign_sets
-from refact_lab.home import DEFAULT_PROJECT, Home, atomic_write_json, read_json
+from refact_lab.home import DEFAULT_PROJECT, Home, atomic_write_json, read_json_object
 
 ProgressFn = Callable[[str, int, int], None]
 _FACTS_CACHE_VERSION = 3
@@ -84,8 +84,17 @@ def scan_files(home: Home, project: str = DEFAULT_PROJECT) -> dict[str, Path]:
 # --- user overrides: force-include, force-exclude, per-file test marks ---------------------------------
 
 def load_overrides(home: Home, project: str = DEFAULT_PROJECT) -> dict[str, list[str]]:
-    data = read_json(scan_files(home, project)["overrides"], {}) or {}
-    return {k: sorted(set(data.get(k, []))) for k in ("include", "exclude", "test")}
+    """The user's per-file decisions; ValueError naming the file when it is damaged (they are never silently
+    dropped: the next scan would undo them)."""
+    path = scan_files(home, project)["overrides"]
+    data = read_json_object(path)
+    out = {}
+    for k in ("include", "exclude", "test"):
+        keys = data.get(k, [])
+        if not isinstance(keys, list) or not all(isinstance(x, str) for x in keys):
+            raise ValueError(f"{path} is damaged: {k}: expected a list of file keys")
+        out[k] = sorted(set(keys))
+    return out
 
 
 def set_override(home: Home, project: str, key: str, *, include: bool | None = None, exclude: bool | None = None,

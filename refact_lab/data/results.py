@@ -95,17 +95,31 @@ def has_results(home: Home, project: str = DEFAULT_PROJECT) -> bool:
 
 def read_accepted(home: Home, project: str = DEFAULT_PROJECT) -> list[ScanRecord]:
     folder = current_dir(home, project)
-    return read_jsonl(folder / ACCEPTED) if folder else []
+    return _records(folder / ACCEPTED) if folder else []
 
 
 def read_rejected(home: Home, project: str = DEFAULT_PROJECT) -> list[ScanRecord]:
     folder = current_dir(home, project)
-    return read_jsonl(folder / REJECTED) if folder else []
+    return _records(folder / REJECTED) if folder else []
 
 
 def read_stats(home: Home, project: str = DEFAULT_PROJECT) -> dict | None:
     folder = current_dir(home, project)
-    return read_json(folder / STATS) if folder else None
+    return _stats(folder / STATS) if folder else None
+
+
+def _stats(path) -> dict:
+    """A published stats.json; ValueError naming it when it is not an object (a hand edit, a damaged disk)."""
+    stats = read_json(path)
+    if not isinstance(stats, dict):
+        raise ValueError(f"{path} is damaged: expected the scan's stats object")
+    return stats
+
+
+def _records(path) -> list:
+    """The records of a published list; a line that is not an object is not a record (as read_jsonl skips a
+    line that is not JSON)."""
+    return [r for r in read_jsonl(path) if isinstance(r, dict)]
 
 
 def read_results(home: Home, project: str = DEFAULT_PROJECT) -> ScanResults:
@@ -113,8 +127,7 @@ def read_results(home: Home, project: str = DEFAULT_PROJECT) -> ScanResults:
     folder = current_dir(home, project)
     if folder is None:
         return ScanResults()
-    return ScanResults(read_jsonl(folder / ACCEPTED), read_jsonl(folder / REJECTED), read_json(folder / STATS),
-                       folder)
+    return ScanResults(_records(folder / ACCEPTED), _records(folder / REJECTED), _stats(folder / STATS), folder)
 
 
 # --- publishing ---------------------------------------------------------------------------------------
