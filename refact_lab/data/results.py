@@ -95,12 +95,12 @@ def has_results(home: Home, project: str = DEFAULT_PROJECT) -> bool:
 
 def read_accepted(home: Home, project: str = DEFAULT_PROJECT) -> list[ScanRecord]:
     folder = current_dir(home, project)
-    return _records(folder / ACCEPTED) if folder else []
+    return read_jsonl(folder / ACCEPTED) if folder else []
 
 
 def read_rejected(home: Home, project: str = DEFAULT_PROJECT) -> list[ScanRecord]:
     folder = current_dir(home, project)
-    return _records(folder / REJECTED) if folder else []
+    return read_jsonl(folder / REJECTED) if folder else []
 
 
 def read_stats(home: Home, project: str = DEFAULT_PROJECT) -> dict | None:
@@ -108,17 +108,18 @@ def read_stats(home: Home, project: str = DEFAULT_PROJECT) -> dict | None:
     return _stats(folder / STATS) if folder else None
 
 
-def _stats(path) -> dict:
-    """A published stats.json; ValueError naming it when it is not an object (a hand edit, a damaged disk)."""
+def _stats(path) -> dict | None:
+    """A published stats.json (None: missing); ValueError naming it when it is not an object (a hand edit, a
+    damaged disk)."""
     stats = read_json(path)
-    if not isinstance(stats, dict):
+    if stats is not None and not isinstance(stats, dict):
         raise ValueError(f"{path} is damaged: expected the scan's stats object")
     return stats
 
 
 def _records(path) -> list:
-    """The records of a published list; a line that is not an object is not a record (as read_jsonl skips a
-    line that is not JSON)."""
+    """The records of a published list, for the app; a line that is not an object is not a record (as read_jsonl
+    skips a line that is not JSON). Training reads the lines itself and logs the ones it skips."""
     return [r for r in read_jsonl(path) if isinstance(r, dict)]
 
 
