@@ -24,6 +24,30 @@ OWNER = ("pid", "pid_started")
 RUN_OWNERS = (OWNER, ("worker_pid", "worker_started"))
 
 
+def _number(value, integer: bool = False) -> bool:
+    return value is None or (not isinstance(value, bool) and isinstance(value, int if integer else (int, float)))
+
+
+def status_problem(status, numbers: tuple[str, ...] = ()) -> str | None:
+    """What is wrong with a parsed status.json, in a few words; None when the fields every reader uses are
+    sound: an object, a known state (or none yet), owner pids as integers and `numbers` as numbers. A hand edit
+    or a disk cut off mid-write can break any field, and a reader must say so instead of crashing on it."""
+    import json
+
+    if not isinstance(status, dict):
+        return f"expected a JSON object, found {json.dumps(status)[:40]}"
+    if status.get("state") not in (*STATES, None):
+        return f"state: {status['state']!r} is not one of {', '.join(STATES)}"
+    for pid_key, started_key in RUN_OWNERS:
+        for key, integer in ((pid_key, True), (started_key, False)):
+            if not _number(status.get(key), integer):
+                return f"{key}: expected a number, got {status[key]!r}"
+    for key in numbers:
+        if not _number(status.get(key)):
+            return f"{key}: expected a number, got {status[key]!r}"
+    return None
+
+
 def owner_fields(pid: int | None = None, keys: tuple[str, str] = OWNER) -> dict:
     """The status fields that name `pid` (default: this process) as the job's owner."""
     pid = os.getpid() if pid is None else pid

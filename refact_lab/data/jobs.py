@@ -18,7 +18,7 @@ from typing import Callable
 from refact_lab.config import ScanSettings
 from refact_lab.data.pipeline import ScanCancelled, run_scan, scan_files
 from refact_lab.home import DEFAULT_PROJECT, Home, atomic_write_json, read_json
-from refact_lab.job_status import orphaned, owner_fields
+from refact_lab.job_status import orphaned, owner_fields, status_problem
 
 STAGE_LABELS = {
     "listing": "Listing files", "rules": "Applying rules", "reading": "Reading files",
@@ -42,8 +42,9 @@ def read_status(home: Home, project: str = DEFAULT_PROJECT) -> dict:
         status = read_json(path, None)
         if status is None or status == {}:
             status = {"state": "idle"}
-        if not isinstance(status, dict) or not isinstance(status.get("state"), str):
-            raise ValueError(f"{path} is damaged: expected a scan status object")
+        problem = status_problem(status)   # its times are ISO text
+        if problem:
+            raise ValueError(f"{path} is damaged: {problem}")
     except ValueError as e:
         return {"state": "failed", "error": f"{e}; the next scan replaces it"}
     if orphaned(status):

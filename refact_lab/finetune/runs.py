@@ -330,16 +330,11 @@ def _orphaned(status: dict) -> bool:
 
 
 def _status_problem(status) -> str | None:
-    """What is wrong with a parsed status.json, in a few words; None when the fields readers use are sound.
-    (The trainer writes it; a hand edit can break any field, and a reader formatting it must not crash.)"""
-    if not isinstance(status, dict):
-        return f"expected a JSON object, found {json.dumps(status)[:40]}"
-    if status.get("state", "queued") not in STATES:
-        return f"state: {status['state']!r} is not one of {', '.join(STATES)}"
-    for key in ("step", "total", "created_at"):
-        value = status.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            return f"{key}: expected a number, got {value!r}"
+    """What is wrong with a parsed run status.json (job_status.status_problem, and the best checkpoint's record);
+    None when the fields readers use are sound."""
+    problem = job_status.status_problem(status, ("step", "total", "created_at"))
+    if problem:
+        return problem
     best = status.get("best")
     loss = best.get("test_loss") if isinstance(best, dict) else None
     if best is not None and not (isinstance(best, dict) and isinstance(best.get("checkpoint"), str)

@@ -44,21 +44,6 @@ def _write(home: Home, project: str, **changes) -> dict:
         return status
 
 
-def _damage(status) -> str | None:
-    """What makes a status unreadable (hand-edited, or cut off by a full disk), else None."""
-    if not isinstance(status, dict):
-        return "expected a JSON object"
-    if status.get("state") not in (*job_status.STATES, None):
-        return f"state: {status.get('state')!r} is not a job state"
-    for key in ("pid", "pid_started"):
-        if not isinstance(status.get(key), (int, type(None))) or isinstance(status.get(key), bool):
-            return f"{key}: expected a number"
-    for key in ("started_at", "finished_at"):
-        if not isinstance(status.get(key), (int, float, type(None))) or isinstance(status.get(key), bool):
-            return f"{key}: expected a number"
-    return None
-
-
 def read_status(home: Home, project: str) -> dict:
     """The job's status; an active job whose process is gone is reported (and recorded) as failed. A damaged
     status.json reads as a failed job saying so (the next launch writes a fresh one): the app and the schedule
@@ -66,7 +51,7 @@ def read_status(home: Home, project: str) -> dict:
     path = job_dir(home, project) / "status.json"
     try:
         status = read_json(path, {})
-        why = _damage(status)
+        why = job_status.status_problem(status, ("started_at", "finished_at"))
     except ValueError as e:
         status, why = None, str(e)
     if why is not None:
